@@ -1,0 +1,92 @@
+"""The ``gpconv`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import List, Optional
+
+from .models import list_models
+from .plan import make_plan
+from .reporting import format_table, paper_table
+
+DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other gpconv error
+        self.exit(2, f"gpconv: error: {message}\n")
+
+
+def _variants(text: str) -> List[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _table(args) -> None:
+    started = time.perf_counter()
+    rows = paper_table(args.arch, args.variants, args.num_classes, args.input_size)
+    print(f"{args.arch}, {args.num_classes} classes, {args.input_size}x{args.input_size} input "
+          f"(counted in {time.perf_counter() - started:.1f} s)")
+    print(format_table(rows, markdown=args.markdown))
+
+
+def _plan(args) -> None:
+    plan = make_plan(args.in_channels, args.out_channels, args.channels_per_group, version=args.version,
+                     l_layer=args.l_layer)
+    print(plan)
+
+
+def _demo(args) -> None:
+    print("kEffNet-B0 on 32x32 inputs (skip_strides=3), 10 classes: ours vs the authors' Keras figures\n")
+    args.arch, args.num_classes, args.input_size, args.variants, args.markdown = (
+        "efficientnet_b0", 10, 32, list(DEMO_VARIANTS), False)
+    _table(args)
+    print("\nThe papers' % column divides by the 224x224 baseline (389,969,098 computations); the one above "
+          "divides by the baseline at the same 32x32 input.\n")
+    print("Plan of one layer (Entropy 2022, Table 1: the 1152 -> 320 projection of EfficientNet-B0):")
+    print(make_plan(1152, 320, 16))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpconv", description="Interleaved grouped pointwise convolutions (kEffNet).")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="paper-style table for kEffNet-B0 and the plan of one layer")
+    demo.set_defaults(run=_demo)
+
+    table = commands.add_parser("table", help="parameters and computations of variants, next to the papers'")
+    table.add_argument("--arch", default="efficientnet_b0", choices=list_models(), metavar="ARCH",
+                       help="one of: " + ", ".join(list_models()))
+    table.add_argument("--variants", type=_variants, default=list(DEMO_VARIANTS),
+                       help="comma-separated, first is the 100%% row (e.g. baseline,v2-16ch,v2-16ch-noL)")
+    table.add_argument("--num-classes", type=int, default=10)
+    table.add_argument("--input-size", type=int, default=224)
+    table.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    table.set_defaults(run=_table)
+
+    plan = commands.add_parser("plan", help="print the grouping plan of one pointwise convolution")
+    plan.add_argument("in_channels", type=int)
+    plan.add_argument("out_channels", type=int)
+    plan.add_argument("--channels-per-group", type=int, required=True)
+    plan.add_argument("--version", type=int, default=2, choices=(1, 2))
+    plan.add_argument("--no-l-layer", dest="l_layer", action="store_false")
+    plan.set_defaults(run=_plan)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"gpconv: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpconv: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

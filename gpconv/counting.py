@@ -1,0 +1,143 @@
+"""Counting: trainable parameters, multiply-accumulates and the papers' "computations".
+
+``count_macs`` and ``count_computations`` run one forward pass at batch 1 under a
+``TorchDispatchMode`` that sees every aten operation, so they work on any model, including ones
+converted by gpconv, not only on the models gpconv builds.
+
+The papers' "computations" column is TensorFlow's profiler ``float_operation`` total at batch 1,
+divided by 2. We reproduce the profiler's rules for the operations a CNN uses:
+
+=============================  =============================================================
+operation                      TensorFlow profiler float operations
+=============================  =============================================================
+convolution (any groups)       2 x output elements x kernel area x input channels per group
+matrix multiply                2 x output elements x inner dimension
+bias add                       output elements
+sub / mul / div                output elements (SE scaling is a Mul)
+add                            0: TF 2.x emits ``AddV2`` for additions (residual sums, the K + L
+                               sum), which the TF 2.6 profiler the authors used does not count
+swish                          output elements (TF computes ``x * sigmoid(x)``: one Mul)
+hard swish / hard sigmoid      2 / 1 per element (``x * (relu6(x + 3) * 1/6)``: two Muls)
+global average pool (Mean)     input elements
+softmax                        5 per element (the Keras classifier ends with softmax)
+batch norm, ReLU, sigmoid,     0 (not registered with the profiler)
+copies, concatenation, pads
+=============================  =============================================================
+
+The reference models end with a softmax inside the network; ours return logits, so
+``count_computations`` adds the softmax of the output (``softmax_output=True``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["count_parameters", "count_macs", "count_computations", "OperationCounter"]
+
+aten = torch.ops.aten
+
+InputSize = Union[int, Tuple[int, int], Tuple[int, int, int]]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters (``requires_grad``); batch-norm running statistics are buffers and do
+    not count, as in Keras' "trainable params"."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _numel(shape) -> int:
+    total = 1
+    for size in shape:
+        total *= int(size)
+    return total
+
+
+_ELEMENTWISE = {
+    aten.sub.Tensor: 1, aten.sub_.Tensor: 1,
+    aten.mul.Tensor: 1, aten.mul_.Tensor: 1, aten.div.Tensor: 1, aten.div_.Tensor: 1, aten.mul.Scalar: 1,
+    aten.silu.default: 1, aten.silu_.default: 1,
+    aten.hardswish.default: 2, aten.hardswish_.default: 2,
+    aten.hardsigmoid.default: 1, aten.hardsigmoid_.default: 1,
+    aten._softmax.default: 5,
+}
+
+
+class OperationCounter(TorchDispatchMode):
+    """Accumulates multiply-accumulates and TensorFlow-profiler float operations per aten op."""
+
+    def __init__(self):
+        super().__init__()
+        self.macs = 0
+        self.tf_flops = 0
+        self.by_operation: Dict[str, int] = defaultdict(int)
+
+    def _add(self, name: str, macs: int, flops: int) -> None:
+        self.macs += macs
+        self.tf_flops += flops
+        self.by_operation[name] += flops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func.overloadpacket
+        if packet is aten.convolution:
+            weight, bias = args[1], args[2]
+            macs = out.numel() * _numel(weight.shape[1:])
+            self._add("convolution", macs, 2 * macs + (out.numel() if bias is not None else 0))
+        elif packet in (aten.addmm, aten.mm, aten.bmm):
+            mat1 = args[1] if packet is aten.addmm else args[0]
+            macs = out.numel() * mat1.shape[-1]
+            self._add("matmul", macs, 2 * macs + (out.numel() if packet is aten.addmm else 0))
+        elif func in _ELEMENTWISE:  # additions deliberately absent: see the module docstring
+            self._add(str(packet.__name__), 0, _ELEMENTWISE[func] * out.numel())
+        elif packet in (aten.mean, aten._adaptive_avg_pool2d):
+            self._add("mean", 0, args[0].numel())
+        return out
+
+
+def _example_input(model: nn.Module, input_size: InputSize) -> torch.Tensor:
+    if isinstance(input_size, int):
+        shape = (3, input_size, input_size)
+    elif len(input_size) == 2:
+        shape = (3,) + tuple(input_size)
+    else:
+        shape = tuple(input_size)
+    reference = next(iter(model.parameters()), None)
+    device = reference.device if reference is not None else None
+    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
+    return torch.zeros((1,) + shape, device=device, dtype=dtype)
+
+
+def _run_counter(model: nn.Module, input_size: InputSize) -> Tuple[OperationCounter, torch.Tensor]:
+    counter = OperationCounter()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            output = model(_example_input(model, input_size))
+    finally:
+        model.train(was_training)
+    return counter, output
+
+
+def count_macs(model: nn.Module, input_size: InputSize) -> int:
+    """Multiply-accumulates of the convolutions and linear layers for one image.
+
+    ``input_size``: an int (square RGB image), ``(H, W)`` or ``(C, H, W)``.
+    """
+    return _run_counter(model, input_size)[0].macs
+
+
+def count_computations(model: nn.Module, input_size: InputSize, *, softmax_output: bool = True) -> int:
+    """The papers' "computations": TensorFlow-profiler float operations at batch 1, divided by 2
+    (integer division, as the authors' ``get_flops``). See the module docstring for the rules."""
+    counter, output = _run_counter(model, input_size)
+    flops = counter.tf_flops
+    if softmax_output and isinstance(output, torch.Tensor) and output.dim() == 2:
+        flops += 5 * output.numel()
+    return flops // 2

@@ -1,0 +1,196 @@
+"""EfficientNet B0-B7 and their k-variants (kEffNet), as built by the reference's ``kEfficientNet``.
+
+The k-variants replace the same 1x1 convolutions the reference replaces: the expansion, the
+squeeze-excitation reduce and expand, the projection, and the top convolution. Differences from
+torchvision's EfficientNet that the reference has (and that its published counts include):
+
+* the k-variants have no activation after the top convolution (the reference's ``kEfficientNet``
+  builds ``top_conv`` as conv -> batch norm only), while the dense baseline the papers report is
+  Keras' ``EfficientNetB0``, which has one (``top_activation=None`` picks accordingly);
+* Keras padding: strided convolutions and the stem pad asymmetrically and then run 'valid'; the
+  stem does so even with its stride skipped, so a 32x32 input gives 31x31 maps;
+* ``skip_strides`` removes the stride of the stem and of the first strided stages (32x32 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..block import Grouping, pointwise_conv
+from ..layers import ActivationSpec, KerasPad2d, StochasticDepth, make_activation
+from .registry import register_model
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage of MBConv blocks (one row of the EfficientNet-B0 table)."""
+
+    kernel_size: int
+    repeats: int
+    in_channels: int
+    out_channels: int
+    expand_ratio: int
+    stride: int
+    se_ratio: float = 0.25
+
+
+B0_STAGES: Tuple[StageConfig, ...] = (
+    StageConfig(3, 1, 32, 16, 1, 1),
+    StageConfig(3, 2, 16, 24, 6, 2),
+    StageConfig(5, 2, 24, 40, 6, 2),
+    StageConfig(3, 3, 40, 80, 6, 2),
+    StageConfig(5, 3, 80, 112, 6, 1),
+    StageConfig(5, 4, 112, 192, 6, 2),
+    StageConfig(3, 1, 192, 320, 6, 1),
+)
+
+
+@dataclass(frozen=True)
+class EfficientNetConfig:
+    """Scaling of one EfficientNet variant."""
+
+    width: float
+    depth: float
+    dropout: float
+    stages: Tuple[StageConfig, ...] = B0_STAGES
+    stem_channels: int = 32
+    head_channels: int = 1280
+    drop_connect: float = 0.2
+    divisor: int = 8
+
+    def channels(self, channels: int) -> int:
+        """Width scaling rounded to a multiple of ``divisor`` (never more than 10% down)."""
+        scaled = channels * self.width
+        rounded = max(self.divisor, int(scaled + self.divisor / 2) // self.divisor * self.divisor)
+        if rounded < 0.9 * scaled:
+            rounded += self.divisor
+        return int(rounded)
+
+    def repeats(self, repeats: int) -> int:
+        return int(math.ceil(self.depth * repeats))
+
+
+CONFIGS = {
+    "efficientnet_b0": EfficientNetConfig(1.0, 1.0, 0.2),
+    "efficientnet_b1": EfficientNetConfig(1.0, 1.1, 0.2),
+    "efficientnet_b2": EfficientNetConfig(1.1, 1.2, 0.3),
+    "efficientnet_b3": EfficientNetConfig(1.2, 1.4, 0.3),
+    "efficientnet_b4": EfficientNetConfig(1.4, 1.8, 0.4),
+    "efficientnet_b5": EfficientNetConfig(1.6, 2.2, 0.4),
+    "efficientnet_b6": EfficientNetConfig(1.8, 2.6, 0.5),
+    "efficientnet_b7": EfficientNetConfig(2.0, 3.1, 0.5),
+}
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation with (possibly grouped) pointwise reduce and expand convolutions."""
+
+    def __init__(self, channels: int, squeezed: int, grouping: Grouping, activation: ActivationSpec):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = pointwise_conv(channels, squeezed, grouping, activation=activation, batch_norm=False, bias=True)
+        self.expand = pointwise_conv(squeezed, channels, grouping, activation="sigmoid", batch_norm=False, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.expand(self.reduce(self.pool(x)))
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck: expand -> depthwise -> squeeze-excite -> project (+ residual)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, stride: int, expand_ratio: int,
+                 se_ratio: float, grouping: Grouping, activation: ActivationSpec, drop_rate: float):
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        layers = []
+        if expand_ratio != 1:
+            layers.append(pointwise_conv(in_channels, hidden, grouping, activation=activation))
+        if stride > 1:
+            layers += [KerasPad2d(kernel_size), nn.Conv2d(hidden, hidden, kernel_size, stride, 0, groups=hidden,
+                                                          bias=False)]
+        else:
+            layers.append(nn.Conv2d(hidden, hidden, kernel_size, 1, kernel_size // 2, groups=hidden, bias=False))
+        layers += [nn.BatchNorm2d(hidden, eps=1e-3, momentum=0.01), make_activation(activation)]
+        if 0 < se_ratio <= 1:
+            layers.append(SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)), grouping, activation))
+        layers.append(pointwise_conv(hidden, out_channels, grouping, activation=None))
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.drop = StochasticDepth(drop_rate) if self.residual else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return self.drop(out) + x if self.residual else out
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet / kEffNet. ``features`` ends with the top 1x1 convolution; ``classifier`` is
+    dropout + linear on the globally averaged features (logits; no softmax)."""
+
+    def __init__(self, config: EfficientNetConfig, num_classes: int, grouping: Grouping,
+                 activation: ActivationSpec = "swish", skip_strides: int = 0,
+                 top_activation: Optional[bool] = None):
+        super().__init__()
+        stem = config.channels(config.stem_channels)
+        layers = [KerasPad2d(3), nn.Conv2d(3, stem, 3, 1 if skip_strides >= 1 else 2, 0, bias=False),
+                  nn.BatchNorm2d(stem, eps=1e-3, momentum=0.01), make_activation(activation)]
+        total_blocks = sum(config.repeats(stage.repeats) for stage in config.stages)
+        block_index = 0
+        strided_seen = 1  # the stem is the first strided layer
+        for stage in config.stages:
+            in_channels, out_channels = config.channels(stage.in_channels), config.channels(stage.out_channels)
+            stride = stage.stride
+            if stride > 1:
+                strided_seen += 1
+                if strided_seen <= skip_strides:
+                    stride = 1
+            for repeat in range(config.repeats(stage.repeats)):
+                layers.append(MBConv(
+                    in_channels if repeat == 0 else out_channels, out_channels, kernel_size=stage.kernel_size,
+                    stride=stride if repeat == 0 else 1, expand_ratio=stage.expand_ratio, se_ratio=stage.se_ratio,
+                    grouping=grouping, activation=activation,
+                    drop_rate=config.drop_connect * block_index / total_blocks))
+                block_index += 1
+        head = config.channels(config.head_channels)
+        if top_activation is None:
+            top_activation = grouping.dense
+        layers.append(pointwise_conv(out_channels, head, grouping, activation=activation if top_activation else None))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(head, num_classes))
+        self.feature_channels = head
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            bound = 1.0 / math.sqrt(module.out_features)
+            nn.init.uniform_(module.weight, -bound, bound)
+            nn.init.zeros_(module.bias)
+
+
+def _builder(arch: str):
+    def build(num_classes: int, grouping: Grouping, activation: ActivationSpec = "swish",
+              skip_strides: int = 0) -> EfficientNet:
+        return EfficientNet(CONFIGS[arch], num_classes, grouping, activation, skip_strides)
+
+    build.__name__ = arch
+    build.__doc__ = f"{arch}: EfficientNet with the reference's kEfficientNet layout."
+    return build
+
+
+for _arch in CONFIGS:
+    register_model(_arch, max_skip_strides=5)(_builder(_arch))

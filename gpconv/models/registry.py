@@ -1,0 +1,61 @@
+"""Model registry and ``create_model``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+from torch import nn
+
+from ..block import Grouping
+from ..layers import ActivationSpec, check_activation
+from ..plan import check_positive_int
+
+__all__ = ["register_model", "create_model", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    max_skip_strides: int
+
+
+_REGISTRY: Dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, max_skip_strides: int = 0):
+    """Decorator: register ``builder(num_classes, grouping, activation, skip_strides)`` as ``name``."""
+
+    def decorate(builder):
+        _REGISTRY[name] = ModelEntry(name, builder, max_skip_strides)
+        return builder
+
+    return decorate
+
+
+def list_models() -> List[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_REGISTRY)
+
+
+def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Optional[int] = None, version: int = 2,
+                 l_layer: bool = True, activation: ActivationSpec = "swish", skip_strides: int = 0) -> nn.Module:
+    """Build a registered architecture.
+
+    ``channels_per_group=None`` gives the dense baseline; an int gives the k-variant whose pointwise
+    convolutions are :class:`~gpconv.block.GroupedPointwiseConv2d` (``version``, ``l_layer``).
+    ``skip_strides=N`` runs the first N strided layers (the stem first) with stride 1, for small
+    inputs: ``skip_strides=3`` is the papers' 32x32 setting (the reference's ``skip_stride_cnt=3``).
+    """
+    if not isinstance(arch, str) or arch not in _REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
+    check_positive_int("num_classes", num_classes)
+    check_activation(activation)
+    entry = _REGISTRY[arch]
+    if isinstance(skip_strides, bool) or not isinstance(skip_strides, int):
+        raise TypeError(f"skip_strides must be an int, got {skip_strides!r}")
+    if not 0 <= skip_strides <= entry.max_skip_strides:
+        raise ValueError(f"skip_strides must be between 0 and {entry.max_skip_strides} for {arch}, got {skip_strides}")
+    grouping = Grouping(channels_per_group, version, l_layer)
+    return entry.builder(num_classes, grouping, activation=activation, skip_strides=skip_strides)

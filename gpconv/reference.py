@@ -1,0 +1,67 @@
+"""The authors' published figures (``paper_numbers.json``) and the variant names they use.
+
+A variant name reads like the papers' rows: ``baseline``, ``v2-16ch``, ``v1-32ch``,
+``v2-16ch-noL`` (no L layer), ``v2-16ch-relu`` (ReLU instead of swish).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional, Union
+
+__all__ = ["Variant", "ReferenceRow", "load_reference", "parse_variant"]
+
+_VARIANT = re.compile(r"^v(?P<version>[12])-(?P<cpg>\d+)ch(?P<flags>(-(noL|relu))*)$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Model options for one row of the papers' tables."""
+
+    name: str
+    channels_per_group: Optional[int] = None
+    version: int = 2
+    l_layer: bool = True
+    activation: str = "swish"
+
+    def model_options(self) -> dict:
+        return dict(channels_per_group=self.channels_per_group, version=self.version, l_layer=self.l_layer,
+                    activation=self.activation)
+
+
+def parse_variant(name: str) -> Variant:
+    """``"baseline"`` or ``"v{1,2}-{N}ch[-noL][-relu]"`` -> :class:`Variant`."""
+    if name == "baseline":
+        return Variant(name)
+    match = _VARIANT.match(name)
+    if match is None:
+        raise ValueError(f"unknown variant {name!r}; expected 'baseline' or e.g. 'v2-16ch', 'v1-32ch-noL', "
+                         "'v2-8ch-relu'")
+    flags = match.group("flags")
+    return Variant(name, int(match.group("cpg")), int(match.group("version")), "-noL" not in flags,
+                   "relu" if "-relu" in flags else "swish")
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    arch: str
+    variant: str
+    num_classes: int
+    input_size: int
+    trainable_params: int
+    computations: int
+    source: str = ""
+
+
+def load_reference(path: Union[str, Path, None] = None) -> List[ReferenceRow]:
+    """Rows of ``paper_numbers.json`` (the copy shipped with gpconv unless ``path`` is given)."""
+    if path is None:
+        text = resources.files("gpconv").joinpath("reference/paper_numbers.json").read_text()
+    else:
+        text = Path(path).read_text()
+    fields = ReferenceRow.__dataclass_fields__
+    return [ReferenceRow(**{k: v for k, v in row.items() if k in fields}) for row in json.loads(text)["rows"]]

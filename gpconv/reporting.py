@@ -1,0 +1,74 @@
+"""Paper-style tables: parameters and computations of model variants, next to the published figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .counting import count_computations, count_parameters
+from .models import create_model
+from .reference import ReferenceRow, load_reference, parse_variant
+
+__all__ = ["VariantFigures", "measure_variant", "paper_table", "format_table", "papers_input_setting"]
+
+
+def papers_input_setting(arch: str, input_size: int) -> int:
+    """``skip_strides`` the papers used at ``input_size``: EfficientNet at 32x32 skips the stem and
+    the first two strided stages (the reference's ``skip_stride_cnt=3``)."""
+    return 3 if arch.startswith("efficientnet") and input_size == 32 else 0
+
+
+@dataclass(frozen=True)
+class VariantFigures:
+    variant: str
+    trainable_params: int
+    computations: int
+    reference: Optional[ReferenceRow] = None
+
+
+def measure_variant(arch: str, variant: str, num_classes: int = 10, input_size: int = 224,
+                    reference: Sequence[ReferenceRow] = ()) -> VariantFigures:
+    """Build ``arch`` in the given variant and count it; attach the matching published row, if any."""
+    options = parse_variant(variant).model_options()
+    model = create_model(arch, num_classes, skip_strides=papers_input_setting(arch, input_size), **options)
+    match = next((row for row in reference if (row.arch, row.variant, row.num_classes, row.input_size)
+                  == (arch, variant, num_classes, input_size)), None)
+    return VariantFigures(variant, count_parameters(model), count_computations(model, input_size), match)
+
+
+def paper_table(arch: str, variants: Iterable[str], num_classes: int = 10, input_size: int = 224,
+                reference: Optional[Sequence[ReferenceRow]] = None) -> List[VariantFigures]:
+    """Figures for ``variants`` (the first should be ``baseline``: it is the 100% row)."""
+    reference = load_reference() if reference is None else reference
+    return [measure_variant(arch, name, num_classes, input_size, reference) for name in variants]
+
+
+def _mark(ours: int, theirs: Optional[int]) -> str:
+    if theirs is None:
+        return "-"
+    return "ok" if ours == theirs else f"{100.0 * (ours - theirs) / theirs:+.2f}%"
+
+
+def format_table(rows: Sequence[VariantFigures], markdown: bool = False) -> str:
+    """Variant, parameters, % of baseline, computations, %, and the published figures with a match
+    mark per cell ("ok" when identical, otherwise the relative difference)."""
+    base = rows[0]
+    header = ("variant", "parameters", "%", "computations", "%", "paper parameters", "", "paper computations", "")
+    body: List[Tuple[str, ...]] = []
+    for row in rows:
+        ref = row.reference
+        body.append((
+            row.variant, f"{row.trainable_params:,}", f"{100.0 * row.trainable_params / base.trainable_params:.1f}%",
+            f"{row.computations:,}", f"{100.0 * row.computations / base.computations:.1f}%",
+            f"{ref.trainable_params:,}" if ref else "-", _mark(row.trainable_params, ref and ref.trainable_params),
+            f"{ref.computations:,}" if ref else "-", _mark(row.computations, ref and ref.computations),
+        ))
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(line) + " |" for line in body]
+        return "\n".join(lines)
+    def render(line):
+        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    rule = "-" * len(render(header))
+    return "\n".join([render(header), rule] + [render(line) for line in body])

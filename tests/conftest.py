@@ -1,0 +1,23 @@
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PAPER_NUMBERS = SHARED / "reference" / "paper_numbers.json"
+
+
+def paper_rows(arch=None):
+    """Rows of ../shared/reference/paper_numbers.json (the authors' figures); [] when absent."""
+    if not PAPER_NUMBERS.exists():
+        return []
+    rows = json.loads(PAPER_NUMBERS.read_text())["rows"]
+    return [row for row in rows if arch is None or row["arch"] == arch]
+
+
+@pytest.fixture
+def paper_numbers_path():
+    if not PAPER_NUMBERS.exists():
+        pytest.skip("../shared/reference/paper_numbers.json is not present")
+    return PAPER_NUMBERS
