@@ -1,0 +1,190 @@
+"""Inference form of a model: batch norms folded, grouped blocks merged, channels_last.
+
+``prepare_for_inference(model)`` returns an eval-mode copy whose outputs equal ``model.eval()``'s
+(within float rounding) and that runs fewer passes over memory:
+
+* every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
+* every :class:`~gpconv.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`:
+  per layer one gather and one grouped convolution with the batch norm folded in, the interleaving and
+  the second paths' reordering composed into the next gather, and one reorder at the very end;
+* weights in ``channels_last`` memory format where that helps (the default on CPU and CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, gather_channels
+from .plan import PointwisePlan
+
+__all__ = ["prepare_for_inference", "FoldedGroupedPointwiseConv2d", "fold_batch_norm"]
+
+
+def _batch_norm_scale_shift(bn: nn.Module, channels: int, like: torch.Tensor):
+    if isinstance(bn, nn.BatchNorm2d):
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return scale, bn.bias - bn.running_mean * scale
+    return torch.ones(channels, dtype=like.dtype, device=like.device), torch.zeros(channels, dtype=like.dtype,
+                                                                                   device=like.device)
+
+
+class _FoldedLayer(nn.Module):
+    """One grouped layer with its batch norm folded in, output in merged channel order."""
+
+    def __init__(self, layer: GroupedConvLayer):
+        super().__init__()
+        with torch.no_grad():
+            weight, bias = layer.merged_weight()
+            outputs = weight.shape[0]
+            scale, shift = _batch_norm_scale_shift(layer.bn, layer.layer.out_channels, weight)
+            merged_scale = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
+            merged_shift = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
+            order = layer.merged_order if layer.merged_order is not None else torch.arange(outputs,
+                                                                                           device=weight.device)
+            merged_scale[order] = scale
+            merged_shift[order] = shift
+            bias = merged_shift if bias is None else bias * merged_scale + merged_shift
+            self.weight = nn.Parameter(weight * merged_scale[:, None, None, None], requires_grad=False)
+            self.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        self.groups = layer.merged_groups
+        self.stride = layer.stride
+        self.act = copy.deepcopy(layer.act)
+
+    def dense_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
+        """The layer as one dense ``(outputs, in_channels)`` matrix, its input gather folded in."""
+        outputs, per_group = self.weight.shape[0], self.weight.shape[1]
+        filters_per_group = outputs // self.groups
+        rows = torch.arange(outputs, device=self.weight.device).repeat_interleave(per_group)
+        columns = (rows // filters_per_group) * per_group + torch.arange(per_group, device=rows.device).repeat(outputs)
+        if gather is not None:
+            columns = gather[columns]
+        dense = torch.zeros(outputs, in_channels, dtype=self.weight.dtype, device=self.weight.device)
+        return dense.index_put_((rows, columns), self.weight.reshape(-1), accumulate=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups))
+
+
+def _compose(outer: Optional[Index], inner: Optional[Index], length: int) -> Optional[Index]:
+    """Index map of ``x[inner][outer]`` (``None`` = identity); None again when the result is identity
+    over a tensor of ``length`` channels."""
+    if outer is None and inner is None:
+        return None
+    if outer is None:
+        result = tuple(inner)
+    elif inner is None:
+        result = tuple(outer)
+    else:
+        result = tuple(inner[i] for i in outer)
+    return None if result == tuple(range(length)) else result
+
+
+def _buffer(index: Optional[Index], device) -> Optional[torch.Tensor]:
+    return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
+
+
+class FoldedGroupedPointwiseConv2d(nn.Module):
+    """Inference execution of a trained :class:`GroupedPointwiseConv2d` (see the module docstring)."""
+
+    def __init__(self, block: GroupedPointwiseConv2d):
+        super().__init__()
+        plan: PointwisePlan = block.plan
+        self.plan = plan
+        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        device = next(block.parameters()).device
+        self.k = _FoldedLayer(block.k)
+        k_merged_channels = self.k.weight.shape[0]
+        k_order = tuple(block.k.merged_order.tolist()) if block.k.merged_order is not None else None
+        self.register_buffer("input_index", _buffer(block.k.paths[0].path.input_index
+                                                    if block.k.paths[0].input_index is not None else None, device))
+        self.l = None
+        if block.l is not None:
+            self.l = _FoldedLayer(block.l)
+            l_main = block.l.paths[0]
+            l_gather = l_main.path.input_index if l_main.input_index is not None else None
+            # L's gathered position q -> interleaved position -> K channel -> K's merged position
+            l_input = _compose(l_gather, _compose(plan.interleave, k_order, -1), k_merged_channels)
+            self.register_buffer("l_input_index", _buffer(l_input, device))
+            l_order = tuple(block.l.merged_order.tolist()) if block.l.merged_order is not None else None
+            self.register_buffer("l_output_index", _buffer(l_order, device))
+            self.register_buffer("k_output_index", _buffer(k_order, device))
+        else:
+            self.register_buffer("k_output_index", _buffer(_compose(plan.output_order, k_order, -1), device))
+        # On 1x1 maps (squeeze-excitation) a grouped convolution call costs far more than the work:
+        # there each layer runs as one small dense matrix product with its gather folded in.
+        self.register_buffer("k_dense", self.k.dense_weight(self.input_index, self.in_channels))
+        self.register_buffer("l_dense", None if self.l is None else
+                             self.l.dense_weight(self.l_input_index, self.k.weight.shape[0]))
+
+    def _forward_1x1(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k.act(F.linear(x.flatten(1), self.k_dense, self.k.bias))
+        k_out = k if self.k_output_index is None else k.index_select(1, self.k_output_index)
+        if self.l is not None:
+            l = self.l.act(F.linear(k, self.l_dense, self.l.bias))
+            k_out = (l if self.l_output_index is None else l.index_select(1, self.l_output_index)) + k_out
+        return k_out.reshape(x.shape[0], -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 1 and x.shape[-2] == 1:
+            return self._forward_1x1(x)
+        if self.input_index is not None:
+            x = gather_channels(x, self.input_index)
+        k = self.k(x)
+        k_out = k if self.k_output_index is None else gather_channels(k, self.k_output_index)
+        if self.l is None:
+            return k_out
+        mixed = k if self.l_input_index is None else gather_channels(k, self.l_input_index)
+        l = self.l(mixed)
+        l_out = l if self.l_output_index is None else gather_channels(l, self.l_output_index)
+        return l_out + k_out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, channels_per_group={self.plan.channels_per_group} (folded)"
+
+
+def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution equal to ``bn(conv(x))`` in eval mode."""
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale, shift = _batch_norm_scale_shift(bn, conv.out_channels, conv.weight)
+        folded.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        folded.bias = nn.Parameter(bias.clone())
+    return folded
+
+
+def _fold_sequential(module: nn.Sequential) -> None:
+    children = list(module._modules.items())
+    for (name, first), (next_name, second) in zip(children, children[1:]):
+        if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) and second.track_running_stats:
+            module._modules[name] = fold_batch_norm(first, second)
+            module._modules[next_name] = nn.Identity()
+
+
+def _convert(module: nn.Module) -> nn.Module:
+    if isinstance(module, GroupedPointwiseConv2d):
+        return FoldedGroupedPointwiseConv2d(module)
+    for name, child in module.named_children():
+        module._modules[name] = _convert(child)
+    if isinstance(module, nn.Sequential):
+        _fold_sequential(module)
+    return module
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, compile: bool = False) -> nn.Module:
+    """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks merged
+    (:class:`FoldedGroupedPointwiseConv2d`), ``channels_last`` weights, optionally ``torch.compile``.
+    The original model is left unchanged."""
+    prepared = _convert(copy.deepcopy(model).eval())
+    for parameter in prepared.parameters():
+        parameter.requires_grad_(False)
+    if channels_last:
+        prepared = prepared.to(memory_format=torch.channels_last)
+    if compile:
+        prepared = torch.compile(prepared)
+    return prepared

@@ -1,0 +1,56 @@
+"""prepare_for_inference: folded batch norms and merged grouped blocks equal the eval model."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import gpconv
+from gpconv import GroupedPointwiseConv2d
+from gpconv.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
+
+
+def randomize_batch_norms(model, generator):
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5, generator=generator)
+                module.bias.normal_(generator=generator)
+                module.running_mean.normal_(generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+
+
+@settings(max_examples=40, deadline=None)
+@given(in_channels=st.integers(1, 64), out_channels=st.integers(1, 64), channels_per_group=st.integers(1, 12),
+       version=st.sampled_from([1, 2]), l_layer=st.booleans(), bias=st.booleans(),
+       activation=st.sampled_from([None, "swish", "sigmoid"]), size=st.sampled_from([1, 5]),
+       channels_last=st.booleans(), seed=st.integers(0, 999))
+def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_group, version, l_layer, bias,
+                                        activation, size, channels_last, seed):
+    generator = torch.Generator().manual_seed(seed)
+    block = GroupedPointwiseConv2d(in_channels, out_channels, channels_per_group, version=version, l_layer=l_layer,
+                                   bias=bias, activation=activation)
+    randomize_batch_norms(block, generator)
+    block.eval()
+    prepared = prepare_for_inference(block, channels_last=channels_last)
+    assert isinstance(prepared, FoldedGroupedPointwiseConv2d)
+    x = torch.randn(3, in_channels, size, size, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4)
+
+
+def test_prepared_kefficientnet_equals_eval_model():
+    generator = torch.Generator().manual_seed(0)
+    for channels_per_group in (None, 16):
+        model = gpconv.create_model("efficientnet_b0", 10, channels_per_group=channels_per_group, skip_strides=3)
+        randomize_batch_norms(model, generator)
+        model.eval()
+        prepared = prepare_for_inference(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+        assert model.training is False and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        x = torch.randn(2, 3, 32, 32, generator=generator)
+        with torch.no_grad():
+            expected = model(x)
+            assert expected.abs().max() > 1e-3  # the comparison below is not between two near-zero outputs
+            assert torch.allclose(prepared(x), expected, atol=1e-4, rtol=1e-4)
