@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation
+from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
 __all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Grouping", "pointwise_conv"]
@@ -26,14 +26,14 @@ class GroupedConvPath(nn.Module):
     """One path: gather channels -> grouped 1x1 conv -> batch norm -> activation."""
 
     def __init__(self, path: ConvPath, layer_in_channels: int, *, stride: int = 1, bias: bool = False, batch_norm: bool = True,
-                 activation: ActivationSpec = None):
+                 activation: ActivationSpec = None, batch_norm_scale: bool = True):
         super().__init__()
         self.path = path
         index = None if path.reads_unchanged(layer_in_channels) else path.input_index
         self.register_buffer("input_index", _index_buffer(index), persistent=False)
         self.conv = nn.Conv2d(path.in_channels, path.out_channels, 1, stride=stride,
                               groups=path.groups, bias=bias)
-        self.bn = nn.BatchNorm2d(path.out_channels, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
+        self.bn = make_batch_norm(path.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,8 @@ class GroupedPointwiseConv2d(nn.Module):
         batch_norm: batch norm (affine) after every convolution path.
         bias: convolution bias in every path.
         stride: stride of layer K (L always has stride 1).
+        batch_norm_scale: False for a batch norm that learns a shift only (Keras ``scale=False``, as in
+            the reference's Inception V3).
 
     ``self.plan`` is the :class:`~gpconv.plan.PointwisePlan` being executed; ``print(block.plan)``
     shows it.
@@ -75,7 +77,7 @@ class GroupedPointwiseConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, channels_per_group: int, *, version: int = 2,
                  l_layer: bool = True, activation: ActivationSpec = None, batch_norm: bool = True,
-                 bias: bool = False, stride: int = 1):
+                 bias: bool = False, stride: int = 1, batch_norm_scale: bool = True):
         super().__init__()
         check_activation(activation)
         check_positive_int("stride", stride)
@@ -83,7 +85,7 @@ class GroupedPointwiseConv2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
-        options = dict(bias=bias, batch_norm=batch_norm, activation=activation)
+        options = dict(bias=bias, batch_norm=batch_norm, activation=activation, batch_norm_scale=batch_norm_scale)
         self.k = GroupedConvLayer(self.plan.k, stride=stride, **options)
         self.l = GroupedConvLayer(self.plan.l, **options) if self.plan.l is not None else None
         self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
@@ -129,12 +131,13 @@ class Grouping:
 
 
 def pointwise_conv(in_channels: int, out_channels: int, grouping: Grouping, *, activation: ActivationSpec = None,
-                   batch_norm: bool = True, bias: bool = False, stride: int = 1) -> nn.Module:
+                   batch_norm: bool = True, bias: bool = False, stride: int = 1,
+                   batch_norm_scale: bool = True) -> nn.Module:
     """A 1x1 convolution (+ batch norm + activation): dense for the baseline, grouped otherwise
     (the reference's ``kPointwiseConv2D``)."""
     if grouping.dense:
         return ConvBnAct(in_channels, out_channels, 1, stride=stride, bias=bias, batch_norm=batch_norm,
-                         activation=activation)
+                         activation=activation, batch_norm_scale=batch_norm_scale)
     return GroupedPointwiseConv2d(in_channels, out_channels, grouping.channels_per_group, version=grouping.version,
                                   l_layer=grouping.l_layer, activation=activation, batch_norm=batch_norm,
-                                  bias=bias, stride=stride)
+                                  bias=bias, stride=stride, batch_norm_scale=batch_norm_scale)
