@@ -95,9 +95,9 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
     replacements: Dict[int, nn.Module] = {}
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # named_children() would skip shared modules
             name = f"{prefix}{child_name}"
-            if isinstance(child, GroupedPointwiseConv2d):
+            if child is None or isinstance(child, GroupedPointwiseConv2d):
                 continue
             if is_plain_pointwise(child):
                 if id(child) not in replacements:
