@@ -1,6 +1,7 @@
 """gpconv: interleaved grouped pointwise convolutions (kEffNet) for PyTorch."""
 
 from .block import GroupedPointwiseConv2d, Grouping, pointwise_conv
+from .convert import convert, summarize
 from .counting import count_computations, count_macs, count_parameters
 from .models import create_model, list_models, register_model
 from .plan import PointwisePlan, make_plan
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 __all__ = [
     "GroupedPointwiseConv2d", "Grouping", "pointwise_conv", "PointwisePlan", "make_plan",
     "create_model", "list_models", "register_model",
-    "count_parameters", "count_macs", "count_computations",
+    "count_parameters", "count_macs", "count_computations", "convert", "summarize",
 ]

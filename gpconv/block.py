@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation
+from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
 __all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Grouping", "pointwise_conv",
@@ -77,13 +77,13 @@ class GroupedConvLayer(nn.Module):
     """
 
     def __init__(self, layer: LayerPlan, *, stride: int = 1, bias: bool = False, batch_norm: bool = True,
-                 activation: ActivationSpec = None):
+                 activation: ActivationSpec = None, batch_norm_scale: bool = True):
         super().__init__()
         self.layer = layer
         self.stride = stride
         self.paths = nn.ModuleList(GroupedConvPath(path, layer.in_channels, stride=stride, bias=bias)
                                    for path in layer.paths)
-        self.bn = nn.BatchNorm2d(layer.out_channels, eps=1e-3, momentum=0.01) if batch_norm else nn.Identity()
+        self.bn = make_batch_norm(layer.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
         self.execution = "fast"
         self.register_buffer("merged_order", _index_buffer(merged_to_canonical(layer)), persistent=False)
@@ -150,6 +150,8 @@ class GroupedPointwiseConv2d(nn.Module):
         batch_norm: batch norm (affine) after every convolution path.
         bias: convolution bias in every path.
         stride: stride of layer K (L always has stride 1).
+        batch_norm_scale: False for a batch norm that learns a shift only (Keras ``scale=False``, as in
+            the reference's Inception V3).
 
     ``self.plan`` is the :class:`~gpconv.plan.PointwisePlan` being executed; ``print(block.plan)``
     shows it.
@@ -157,7 +159,7 @@ class GroupedPointwiseConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, channels_per_group: int, *, version: int = 2,
                  l_layer: bool = True, activation: ActivationSpec = None, batch_norm: bool = True,
-                 bias: bool = False, stride: int = 1):
+                 bias: bool = False, stride: int = 1, batch_norm_scale: bool = True):
         super().__init__()
         check_activation(activation)
         check_positive_int("stride", stride)
@@ -165,7 +167,7 @@ class GroupedPointwiseConv2d(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
-        options = dict(bias=bias, batch_norm=batch_norm, activation=activation)
+        options = dict(bias=bias, batch_norm=batch_norm, activation=activation, batch_norm_scale=batch_norm_scale)
         self.k = GroupedConvLayer(self.plan.k, stride=stride, **options)
         self.l = GroupedConvLayer(self.plan.l, **options) if self.plan.l is not None else None
         self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
@@ -224,12 +226,13 @@ class Grouping:
 
 
 def pointwise_conv(in_channels: int, out_channels: int, grouping: Grouping, *, activation: ActivationSpec = None,
-                   batch_norm: bool = True, bias: bool = False, stride: int = 1) -> nn.Module:
+                   batch_norm: bool = True, bias: bool = False, stride: int = 1,
+                   batch_norm_scale: bool = True) -> nn.Module:
     """A 1x1 convolution (+ batch norm + activation): dense for the baseline, grouped otherwise
     (the reference's ``kPointwiseConv2D``)."""
     if grouping.dense:
         return ConvBnAct(in_channels, out_channels, 1, stride=stride, bias=bias, batch_norm=batch_norm,
-                         activation=activation)
+                         activation=activation, batch_norm_scale=batch_norm_scale)
     return GroupedPointwiseConv2d(in_channels, out_channels, grouping.channels_per_group, version=grouping.version,
                                   l_layer=grouping.l_layer, activation=activation, batch_norm=batch_norm,
-                                  bias=bias, stride=stride)
+                                  bias=bias, stride=stride, batch_norm_scale=batch_norm_scale)

@@ -7,7 +7,11 @@ import sys
 import time
 from typing import List, Optional
 
-from .models import list_models
+import torch
+
+from .convert import summarize
+from .counting import count_computations, count_macs, count_parameters
+from .models import create_model, list_models
 from .plan import make_plan
 from .reporting import format_table, paper_table
 
@@ -48,6 +52,43 @@ def _demo(args) -> None:
     print(make_plan(1152, 320, 16))
 
 
+def _variant_label(args) -> str:
+    if args.channels_per_group is None:
+        return "baseline"
+    return f"v{args.version}-{args.channels_per_group}ch" + ("" if args.l_layer else "-noL")
+
+
+def _measure(args, channels_per_group):
+    """Build on the meta device (shapes only: fast) and count parameters, MACs and computations."""
+    with torch.device("meta"):
+        model = create_model(args.arch, args.num_classes, channels_per_group=channels_per_group, version=args.version,
+                             l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides)
+    return model, (count_parameters(model), count_macs(model, args.input_size),
+                   count_computations(model, args.input_size))
+
+
+def _summary(args) -> None:
+    if args.input_size is None:
+        args.input_size = 32 if args.arch == "densenet_bc_100" else 224
+    started = time.perf_counter()
+    model, figures = _measure(args, args.channels_per_group)
+    rows = [(_variant_label(args), figures)]
+    if args.compare and args.channels_per_group is not None:
+        rows.insert(0, ("baseline", _measure(args, None)[1]))
+    print(f"{args.arch} {_variant_label(args)}, {args.num_classes} classes, {args.input_size}x{args.input_size} input")
+    print(summarize(model))
+    print()
+    header = ("model", "parameters", "MACs", "computations")
+    body = [(name,) + tuple(f"{value:,}" for value in values) for name, values in rows]
+    if len(rows) == 2:
+        base = rows[0][1]
+        body[1] = (body[1][0],) + tuple(f"{value:,} ({100 * value / base[i]:.1f}%)" for i, value in enumerate(rows[1][1]))
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    for line in [header] + body:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    print(f"(computations: the papers' TensorFlow-profiler count; counted in {time.perf_counter() - started:.1f} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gpconv", description="Interleaved grouped pointwise convolutions (kEffNet).")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -72,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--version", type=int, default=2, choices=(1, 2))
     plan.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     plan.set_defaults(run=_plan)
+
+    summary = commands.add_parser("summary", help="per-layer table of the grouped pointwise convolutions and totals")
+    summary.add_argument("arch", choices=list_models(), metavar="ARCH", help="one of: " + ", ".join(list_models()))
+    summary.add_argument("--channels-per-group", type=int, default=None, help="omit for the dense baseline")
+    summary.add_argument("--version", type=int, default=2, choices=(1, 2))
+    summary.add_argument("--no-l-layer", dest="l_layer", action="store_false")
+    summary.add_argument("--activation", default=None, help="default: the family's reference activation")
+    summary.add_argument("--skip-strides", type=int, default=0)
+    summary.add_argument("--num-classes", type=int, default=10)
+    summary.add_argument("--input-size", type=int, default=None, help="default: 32 for densenet_bc_100, else 224")
+    summary.add_argument("--compare", action="store_true", help="also count the dense baseline")
+    summary.set_defaults(run=_summary)
     return parser
 
 

@@ -19,8 +19,10 @@ add                            0: TF 2.x emits ``AddV2`` for additions (residual
 swish                          output elements (TF computes ``x * sigmoid(x)``: one Mul)
 hard swish / hard sigmoid      2 / 1 per element (``x * (relu6(x + 3) * 1/6)``: two Muls)
 global average pool (Mean)     input elements
+average / max pooling          kernel area x output elements (TF's ``AvgPool``/``MaxPool`` rules)
 softmax                        5 per element (the Keras classifier ends with softmax)
-batch norm, ReLU, sigmoid,     0 (not registered with the profiler)
+batch norm, ReLU, ReLU6,       0 (not registered with the profiler)
+sigmoid,
 copies, concatenation, pads
 =============================  =============================================================
 
@@ -99,6 +101,11 @@ class OperationCounter(TorchDispatchMode):
             self._add(str(packet.__name__), 0, _ELEMENTWISE[func] * out.numel())
         elif packet in (aten.mean, aten._adaptive_avg_pool2d):
             self._add("mean", 0, args[0].numel())
+        elif packet in (aten.avg_pool2d, aten.max_pool2d, aten.max_pool2d_with_indices):
+            kernel = args[1] if len(args) > 1 else kwargs["kernel_size"]
+            kernel = (kernel[0], kernel[0]) if len(kernel) == 1 else kernel
+            pooled = out[0] if isinstance(out, tuple) else out
+            self._add("pool", 0, int(kernel[0]) * int(kernel[1]) * pooled.numel())
         return out
 
 

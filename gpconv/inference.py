@@ -27,8 +27,11 @@ __all__ = ["prepare_for_inference", "FoldedGroupedPointwiseConv2d", "fold_batch_
 
 def _batch_norm_scale_shift(bn: nn.Module, channels: int, like: torch.Tensor):
     if isinstance(bn, nn.BatchNorm2d):
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        return scale, bn.bias - bn.running_mean * scale
+        scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:  # ShiftOnlyBatchNorm2d learns no scale
+            scale = bn.weight * scale
+        shift = -bn.running_mean * scale
+        return scale, shift if bn.bias is None else shift + bn.bias
     return torch.ones(channels, dtype=like.dtype, device=like.device), torch.zeros(channels, dtype=like.dtype,
                                                                                    device=like.device)
 

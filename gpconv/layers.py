@@ -9,14 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "make_activation", "KerasPad2d", "StochasticDepth", "ConvBnAct"]
+__all__ = ["ACTIVATIONS", "make_activation", "make_batch_norm", "ShiftOnlyBatchNorm2d", "KerasPad2d", "StochasticDepth",
+           "ConvBnAct", "SqueezeExcite", "ChannelInterleave"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
     "swish": nn.SiLU,
     "silu": nn.SiLU,
     "sigmoid": nn.Sigmoid,
     "hard_swish": nn.Hardswish,
+    "hard_sigmoid": nn.Hardsigmoid,
 }
 
 ActivationSpec = Union[None, str, nn.Module]
@@ -43,6 +46,22 @@ def make_activation(activation: ActivationSpec) -> nn.Module:
     if isinstance(activation, nn.Module):
         return copy.deepcopy(activation)
     return ACTIVATIONS[activation]()
+
+
+class ShiftOnlyBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm with a learned shift but no learned scale (Keras ``BatchNormalization(scale=False)``,
+    which Inception V3's ``conv2d_bn`` uses): one trainable parameter per channel instead of two."""
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=False)
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+
+def make_batch_norm(channels: int, *, scale: bool = True, eps: float = 1e-3) -> nn.BatchNorm2d:
+    """Keras-default batch norm (epsilon 1e-3, momentum 0.99); ``scale=False`` learns the shift only."""
+    if scale:
+        return nn.BatchNorm2d(channels, eps=eps, momentum=0.01)
+    return ShiftOnlyBatchNorm2d(channels, eps=eps)
 
 
 class KerasPad2d(nn.Module):
@@ -89,12 +108,50 @@ class ConvBnAct(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, *, stride: int = 1,
                  groups: int = 1, bias: bool = False, batch_norm: bool = True,
-                 activation: ActivationSpec = None, padding: Optional[int] = None):
-        padding = (kernel_size // 2) if padding is None else padding
+                 activation: ActivationSpec = None, padding=None, batch_norm_scale: bool = True):
+        if padding is None:  # 'same' for odd kernels, square or not
+            padding = tuple(k // 2 for k in kernel_size) if isinstance(kernel_size, tuple) else kernel_size // 2
         layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                             groups=groups, bias=bias)]
         if batch_norm:
-            layers.append(nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01))
+            layers.append(make_batch_norm(out_channels, scale=batch_norm_scale))
         if activation is not None:
             layers.append(make_activation(activation))
         super().__init__(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x * expand(reduce(mean(x)))``. ``reduce`` and ``expand`` are given
+    built (dense or grouped pointwise convolutions, each with its own activation)."""
+
+    def __init__(self, reduce: nn.Module, expand: nn.Module):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = reduce
+        self.expand = expand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.expand(self.reduce(self.pool(x)))
+
+
+def interleave_order(channels: int, step: int) -> list:
+    """Channel order of the reference's ``InterleaveChannels(step)``: channels 0, step, 2*step, ...,
+    then 1, 1+step, ...: ``[c for s in range(step) for c in range(s, channels, step)]``."""
+    return [c for s in range(step) for c in range(s, channels, step)]
+
+
+class ChannelInterleave(nn.Module):
+    """Parameter-free channel permutation (the reference's ``InterleaveChannels``): output channel
+    ``i`` is input channel ``interleave_order(channels, step)[i]``."""
+
+    def __init__(self, channels: int, step: int):
+        super().__init__()
+        self.channels, self.step = channels, step
+        self.register_buffer("order", torch.tensor(interleave_order(channels, step), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.order)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, step={self.step}"

@@ -1,7 +1,10 @@
 """The authors' published figures (``paper_numbers.json``) and the variant names they use.
 
 A variant name reads like the papers' rows: ``baseline``, ``v2-16ch``, ``v1-32ch``,
-``v2-16ch-noL`` (no L layer), ``v2-16ch-relu`` (ReLU instead of swish).
+``v2-16ch-noL`` (no L layer), ``v2-16ch-relu`` (ReLU instead of the family's activation).
+
+Some rows were run with builder options a variant name does not carry (the DenseNet notebooks);
+:func:`reference_options` adds them from :data:`NOTEBOOK_OPTIONS`, which cites each notebook.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ["Variant", "ReferenceRow", "load_reference", "parse_variant"]
+__all__ = ["Variant", "ReferenceRow", "load_reference", "parse_variant", "reference_options", "NOTEBOOK_OPTIONS"]
 
 _VARIANT = re.compile(r"^v(?P<version>[12])-(?P<cpg>\d+)ch(?P<flags>(-(noL|relu))*)$")
 
@@ -26,7 +29,7 @@ class Variant:
     channels_per_group: Optional[int] = None
     version: int = 2
     l_layer: bool = True
-    activation: str = "swish"
+    activation: Optional[str] = None  # None: the family's reference default
 
     def model_options(self) -> dict:
         return dict(channels_per_group=self.channels_per_group, version=self.version, l_layer=self.l_layer,
@@ -43,7 +46,26 @@ def parse_variant(name: str) -> Variant:
                          "'v2-8ch-relu'")
     flags = match.group("flags")
     return Variant(name, int(match.group("cpg")), int(match.group("version")), "-noL" not in flags,
-                   "relu" if "-relu" in flags else "swish")
+                   "relu" if "-relu" in flags else None)
+
+
+# (arch, variant) -> builder options the authors' notebooks passed beyond the variant name.
+NOTEBOOK_OPTIONS: Dict[Tuple[str, str], dict] = {
+    # JP33B15: ksimple_densenet(kTypeBlock=kType, kTypeTransition=kType, activation=relu), kTypes 23, 25.
+    ("densenet_bc_100", "v1-32ch-noL"): dict(activation="relu"),
+    ("densenet_bc_100", "v1-64ch-noL"): dict(activation="relu"),
+    # JP33B25: ksimple_densenet(..., activation=swish, has_interleave_at_transition=True), D6_12ch/D6_24ch.
+    ("densenet_bc_100", "v1-12ch"): dict(activation="swish", transition_interleave=True),
+    ("densenet_bc_100", "v1-24ch"): dict(activation="swish", transition_interleave=True),
+}
+
+
+def reference_options(arch: str, variant: str) -> dict:
+    """``create_model`` keywords that rebuild the authors' model for one row: the variant name's
+    options plus any notebook-only options (:data:`NOTEBOOK_OPTIONS`)."""
+    options = parse_variant(variant).model_options()
+    options.update(NOTEBOOK_OPTIONS.get((arch, variant), {}))
+    return options
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
+
 from .counting import count_computations, count_parameters
 from .models import create_model
-from .reference import ReferenceRow, load_reference, parse_variant
+from .reference import ReferenceRow, load_reference, reference_options
 
 __all__ = ["VariantFigures", "measure_variant", "paper_table", "format_table", "papers_input_setting"]
 
@@ -29,8 +31,9 @@ class VariantFigures:
 def measure_variant(arch: str, variant: str, num_classes: int = 10, input_size: int = 224,
                     reference: Sequence[ReferenceRow] = ()) -> VariantFigures:
     """Build ``arch`` in the given variant and count it; attach the matching published row, if any."""
-    options = parse_variant(variant).model_options()
-    model = create_model(arch, num_classes, skip_strides=papers_input_setting(arch, input_size), **options)
+    options = reference_options(arch, variant)
+    with torch.device("meta"):  # counting needs shapes only; same counts, ~10x faster than on the CPU
+        model = create_model(arch, num_classes, skip_strides=papers_input_setting(arch, input_size), **options)
     match = next((row for row in reference if (row.arch, row.variant, row.num_classes, row.input_size)
                   == (arch, variant, num_classes, input_size)), None)
     return VariantFigures(variant, count_parameters(model), count_computations(model, input_size), match)

@@ -32,3 +32,35 @@ def test_bad_input_is_one_line(argv, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_summary_compare_prints_layers_and_totals(capsys):
+    from conftest import paper_rows
+    import time
+    started = time.perf_counter()
+    assert main(["summary", "efficientnet_b0", "--channels-per-group", "16", "--compare"]) == 0
+    assert time.perf_counter() - started < 10
+    out = capsys.readouterr().out
+    assert "features.20 " in out and "320  1280" in out  # the top 1x1 convolution, 320 -> 1280
+    baseline = next((row for row in paper_rows("efficientnet_b0")
+                    if row["variant"] == "baseline" and row["input_size"] == 224), None)
+    if baseline:
+        assert f"{baseline['trainable_params']:,}" in out and f"{baseline['computations']:,}" in out
+    assert "\nv2-16ch " in out and "\nbaseline " in out
+
+
+def test_summary_of_a_zoo_variant(capsys):
+    from conftest import paper_rows
+    assert main(["summary", "densenet_bc_100", "--channels-per-group", "32", "--version", "1", "--no-l-layer",
+                 "--activation", "relu"]) == 0
+    out = capsys.readouterr().out
+    assert "densenet_bc_100 v1-32ch-noL, 10 classes, 32x32 input" in out
+    for row in paper_rows("densenet_bc_100"):  # JP33B15 kType 23, ReLU
+        if row["variant"] == "v1-32ch-noL":
+            assert f"{row['trainable_params']:,}" in out and f"{row['computations']:,}" in out
+
+
+def test_summary_bad_option_is_one_line(capsys):
+    assert main(["summary", "mobilenet", "--channels-per-group", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpconv: error: channels_per_group") and err.count("\n") == 1

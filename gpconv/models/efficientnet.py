@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..block import Grouping, pointwise_conv
-from ..layers import ActivationSpec, KerasPad2d, StochasticDepth, make_activation
+from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation
 from .registry import register_model
 
 
@@ -87,19 +87,6 @@ CONFIGS = {
 }
 
 
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation with (possibly grouped) pointwise reduce and expand convolutions."""
-
-    def __init__(self, channels: int, squeezed: int, grouping: Grouping, activation: ActivationSpec):
-        super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.reduce = pointwise_conv(channels, squeezed, grouping, activation=activation, batch_norm=False, bias=True)
-        self.expand = pointwise_conv(squeezed, channels, grouping, activation="sigmoid", batch_norm=False, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.expand(self.reduce(self.pool(x)))
-
-
 class MBConv(nn.Module):
     """Mobile inverted bottleneck: expand -> depthwise -> squeeze-excite -> project (+ residual)."""
 
@@ -117,7 +104,10 @@ class MBConv(nn.Module):
             layers.append(nn.Conv2d(hidden, hidden, kernel_size, 1, kernel_size // 2, groups=hidden, bias=False))
         layers += [nn.BatchNorm2d(hidden, eps=1e-3, momentum=0.01), make_activation(activation)]
         if 0 < se_ratio <= 1:
-            layers.append(SqueezeExcite(hidden, max(1, int(in_channels * se_ratio)), grouping, activation))
+            squeezed = max(1, int(in_channels * se_ratio))
+            layers.append(SqueezeExcite(
+                pointwise_conv(hidden, squeezed, grouping, activation=activation, batch_norm=False, bias=True),
+                pointwise_conv(squeezed, hidden, grouping, activation="sigmoid", batch_norm=False, bias=True)))
         layers.append(pointwise_conv(hidden, out_channels, grouping, activation=None))
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and in_channels == out_channels
@@ -183,9 +173,10 @@ def _init_weights(model: nn.Module) -> None:
 
 
 def _builder(arch: str):
-    def build(num_classes: int, grouping: Grouping, activation: ActivationSpec = "swish",
+    def build(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
               skip_strides: int = 0) -> EfficientNet:
-        return EfficientNet(CONFIGS[arch], num_classes, grouping, activation, skip_strides)
+        return EfficientNet(CONFIGS[arch], num_classes, grouping, "swish" if activation is None else activation,
+                            skip_strides)
 
     build.__name__ = arch
     build.__doc__ = f"{arch}: EfficientNet with the reference's kEfficientNet layout."

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -20,12 +21,20 @@ class ModelEntry:
     builder: Callable[..., nn.Module]
     max_skip_strides: int
 
+    @property
+    def family_options(self) -> Tuple[str, ...]:
+        """Keyword options of this family's builder beyond the common ones (e.g. DenseNet's
+        ``transition_interleave``)."""
+        common = {"num_classes", "grouping", "activation", "skip_strides"}
+        return tuple(name for name in inspect.signature(self.builder).parameters if name not in common)
+
 
 _REGISTRY: Dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, max_skip_strides: int = 0):
-    """Decorator: register ``builder(num_classes, grouping, activation, skip_strides)`` as ``name``."""
+    """Decorator: register ``builder(num_classes, grouping, activation, skip_strides, **family_options)``
+    as ``name``. ``activation=None`` must give the family's reference default."""
 
     def decorate(builder):
         _REGISTRY[name] = ModelEntry(name, builder, max_skip_strides)
@@ -40,13 +49,17 @@ def list_models() -> List[str]:
 
 
 def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Optional[int] = None, version: int = 2,
-                 l_layer: bool = True, activation: ActivationSpec = "swish", skip_strides: int = 0) -> nn.Module:
+                 l_layer: bool = True, activation: ActivationSpec = None, skip_strides: int = 0,
+                 **family_options) -> nn.Module:
     """Build a registered architecture.
 
     ``channels_per_group=None`` gives the dense baseline; an int gives the k-variant whose pointwise
     convolutions are :class:`~gpconv.block.GroupedPointwiseConv2d` (``version``, ``l_layer``).
     ``skip_strides=N`` runs the first N strided layers (the stem first) with stride 1, for small
     inputs: ``skip_strides=3`` is the papers' 32x32 setting (the reference's ``skip_stride_cnt=3``).
+    ``activation=None`` uses the reference's choice for the family (swish for EfficientNet; see each
+    family's builder). ``family_options`` are keywords only some families have, e.g.
+    ``transition_interleave`` for ``densenet_bc_100``.
     """
     if not isinstance(arch, str) or arch not in _REGISTRY:
         raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
@@ -57,5 +70,9 @@ def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Option
         raise TypeError(f"skip_strides must be an int, got {skip_strides!r}")
     if not 0 <= skip_strides <= entry.max_skip_strides:
         raise ValueError(f"skip_strides must be between 0 and {entry.max_skip_strides} for {arch}, got {skip_strides}")
+    unknown = sorted(set(family_options) - set(entry.family_options))
+    if unknown:
+        allowed = ", ".join(entry.family_options) or "none"
+        raise TypeError(f"unknown option {unknown[0]!r} for {arch}; its extra options are: {allowed}")
     grouping = Grouping(channels_per_group, version, l_layer)
-    return entry.builder(num_classes, grouping, activation=activation, skip_strides=skip_strides)
+    return entry.builder(num_classes, grouping, activation=activation, skip_strides=skip_strides, **family_options)
