@@ -4,6 +4,7 @@
 (within float rounding) and that runs fewer passes over memory:
 
 * every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
+* dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
 * every :class:`~gpconv.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`:
   per layer one gather and one grouped convolution with the batch norm folded in, the interleaving and
   the second paths' reordering composed into the next gather, and one reorder at the very end;
@@ -161,6 +162,26 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
+class PointwiseConv(nn.Module):
+    """A dense 1x1 convolution for inference that runs as a matrix product on 1x1 maps (the
+    squeeze-excitation convolutions), where a convolution call costs far more than its work."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 1 and x.shape[-2] == 1:
+            return F.linear(x.flatten(1), self.weight.flatten(1), self.bias).reshape(x.shape[0], -1, 1, 1)
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def _is_plain_pointwise(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1))
+
+
 def _fold_sequential(module: nn.Sequential) -> None:
     children = list(module._modules.items())
     for (name, first), (next_name, second) in zip(children, children[1:]):
@@ -176,6 +197,9 @@ def _convert(module: nn.Module) -> nn.Module:
         module._modules[name] = _convert(child)
     if isinstance(module, nn.Sequential):
         _fold_sequential(module)
+    for name, child in module.named_children():
+        if _is_plain_pointwise(child):
+            module._modules[name] = PointwiseConv(child)
     return module
 
 

@@ -13,7 +13,8 @@ def randomize_batch_norms(model, generator):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5, generator=generator)
+                if module.weight is not None:  # shift-only batch norms (Inception V3) learn no scale
+                    module.weight.uniform_(0.5, 1.5, generator=generator)
                 module.bias.normal_(generator=generator)
                 module.running_mean.normal_(generator=generator)
                 module.running_var.uniform_(0.5, 2.0, generator=generator)
@@ -54,3 +55,16 @@ def test_prepared_kefficientnet_equals_eval_model():
             expected = model(x)
             assert expected.abs().max() > 1e-3  # the comparison below is not between two near-zero outputs
             assert torch.allclose(prepared(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_prepared_zoo_models_equal_eval_models():
+    """Every family, including Inception's shift-only batch norms, folds exactly."""
+    generator = torch.Generator().manual_seed(3)
+    for arch, size in (("mobilenet", 32), ("mobilenet_v3_large", 32), ("densenet_bc_100", 16), ("inception_v3", 75)):
+        model = gpconv.create_model(arch, 10, channels_per_group=16)
+        randomize_batch_norms(model, generator)
+        model.eval()
+        x = torch.randn(1, 3, size, size, generator=generator)
+        with torch.no_grad():
+            expected = model(x)
+            assert torch.allclose(prepare_for_inference(model)(x), expected, atol=1e-4, rtol=1e-4), arch
