@@ -21,6 +21,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _pair(text: str):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 10:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST image counts (each >= 10), got {text!r}")
+    return values
+
+
 def add_training_commands(commands) -> None:
     """Add ``train`` and ``evaluate`` to the ``gpconv`` subparsers ``commands``."""
     train = commands.add_parser("train", help="train a model with the papers' protocol (see docs/training.md)")
@@ -48,6 +58,8 @@ def add_training_commands(commands) -> None:
     train.add_argument("--no-augment", dest="augment", action="store_false")
     train.add_argument("--precise-bn-batches", type=int, default=0,
                        help="recompute batch-norm statistics over N batches after each epoch (not in the protocol)")
+    train.add_argument("--synthetic-size", type=_pair, default=[2000, 500], metavar="TRAIN,TEST",
+                       help="image counts of the synthetic dataset (default 2000,500)")
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     train.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
@@ -85,7 +97,7 @@ def run_train(args) -> None:
                          batch_size=args.batch_size, lr=args.lr, max_train_batches=args.max_train_batches,
                          monitor=args.monitor, hflip_tta=args.hflip_tta, val_flips=args.val_flips,
                          augment=args.augment, seed=args.seed, device=args.device,
-                         precise_bn_batches=args.precise_bn_batches)
+                         precise_bn_batches=args.precise_bn_batches, synthetic_size=args.synthetic_size)
     try:
         train(config, model_config, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
               inject_nan_at_epoch=args.inject_nan_at_epoch, log=lambda line: print(line, flush=True))

@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"
     precise_bn_batches: int = 0
     eval_batch_size: int = 256
+    synthetic_size: List[int] = field(default_factory=lambda: [2000, 500])
 
     def __post_init__(self):
         if self.monitor not in ("val_accuracy", "val_loss"):
@@ -426,6 +427,8 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     """
     context = setup_distributed(config.device)
     device = context.device
+    if not context.is_main:
+        log = lambda line: None  # noqa: E731  (rank 0 speaks for everyone)
     output = Path(config.output)
     last_path, best_path = output / "last.pt", output / "best.pt"
     if context.is_main:
@@ -440,7 +443,8 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
 
     if splits is None:
         splits = load_dataset(config.dataset, config.data_dir, image_size=model_config.image_size,
-                              seed=config.seed, val_flips=config.val_flips)
+                              seed=config.seed, val_flips=config.val_flips,
+                              synthetic_size=tuple(config.synthetic_size))
     if splits.skipped_files:
         log(f"skipped {splits.skipped_files} unreadable image file(s)")
     model_config.num_classes = splits.num_classes
@@ -594,7 +598,8 @@ def evaluate_checkpoint(checkpoint_path, dataset: Optional[str] = None, data_dir
     dataset = dataset or train_config["dataset"]
     data_dir = data_dir if data_dir is not None else train_config.get("data_dir")
     seed = train_config.get("seed", 0) if seed is None else seed
-    splits = load_dataset(dataset, data_dir, image_size=model_config.image_size, seed=seed)
+    splits = load_dataset(dataset, data_dir, image_size=model_config.image_size, seed=seed,
+                          synthetic_size=tuple(train_config.get("synthetic_size", (2000, 500))))
     if splits.num_classes != model_config.num_classes:
         raise CheckpointError(f"{checkpoint_path} has {model_config.num_classes} classes, {dataset} has "
                               f"{splits.num_classes}")
