@@ -75,7 +75,7 @@ def add_training_commands(commands) -> None:
                           help="default: the dataset it was trained on")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--hflip-tta", action="store_true")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--batch-size", type=_positive, default=64)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to FILE")
     evaluate.set_defaults(run=run_evaluate)
@@ -125,7 +125,7 @@ def run_evaluate(args) -> None:
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
 
 
-def demo_training(output: str, epochs: int = 2, max_train_batches: int = 12, threads: int = 2) -> dict:
+def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, threads: int = 2) -> dict:
     """The demo's short training: kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the synthetic set."""
     import torch
 

@@ -107,7 +107,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precise_bn_batches: int = 0
-    eval_batch_size: int = 256
+    eval_batch_size: int = 64
     synthetic_size: List[int] = field(default_factory=lambda: [2000, 500])
 
     def __post_init__(self):
@@ -284,7 +284,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data: ImageSet, num_classes: int, *, batch_size: int = 256,
+def evaluate_model(model: nn.Module, data: ImageSet, num_classes: int, *, batch_size: int = 64,
                    hflip_tta: bool = False, context: Optional[DistributedContext] = None,
                    channels_last: bool = False) -> EvalResult:
     """Loss, accuracy and confusion matrix of ``model`` (eval mode) on ``data``.
@@ -585,7 +585,7 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
 
 
 def evaluate_checkpoint(checkpoint_path, dataset: Optional[str] = None, data_dir: Optional[str] = None, *,
-                        hflip_tta: bool = False, batch_size: int = 256, device: str = "auto",
+                        hflip_tta: bool = False, batch_size: int = 64, device: str = "auto",
                         seed: Optional[int] = None) -> dict:
     """Rebuild the model stored in a checkpoint and evaluate it on the test split of ``dataset``.
 
