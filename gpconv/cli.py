@@ -14,6 +14,7 @@ from .counting import count_computations, count_macs, count_parameters
 from .models import create_model, list_models
 from .plan import make_plan
 from .reporting import format_table, paper_table
+from .train_cli import add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
 
@@ -50,6 +51,12 @@ def _demo(args) -> None:
           "divides by the baseline at the same 32x32 input.\n")
     print("Plan of one layer (Entropy 2022, Table 1: the 1152 -> 320 projection of EfficientNet-B0):")
     print(make_plan(1152, 320, 16))
+    if args.train:
+        print("\nShort training of kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the built-in synthetic dataset "
+              "(CPU, a few dozen batches; see docs/training.md):")
+        metrics = demo_training(args.output)
+        print(f"kEffNet-B0 V2 16ch on synthetic: test accuracy {metrics['test_accuracy']:.4f} "
+              f"({metrics['test_images']} test images, 10 classes, chance 0.10); run folder {args.output}")
 
 
 def _variant_label(args) -> str:
@@ -94,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="paper-style table for kEffNet-B0 and the plan of one layer")
+    demo.add_argument("--no-train", dest="train", action="store_false", help="only the table, no short training")
+    demo.add_argument("--output", default="runs/demo", help="run folder of the demo training (replaced)")
     demo.set_defaults(run=_demo)
 
     table = commands.add_parser("table", help="parameters and computations of variants, next to the papers'")
@@ -125,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--input-size", type=int, default=None, help="default: 32 for densenet_bc_100, else 224")
     summary.add_argument("--compare", action="store_true", help="also count the dense baseline")
     summary.set_defaults(run=_summary)
+
+    add_training_commands(commands)  # train, evaluate (gpconv/train_cli.py)
     return parser
 
 

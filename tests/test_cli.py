@@ -9,7 +9,7 @@ from gpconv.cli import main
 
 
 def test_demo_prints_the_table_with_matches(capsys):
-    assert main(["demo"]) == 0
+    assert main(["demo", "--no-train"]) == 0
     out = capsys.readouterr().out
     for variant in ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch"):
         assert f"\n{variant} " in out

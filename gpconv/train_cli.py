@@ -1,0 +1,141 @@
+"""The ``train`` and ``evaluate`` subcommands of ``gpconv`` (registered by :func:`add_training_commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .data import DATASETS
+from .models import list_models
+
+__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _pair(text: str):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 10:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST image counts (each >= 10), got {text!r}")
+    return values
+
+
+def add_training_commands(commands) -> None:
+    """Add ``train`` and ``evaluate`` to the ``gpconv`` subparsers ``commands``."""
+    train = commands.add_parser("train", help="train a model with the papers' protocol (see docs/training.md)")
+    train.add_argument("--arch", required=True, choices=list_models(), metavar="ARCH",
+                       help="one of: " + ", ".join(list_models()))
+    train.add_argument("--channels-per-group", type=_positive, default=None,
+                       help="k-variant with this many channels per group (default: the dense baseline)")
+    train.add_argument("--version", type=int, default=2, choices=(1, 2))
+    train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
+    train.add_argument("--activation", default="swish")
+    train.add_argument("--skip-strides", type=int, default=0, help="3 is the papers' 32x32 setting")
+    train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
+                       help="one of: " + ", ".join(DATASETS))
+    train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to, for CIFAR)")
+    train.add_argument("--image-size", type=_positive, default=32)
+    train.add_argument("--epochs", type=_positive, default=50)
+    train.add_argument("--batch-size", type=_positive, default=64)
+    train.add_argument("--lr", type=float, default=1e-3, help="base learning rate of the cyclical schedule")
+    train.add_argument("--max-train-batches", type=_positive, default=None,
+                       help="train on at most N batches per epoch (quick runs)")
+    train.add_argument("--monitor", default="val_accuracy", choices=("val_accuracy", "val_loss"))
+    train.add_argument("--hflip-tta", action="store_true", help="test with image + horizontally flipped image")
+    train.add_argument("--val-flips", action="store_true",
+                       help="validation x4 with horizontal/vertical flips (Entropy 2022)")
+    train.add_argument("--no-augment", dest="augment", action="store_false")
+    train.add_argument("--precise-bn-batches", type=int, default=0,
+                       help="recompute batch-norm statistics over N batches after each epoch (not in the protocol)")
+    train.add_argument("--synthetic-size", type=_pair, default=[2000, 500], metavar="TRAIN,TEST",
+                       help="image counts of the synthetic dataset (default 2000,500)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    train.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output", required=True, help="run folder")
+    train.add_argument("--stop-after-epochs", type=_positive, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--inject-nan-at-epoch", type=_positive, default=None, help=argparse.SUPPRESS)
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a test split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME",
+                          help="default: the dataset it was trained on")
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--hflip-tta", action="store_true")
+    evaluate.add_argument("--batch-size", type=_positive, default=64)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to FILE")
+    evaluate.set_defaults(run=run_evaluate)
+
+
+def run_train(args) -> None:
+    """``gpconv train``."""
+    import torch
+
+    from .training import ModelConfig, TrainConfig, TrainingDiverged, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_config = ModelConfig(args.arch, channels_per_group=args.channels_per_group, version=args.version,
+                               l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides,
+                               image_size=args.image_size)
+    model_config.build()  # fail early, with create_model's one-line message, on a bad combination
+    config = TrainConfig(dataset=args.dataset, output=args.output, data_dir=args.data_dir, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, max_train_batches=args.max_train_batches,
+                         monitor=args.monitor, hflip_tta=args.hflip_tta, val_flips=args.val_flips,
+                         augment=args.augment, seed=args.seed, device=args.device,
+                         precise_bn_batches=args.precise_bn_batches, synthetic_size=args.synthetic_size)
+    try:
+        train(config, model_config, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+              inject_nan_at_epoch=args.inject_nan_at_epoch, log=lambda line: print(line, flush=True))
+    except TrainingDiverged as error:
+        print(f"gpconv: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_evaluate(args) -> None:
+    """``gpconv evaluate``."""
+    from .training import evaluate_checkpoint, atomic_write_text, format_report
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, hflip_tta=args.hflip_tta,
+                                  batch_size=args.batch_size, device=args.device)
+    print(format_report(metrics["per_class"]))
+    print(f"test accuracy {metrics['test_accuracy']:.4f}  test loss {metrics['test_loss']:.4f}  "
+          f"({metrics['test_images']} images, {metrics['dataset']}, epoch {metrics['epoch']}"
+          f"{', hflip TTA' if args.hflip_tta else ''})")
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
+
+
+def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, threads: int = 2) -> dict:
+    """The demo's short training: kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the synthetic set."""
+    import torch
+
+    from .training import ModelConfig, TrainConfig, train
+
+    torch.set_num_threads(threads)
+    folder = Path(output)
+    if (folder / "last.pt").exists() and (folder / "config.json").exists():
+        shutil.rmtree(folder)  # the demo's previous run
+    model_config = ModelConfig("efficientnet_b0", channels_per_group=16, skip_strides=3, image_size=32)
+    config = TrainConfig(dataset="synthetic", output=output, epochs=epochs, batch_size=32,
+                         max_train_batches=max_train_batches, precise_bn_batches=4, seed=0)
+    return train(config, model_config, log=lambda line: print(line, flush=True))
