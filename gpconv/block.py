@@ -21,6 +21,10 @@ __all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Gro
 
 
 EXECUTIONS = ("fast", "reference")
+# A layer runs dense in the fast execution when that costs at most this many times its grouped
+# multiply-adds: oneDNN's grouped kernels reach a fraction of its dense kernels' speed per multiply-add
+# on small layers, and the dense form needs no gathers (measured by benchmarks/benchmark.py).
+DENSE_MAC_RATIO = 2.5
 
 
 def set_execution(model: nn.Module, mode: str) -> nn.Module:
@@ -71,13 +75,21 @@ class GroupedConvLayer(nn.Module):
     Two executions with the same parameters and math:
 
     * ``"reference"``: one gather and one grouped convolution per path, then a concatenation;
-    * ``"fast"``: the paths merged into one grouped convolution over one gather. The second path's
+    * ``"merged"``: the paths merged into one grouped convolution over one gather. The second path's
       one-filter groups read the first groups' channels (Eq. 14), so they become an extra filter of
-      those groups; the other groups get an all-zero extra filter, dropped by the final reorder.
+      those groups; the other groups get an all-zero extra filter, dropped by the final reorder;
+    * ``"dense"``: one plain convolution whose weight is the layer's weights scattered into a dense
+      ``(out, in)`` matrix, gathers and replication folded in (``column_map`` also folds a permutation
+      of the input, e.g. the interleaving before L). More multiply-adds, no index operations, and
+      oneDNN's dense kernels: faster for small layers.
+
+    ``fast_execution`` is the one a block's ``"fast"`` execution uses: ``"dense"`` when the dense form
+    costs at most ``DENSE_MAC_RATIO`` times the grouped multiply-adds, else ``"merged"``.
     """
 
     def __init__(self, layer: LayerPlan, *, stride: int = 1, bias: bool = False, batch_norm: bool = True,
-                 activation: ActivationSpec = None, batch_norm_scale: bool = True):
+                 activation: ActivationSpec = None, batch_norm_scale: bool = True,
+                 column_map: Optional[Index] = None):
         super().__init__()
         self.layer = layer
         self.stride = stride
@@ -85,8 +97,23 @@ class GroupedConvLayer(nn.Module):
                                    for path in layer.paths)
         self.bn = make_batch_norm(layer.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
-        self.execution = "fast"
         self.register_buffer("merged_order", _index_buffer(merged_to_canonical(layer)), persistent=False)
+        rows, columns = _dense_positions(layer, column_map)
+        self.register_buffer("dense_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("dense_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        dense_macs = layer.out_channels * layer.in_channels
+        self.fast_execution = "dense" if dense_macs <= DENSE_MAC_RATIO * layer.weight_count else "merged"
+        self.execution = self.fast_execution
+
+    def dense_weight(self):
+        """Weight ``(out, in, 1, 1)`` and bias of the equivalent dense convolution (differentiable)."""
+        values = torch.cat([path.conv.weight.reshape(-1) for path in self.paths])
+        dense = values.new_zeros(self.layer.out_channels, self.layer.in_channels)
+        dense = dense.index_put((self.dense_rows, self.dense_columns), values, accumulate=True)
+        bias = None
+        if self.paths[0].conv.bias is not None:
+            bias = torch.cat([path.conv.bias for path in self.paths])
+        return dense[:, :, None, None], bias
 
     @property
     def merged_groups(self) -> int:
@@ -112,6 +139,9 @@ class GroupedConvLayer(nn.Module):
 
     def conv_output(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated path outputs (before batch norm), in the layer's channel order."""
+        if self.execution == "dense":
+            weight, bias = self.dense_weight()
+            return F.conv2d(x, weight, bias, self.stride)
         if self.execution == "reference":
             outputs = [path(x) for path in self.paths]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
@@ -124,6 +154,22 @@ class GroupedConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv_output(x)))
+
+
+def _dense_positions(layer: LayerPlan, column_map: Optional[Index]):
+    """Row and column in the dense ``(out, in)`` matrix of every weight of the layer's paths, in the
+    order of the paths' flattened weights."""
+    rows, columns = [], []
+    first_row = 0
+    for path in layer.paths:
+        for filter_index in range(path.out_channels):
+            group = filter_index // path.filters_per_group
+            for position in range(path.channels_per_group):
+                channel = path.input_index[group * path.channels_per_group + position]
+                rows.append(first_row + filter_index)
+                columns.append(channel if column_map is None else column_map[channel])
+        first_row += path.out_channels
+    return rows, columns
 
 
 def merged_to_canonical(layer: LayerPlan) -> Optional[Index]:
@@ -169,22 +215,27 @@ class GroupedPointwiseConv2d(nn.Module):
         self.stride = stride
         options = dict(bias=bias, batch_norm=batch_norm, activation=activation, batch_norm_scale=batch_norm_scale)
         self.k = GroupedConvLayer(self.plan.k, stride=stride, **options)
-        self.l = GroupedConvLayer(self.plan.l, **options) if self.plan.l is not None else None
+        # L's dense form reads K's output directly: the interleaving is folded into its columns.
+        self.l = (GroupedConvLayer(self.plan.l, column_map=self.plan.interleave, **options)
+                  if self.plan.l is not None else None)
+        self._execution = "fast"
         self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
         self.register_buffer("output_index", _index_buffer(self.plan.output_order), persistent=False)
 
     @property
     def execution(self) -> str:
-        """``"fast"`` (default) or ``"reference"``: see :class:`GroupedConvLayer`."""
-        return self.k.execution
+        """``"fast"`` (default: each layer merged or dense, see :class:`GroupedConvLayer`) or
+        ``"reference"`` (the straightforward execution, one convolution per path)."""
+        return self._execution
 
     @execution.setter
     def execution(self, mode: str) -> None:
         if mode not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
+        self._execution = mode
         for layer in (self.k, self.l):
             if layer is not None:
-                layer.execution = mode
+                layer.execution = layer.fast_execution if mode == "fast" else "reference"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -192,8 +243,8 @@ class GroupedPointwiseConv2d(nn.Module):
                              f"got {tuple(x.shape)}")
         k = self.k(x)
         if self.l is not None:
-            mixed = k if self.interleave_index is None else gather_channels(k, self.interleave_index)
-            return self.l(mixed) + k
+            folded = self.l.execution == "dense" or self.interleave_index is None
+            return self.l(k if folded else gather_channels(k, self.interleave_index)) + k
         if self.output_index is not None:
             return gather_channels(k, self.output_index)
         return k

@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
+import time
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +125,37 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
         self.register_buffer("k_dense", self.k.dense_weight(self.input_index, self.in_channels))
         self.register_buffer("l_dense", None if self.l is None else
                              self.l.dense_weight(self.l_input_index, self.k.weight.shape[0]))
+        # Where the block is linear up to one final activation (no L, or no activation inside), it
+        # also has a dense form: one plain 1x1 convolution. For small layers the dense kernels beat
+        # the grouped ones despite the extra multiply-adds; ``prepare_for_inference`` picks per block.
+        self.execution = "grouped"
+        dense = self._dense_form()
+        self.register_buffer("dense_weight", None if dense is None else dense[0])
+        self.register_buffer("dense_bias", None if dense is None else dense[1])
+        self.dense_act = None if dense is None else dense[2]
+
+    @staticmethod
+    def _rows(matrix: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+        return matrix if order is None else matrix.index_select(0, order)
+
+    def _dense_form(self):
+        """(weight, bias, activation) of the equivalent dense 1x1 convolution, or None when the block
+        has a nonlinearity between K and the output other than one final activation."""
+        k_weight, k_bias = self.k_dense, self.k.bias
+        if self.l is None:
+            return (self._rows(k_weight, self.k_output_index)[:, :, None, None],
+                    self._rows(k_bias, self.k_output_index), self.k.act)
+        if not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
+            return None
+        l_weight = self._rows(self.l_dense, self.l_output_index)
+        weight = l_weight @ k_weight + self._rows(k_weight, self.k_output_index)
+        bias = l_weight @ k_bias + self._rows(self.l.bias, self.l_output_index) + self._rows(k_bias,
+                                                                                             self.k_output_index)
+        return weight[:, :, None, None], bias, nn.Identity()
+
+    @property
+    def has_dense_form(self) -> bool:
+        return self.dense_weight is not None
 
     def _forward_1x1(self, x: torch.Tensor) -> torch.Tensor:
         k = self.k.act(F.linear(x.flatten(1), self.k_dense, self.k.bias))
@@ -136,6 +168,8 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == 1 and x.shape[-2] == 1:
             return self._forward_1x1(x)
+        if self.execution == "dense":
+            return self.dense_act(F.conv2d(x, self.dense_weight, self.dense_bias, self.k.stride))
         if self.input_index is not None:
             x = gather_channels(x, self.input_index)
         k = self.k(x)
@@ -148,7 +182,8 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
         return l_out + k_out
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, channels_per_group={self.plan.channels_per_group} (folded)"
+        return (f"{self.in_channels}, {self.out_channels}, channels_per_group={self.plan.channels_per_group}, "
+                f"folded, {self.execution}")
 
 
 def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -203,15 +238,76 @@ def _convert(module: nn.Module) -> nn.Module:
     return module
 
 
-def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, compile: bool = False) -> nn.Module:
+# Without an example input, a block with a dense form runs dense when that costs at most this many
+# times the grouped multiply-adds (small layers: oneDNN's dense kernels are several times faster per
+# multiply-add than its grouped ones, and the dense form needs no gather).
+DENSE_MAC_RATIO = 2.5
+
+
+def _best_of(function, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:
+    """Pick grouped or dense execution for every :class:`FoldedGroupedPointwiseConv2d` of ``model``.
+
+    With ``example_input``, each block is timed both ways on the input it receives; otherwise the
+    dense form is used when it needs at most ``DENSE_MAC_RATIO`` times the grouped multiply-adds.
+    Returns ``{block name: execution}``."""
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
+    inputs: Dict[str, torch.Tensor] = {}
+    if example_input is not None:
+        hooks = [block.register_forward_pre_hook(lambda module, args, name=name: inputs.setdefault(name, args[0]))
+                 for name, block in blocks.items()]
+        try:
+            with torch.inference_mode():
+                model(example_input)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    chosen = {}
+    for name, block in blocks.items():
+        block.execution = "grouped"
+        if not block.has_dense_form:
+            chosen[name] = "grouped"
+            continue
+        x = inputs.get(name)
+        if x is None or x.shape[-1] * x.shape[-2] == 1:
+            dense_macs = block.in_channels * block.out_channels
+            block.execution = "dense" if dense_macs <= DENSE_MAC_RATIO * block.plan.weight_count else "grouped"
+        else:
+            timings = {}
+            with torch.inference_mode():
+                for execution in ("grouped", "dense"):
+                    block.execution = execution
+                    block(x)  # warm-up
+                    timings[execution] = _best_of(lambda: block(x))
+            block.execution = min(timings, key=timings.get)
+        chosen[name] = block.execution
+    return chosen
+
+
+def prepare_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
+                          channels_last: bool = True, compile: bool = False) -> nn.Module:
     """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks merged
     (:class:`FoldedGroupedPointwiseConv2d`), ``channels_last`` weights, optionally ``torch.compile``.
-    The original model is left unchanged."""
+
+    ``example_input`` (a batch like the ones to come) lets each grouped block be timed in its grouped
+    and dense forms and keep the faster (:func:`choose_executions`). The original model is unchanged.
+    """
     prepared = _convert(copy.deepcopy(model).eval())
     for parameter in prepared.parameters():
         parameter.requires_grad_(False)
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
+        if example_input is not None:
+            example_input = example_input.contiguous(memory_format=torch.channels_last)
+    choose_executions(prepared, example_input)
     if compile:
         prepared = torch.compile(prepared)
     return prepared

@@ -17,8 +17,17 @@ def forward_backward(model, x, weights):
     return out.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def assert_same(model, x, generator):
-    fast = set_execution(model, "fast")
+def force_layers(model, layer_execution):
+    """Fast execution with every grouped layer in ``layer_execution`` ("merged" or "dense")."""
+    set_execution(model, "fast")
+    for module in model.modules():
+        if isinstance(module, gpconv.block.GroupedConvLayer):
+            module.execution = layer_execution
+    return model
+
+
+def assert_same(model, x, generator, layer_execution=None):
+    fast = set_execution(model, "fast") if layer_execution is None else force_layers(model, layer_execution)
     reference = set_execution(copy.deepcopy(model), "reference")
     weights = torch.randn(fast(x).shape, generator=generator)
     out_fast, grads_fast = forward_backward(fast, x, weights)
@@ -39,7 +48,9 @@ def test_fast_block_equals_reference(in_channels, out_channels, channels_per_gro
     generator = torch.Generator().manual_seed(seed)
     block = GroupedPointwiseConv2d(in_channels, out_channels, channels_per_group, version=version, l_layer=l_layer,
                                    bias=bias, activation=activation, stride=stride)
-    assert_same(block, torch.randn(3, in_channels, 5, 4, generator=generator), generator)
+    x = torch.randn(3, in_channels, 5, 4, generator=generator)
+    for layer_execution in (None, "merged", "dense"):  # the fast default, and each layer form forced
+        assert_same(block, x, generator, layer_execution)
 
 
 def test_fast_kefficientnet_b0_equals_reference():

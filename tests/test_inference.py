@@ -37,8 +37,13 @@ def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_
     x = torch.randn(3, in_channels, size, size, generator=generator)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    executions = ["grouped"] + (["dense"] if prepared.has_dense_form else [])
+    if prepared.l is None or activation is None:
+        assert prepared.has_dense_form  # linear up to one final activation
     with torch.no_grad():
-        assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4)
+        for execution in executions:
+            prepared.execution = execution
+            assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4), execution
 
 
 def test_prepared_kefficientnet_equals_eval_model():
@@ -47,10 +52,10 @@ def test_prepared_kefficientnet_equals_eval_model():
         model = gpconv.create_model("efficientnet_b0", 10, channels_per_group=channels_per_group, skip_strides=3)
         randomize_batch_norms(model, generator)
         model.eval()
-        prepared = prepare_for_inference(model)
+        x = torch.randn(2, 3, 32, 32, generator=generator)
+        prepared = prepare_for_inference(model, example_input=x)  # times both forms of every block
         assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
         assert model.training is False and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-        x = torch.randn(2, 3, 32, 32, generator=generator)
         with torch.no_grad():
             expected = model(x)
             assert expected.abs().max() > 1e-3  # the comparison below is not between two near-zero outputs
