@@ -136,7 +136,7 @@ def memory_child(channels_per_group, device_name, amp):
     device = torch.device(device_name)
     step = training_functions(device, amp)
     name = next(n for n, c in MODELS.items() if c == channels_per_group)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _high_water_mark_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step[name]()
@@ -144,8 +144,17 @@ def memory_child(channels_per_group, device_name, amp):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"peak_mib": peak, "rss_before_mib": before / 1024}))
+        peak = _high_water_mark_mib()
+    print(json.dumps({"peak_mib": peak, "before_step_mib": before}))
+
+
+def _high_water_mark_mib() -> float:
+    """Peak resident memory of this process (VmHWM; unlike ru_maxrss it is not inherited through
+    fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory(device, amp, threads):
