@@ -122,7 +122,6 @@ def run_cam_command(args) -> None:
     """``gpconv cam``."""
     from .cam import write_cams
 
-    written = write_cams(args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir,
+    write_cams(args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir,
                          images=args.images, compare=args.compare, class_index=args.class_index,
                          log=lambda line: print(line, flush=True))
-    print(f"wrote {len(written) - 1} overlay PNG(s) and {written[-1]}")

@@ -147,19 +147,25 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         options = {k: merged[k] for k in TRAIN_KEYS}
         for variant in variants:
             specs.append(RunSpec(variant, arch, variant, dict(options)))
-    archs = {(s.arch, s.options["dataset"]) for s in specs}
-    if len(archs) > 1:
-        for spec in specs:
-            prefix = spec.arch if len({a for a, _ in archs}) > 1 else ""
-            if len({d for _, d in archs}) > 1:
-                prefix = f"{prefix}-{spec.options['dataset']}" if prefix else str(spec.options["dataset"])
-            spec.name = f"{prefix}-{spec.variant}"
+    # prefix the run names with what varies across the sweep (arch, dataset, image size)
+    varying = [key for key in ("arch", "dataset", "image_size")
+               if len({_dimension(spec, key) for spec in specs}) > 1]
+    for spec in specs:
+        spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant])
     seen = set()
     for spec in specs:
         if spec.name in seen:
             raise ValueError(f"run {spec.name!r} appears twice in the sweep")
         seen.add(spec.name)
     return specs
+
+
+def _dimension(spec: RunSpec, key: str) -> str:
+    if key == "arch":
+        return spec.arch
+    if key == "image_size":
+        return f"{spec.options['image_size']}px"
+    return str(spec.options[key])
 
 
 def load_sweep_config(path) -> dict:
