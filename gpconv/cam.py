@@ -66,7 +66,8 @@ def cam(model: nn.Module, image: torch.Tensor, class_index: Optional[int] = None
     raw = torch.einsum("c,chw->hw", weights, maps)
     upsampled = F.interpolate(raw[None, None], size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
     low, high = upsampled.min(), upsampled.max()
-    normalised = (upsampled - low) / (high - low) if high > low else torch.zeros_like(upsampled)
+    flat = raw.numel() == 1 or float(high - low) <= 1e-6 * max(float(upsampled.abs().max()), 1e-12)
+    normalised = torch.zeros_like(upsampled) if flat else (upsampled - low) / (high - low)
     return normalised.cpu(), predicted, probabilities.cpu()
 
 
@@ -135,10 +136,20 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
     count = min(images, len(splits.test))
     labels = [variant_label(config) for _, config, _ in loaded]
     if len(set(labels)) < len(labels):
-        labels = [f"{label} ({Path(path).parent.name})" for label, path in zip(labels, paths)]
+        labels = [f"{label} ({Path(path).parent.name}/{Path(path).name})" for label, path in zip(labels, paths)]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     log(f"CAM of {', '.join(labels)} on {count} {dataset} test images -> {output}")
+    for (model, config, _), label in zip(loaded, labels):
+        pool, _ = cam_layers(model)
+        captured = []
+        handle = pool.register_forward_hook(lambda module, inputs, out: captured.append(inputs[0].shape[-2:]))
+        with torch.no_grad():
+            model(to_float(splits.test.images[:1]))
+        handle.remove()
+        if tuple(captured[0]) == (1, 1):
+            log(f"warning: {label}'s last feature maps are 1x1 at {config.image_size}px (skip_strides "
+                f"{config.skip_strides}): its maps are flat (all blue); train with a larger skip_strides or image size")
 
     rows = []  # (image HWC, true name, [(heat, title)])
     for index in range(count):

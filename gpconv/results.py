@@ -147,6 +147,7 @@ def save_figure(figure, path) -> Path:
     try:
         with os.fdopen(handle, "wb") as out:
             figure.savefig(out, format="png", dpi=100)
+        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; a figure is meant to be read by others
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
