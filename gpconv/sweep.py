@@ -190,16 +190,19 @@ def run_is_finished(folder: Path) -> bool:
     return (Path(folder) / "metrics.json").is_file() and (Path(folder) / TTA_FILE).is_file()
 
 
-def write_tta(folder: Path, splits, model_config, batch_size: int = 64) -> dict:
+def write_tta(folder: Path, splits, model_config, batch_size: int = 64, device: str = "cpu") -> dict:
     """Evaluate ``folder/best.pt`` on the test split with and without horizontal-flip TTA and write
     ``folder/tta.json`` (atomically)."""
-    from .training import atomic_write_text, evaluate_model, load_checkpoint
+    from .training import atomic_write_text, evaluate_model, load_checkpoint, setup_distributed
 
-    checkpoint = load_checkpoint(Path(folder) / "best.pt")
+    context = setup_distributed(device)
+    checkpoint = load_checkpoint(Path(folder) / "best.pt", map_location=context.device)
     model = model_config.build()
     model.load_state_dict(checkpoint["model"])
-    plain = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size)
-    flipped = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, hflip_tta=True)
+    model = model.to(context.device)
+    plain = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, context=context)
+    flipped = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, hflip_tta=True,
+                             context=context)
     result = {"test_accuracy": plain.accuracy, "test_loss": plain.loss,
               "test_accuracy_hflip_tta": flipped.accuracy, "test_loss_hflip_tta": flipped.loss,
               "test_images": plain.count, "epoch": checkpoint["epoch"]}
@@ -214,7 +217,7 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
     import torch
 
     from .data import load_dataset
-    from .training import train
+    from .training import TrainingDiverged, train
 
     if not specs:
         raise ValueError("the sweep has no runs")
@@ -246,8 +249,14 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
             resuming = (folder / "last.pt").is_file()
             log(f"{head}: {'resuming' if resuming else 'training'} {spec.arch} {spec.variant} on "
                 f"{spec.options['dataset']} ({config.epochs} epochs) -> {folder}")
-            train(config, model_config, resume=True, splits=splits, log=lambda line: log(f"  {spec.name}: {line}"))
-        tta = write_tta(folder, splits, model_config, config.eval_batch_size)
+            try:
+                train(config, model_config, resume=True, splits=splits,
+                      log=lambda line: log(f"  {spec.name}: {line}"))
+            except TrainingDiverged as error:
+                log(f"{head}: diverged, skipped ({error})")
+                summaries.append({"name": spec.name, "status": "diverged"})
+                continue
+        tta = write_tta(folder, splits, model_config, config.eval_batch_size, device)
         log(f"{head}: test accuracy {tta['test_accuracy']:.4f}, with H-flip TTA {tta['test_accuracy_hflip_tta']:.4f} "
             f"({time.perf_counter() - run_started:.0f} s; sweep {time.perf_counter() - started:.0f} s)")
         summaries.append({"name": spec.name, "status": "trained", **tta})
