@@ -173,7 +173,7 @@ def _tradeoff_plot(runs: Sequence[RunResult], attribute: str, label: str, path: 
     others = [i for i in range(len(runs)) if i not in front]
     axis.scatter([costs[i] for i in others], [accuracies[i] for i in others], color="tab:gray", label="run")
     axis.plot([costs[i] for i in front], [accuracies[i] for i in front], color="tab:red", marker="o",
-              label="Pareto front")
+              drawstyle="steps-post", label="Pareto front (no run is cheaper and more accurate)")
     for i, run in enumerate(runs):
         axis.annotate(run.name, (costs[i], accuracies[i]), textcoords="offset points", xytext=(4, 4), fontsize=8,
                       color="tab:red" if i in front else "black", fontweight="bold" if i in front else "normal")
