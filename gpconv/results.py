@@ -17,6 +17,7 @@ import io
 import json
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -174,15 +175,17 @@ def _tradeoff_plot(runs: Sequence[RunResult], attribute: str, label: str, path: 
     axis.scatter([costs[i] for i in others], [accuracies[i] for i in others], color="tab:gray", label="run")
     axis.plot([costs[i] for i in front], [accuracies[i] for i in front], color="tab:red", marker="o",
               drawstyle="steps-post", label="Pareto front (no run is cheaper and more accurate)")
+    by_cost = sorted(range(len(runs)), key=lambda i: costs[i])
+    offsets = {i: (4, 4) if rank % 2 == 0 else (4, -11) for rank, i in enumerate(by_cost)}  # neighbours alternate
     for i, run in enumerate(runs):
-        axis.annotate(run.name, (costs[i], accuracies[i]), textcoords="offset points", xytext=(4, 4), fontsize=8,
+        axis.annotate(run.name, (costs[i], accuracies[i]), textcoords="offset points", xytext=offsets[i], fontsize=8,
                       color="tab:red" if i in front else "black", fontweight="bold" if i in front else "normal")
     axis.set_xscale("log")
     axis.set_xlabel(label + " (log scale)")
     axis.set_ylabel("test accuracy")
-    axis.set_title(title, fontsize=10)
+    axis.set_title(textwrap.fill(title, 80), fontsize=9)
     axis.grid(alpha=0.3, which="both")
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="best", fontsize=8)
     figure.tight_layout()
     try:
         return save_figure(figure, path)
@@ -192,21 +195,26 @@ def _tradeoff_plot(runs: Sequence[RunResult], attribute: str, label: str, path: 
 
 def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
     plt = _pyplot()
-    figure, (accuracy, loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = (("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"),
+              ("train_loss", "training loss"))
     for run in runs:
         if not run.history:
             continue
         epochs = [row["epoch"] for row in run.history]
-        line, = accuracy.plot(epochs, [row["val_accuracy"] for row in run.history], marker="o", label=run.name)
-        loss.plot(epochs, [row["train_loss"] for row in run.history], marker="o", color=line.get_color(),
-                  label=run.name)
-    accuracy.set_ylabel("validation accuracy")
-    loss.set_ylabel("training loss")
-    for axis in (accuracy, loss):
+        color = None
+        for axis, (key, _) in zip(axes, panels):
+            line, = axis.plot(epochs, [row[key] for row in run.history], marker="o", color=color, label=run.name)
+            color = line.get_color()
+    for axis, (_, label) in zip(axes, panels):
         axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    accuracy.legend(fontsize=7)
-    figure.suptitle(title, fontsize=10)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=7)
+    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
     figure.tight_layout()
     try:
         return save_figure(figure, path)
