@@ -174,14 +174,14 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
             written.append(save_figure(figure, output / f"cam_{index:03d}.png"))
         finally:
             plt.close(figure)
-    figure, axes = plt.subplots(len(rows), len(loaded) + 1, figsize=(2.6 * (len(loaded) + 1), 2.5 * len(rows)),
-                                squeeze=False)
+    height = 2.5 * len(rows) + 0.4
+    figure, axes = plt.subplots(len(rows), len(loaded) + 1, figsize=(2.6 * (len(loaded) + 1), height), squeeze=False)
     for row, (image, true, panels) in zip(axes, rows):
         _panel(row[0], image, None, f"true: {true}")
         for axis, (heat, title) in zip(row[1:], panels):
             _panel(axis, image, heat, title)
     figure.suptitle("Class activation maps (red: relevant, blue: not)", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))  # room for the title above the first row
     try:
         written.append(save_figure(figure, output / "cam_grid.png"))
     finally:
