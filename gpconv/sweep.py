@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .data import DATASETS
 from .models import list_models
 from .reference import parse_variant
 
@@ -140,13 +141,16 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         arch = merged.get("arch")
         if arch not in list_models():
             raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
-        if not merged.get("dataset"):
-            raise ValueError(f"group {index + 1} ({arch}) has no dataset")
+        if merged.get("dataset") not in DATASETS:
+            raise ValueError(f"group {index + 1} ({arch}): dataset must be one of {', '.join(DATASETS)}, got "
+                             f"{merged.get('dataset')!r}")
         cpg = [int(n) for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
         variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
         options = {k: merged[k] for k in TRAIN_KEYS}
         for variant in variants:
-            specs.append(RunSpec(variant, arch, variant, dict(options)))
+            spec = RunSpec(variant, arch, variant, dict(options))
+            spec.train_config(Path("unused"))  # checks epochs, batch_size ... (one-line ValueError)
+            specs.append(spec)
     # prefix the run names with what varies across the sweep (arch, dataset, image size)
     varying = [key for key in ("arch", "dataset", "image_size")
                if len({_dimension(spec, key) for spec in specs}) > 1]

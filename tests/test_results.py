@@ -124,6 +124,10 @@ def test_every_config_parses_into_valid_runs(path):
         assert run.options["epochs"] == 2 and run.options["max_train_batches"] == 5
         assert run.options["dataset"] in ("cifar10", "cifar100", "folder")
     assert any(run.variant == "baseline" for run in runs)
+    for key in {(run.arch, run.variant, run.options["skip_strides"]) for run in runs}:
+        run = next(r for r in runs if (r.arch, r.variant, r.options["skip_strides"]) == key)
+        with torch.device("meta"):  # shapes only: checks the arch/variant/skip_strides combination quickly
+            run.model_config().build()
 
 
 def test_config_epochs_follow_the_papers():
