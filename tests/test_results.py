@@ -233,3 +233,29 @@ def test_cam_command_on_a_checkpoint_trained_on_real_data(tmp_path):
     with Image.open(output / "cam_grid.png") as grid, Image.open(output / "cam_000.png") as single:
         assert grid.size[1] > single.size[1]  # three rows of panels
         assert grid.size[0] >= single.size[0] * 0.9
+
+
+def _fake_run(folder, params, computations, accuracy, hflip_tta=False, tta=None):
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "trainable_params": params, "computations": computations, "test_accuracy": accuracy,
+        "hflip_tta": hflip_tta, "epochs": 1, "dataset": "cifar10"}))
+    (folder / "history.csv").write_text("epoch,lr,train_loss,train_accuracy,val_loss,val_accuracy,seconds\n"
+                                        "1,0.001,2.0,0.3,2.1,0.25,1.0\n")
+    if tta is not None:
+        (folder / "tta.json").write_text(json.dumps({"test_accuracy": accuracy, "test_accuracy_hflip_tta": tta}))
+
+
+def test_report_reads_runs_of_gpconv_train_with_and_without_tta(tmp_path):
+    _fake_run(tmp_path / "a" / "baseline", 1000, 5000, 0.5)  # gpconv train, no TTA
+    _fake_run(tmp_path / "b" / "v2-16ch", 200, 2000, 0.6, hflip_tta=True)  # gpconv train --hflip-tta
+    _fake_run(tmp_path / "c" / "v2-4ch", 100, 1000, 0.4, tta=0.45)  # gpconv sweep
+    output = tmp_path / "report"
+    runs = [str(tmp_path / p) for p in ("a/baseline", "b/v2-16ch", "c/v2-4ch")]
+    assert main(["report", *runs, "--output", str(output)]) == 0
+    rows = {row["model"]: row for row in csv.DictReader((output / "results.csv").open())}
+    assert (rows["baseline"]["test accuracy"], rows["baseline"]["test accuracy (H-flip TTA)"]) == ("0.5000", "-")
+    assert (rows["v2-16ch"]["test accuracy"], rows["v2-16ch"]["test accuracy (H-flip TTA)"]) == ("-", "0.6000")
+    assert rows["v2-4ch"]["test accuracy (H-flip TTA)"] == "0.4500"
+    assert rows["v2-4ch"]["% parameters"] == "10.0" and rows["v2-16ch"]["% computations"] == "40.0"
+    assert main(["report", *runs, "--output", str(output), "--baseline", "nope"]) == 2
