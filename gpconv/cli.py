@@ -14,6 +14,7 @@ from .counting import count_computations, count_macs, count_parameters
 from .models import create_model, list_models
 from .plan import make_plan
 from .reporting import format_table, paper_table
+from .results_cli import add_results_commands
 from .train_cli import add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(run=_summary)
 
     add_training_commands(commands)  # train, evaluate (gpconv/train_cli.py)
+    add_results_commands(commands)  # sweep, report, cam (gpconv/results_cli.py)
     return parser
 
 

@@ -1,0 +1,251 @@
+"""``gpconv report``: the paper-style table and plots of finished training runs.
+
+Every figure in the table comes from the run folders: parameters and computations from
+``metrics.json`` (``trainable_params``, ``computations``), test accuracy from ``tta.json`` (written by
+``gpconv sweep``; without H-flip and with H-flip TTA) or, for a run trained by ``gpconv train``, from
+``metrics.json`` (which holds one of the two, as its ``hflip_tta`` says).
+
+Outputs (all written atomically): ``results.md``, ``results.csv``, ``accuracy_vs_parameters.png``,
+``accuracy_vs_computations.png`` (one point per run, the Pareto front marked and labelled) and
+``training_curves.png`` (validation accuracy and training loss of every run, overlaid).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["RunResult", "collect_runs", "load_run", "pareto_front", "format_results_table", "write_report",
+           "save_figure"]
+
+
+@dataclass
+class RunResult:
+    """What the report needs from one run folder."""
+
+    name: str
+    folder: Path
+    trainable_params: int
+    computations: int
+    test_accuracy: Optional[float]
+    test_accuracy_hflip_tta: Optional[float]
+    epochs: int
+    dataset: str
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+
+
+def load_run(folder) -> RunResult:
+    """Read one finished run folder (``metrics.json`` required; ``tta.json`` and ``history.csv`` optional)."""
+    folder = Path(folder)
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a finished run (no metrics.json)")
+    metrics = _read_json(metrics_path)
+    for key in ("trainable_params", "computations", "test_accuracy"):
+        if key not in metrics:
+            raise ValueError(f"{metrics_path} has no {key!r}")
+    plain = tta = None
+    if metrics.get("hflip_tta"):
+        tta = metrics["test_accuracy"]
+    else:
+        plain = metrics["test_accuracy"]
+    if (folder / "tta.json").is_file():
+        extra = _read_json(folder / "tta.json")
+        plain = extra.get("test_accuracy", plain)
+        tta = extra.get("test_accuracy_hflip_tta", tta)
+    history = []
+    if (folder / "history.csv").is_file():
+        with open(folder / "history.csv", newline="") as handle:
+            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    return RunResult(folder.name, folder, int(metrics["trainable_params"]), int(metrics["computations"]), plain, tta,
+                     int(metrics.get("epochs", len(history))), str(metrics.get("dataset", "")), history)
+
+
+def collect_runs(paths: Sequence) -> List[RunResult]:
+    """Run folders named in ``paths``; a folder without ``metrics.json`` is taken as a sweep folder and
+    its finished run folders are used (in ``sweep.json`` order when present, else by name)."""
+    runs: List[RunResult] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a folder")
+        if (path / "metrics.json").is_file():
+            runs.append(load_run(path))
+            continue
+        order = []
+        if (path / "sweep.json").is_file():
+            order = [run["name"] for run in _read_json(path / "sweep.json").get("runs", [])]
+        children = [child for child in sorted(path.iterdir()) if (child / "metrics.json").is_file()]
+        children.sort(key=lambda child: order.index(child.name) if child.name in order else len(order))
+        if not children:
+            raise ValueError(f"{path} holds no finished run (no metrics.json in it or in its subfolders)")
+        runs.extend(load_run(child) for child in children)
+    if not runs:
+        raise ValueError("no runs to report")
+    return runs
+
+
+def pareto_front(costs: Sequence[float], accuracies: Sequence[float]) -> List[int]:
+    """Indices of the runs no other run beats (lower or equal cost and higher or equal accuracy, one
+    of them strictly), sorted by cost."""
+    front = []
+    for i, (cost, accuracy) in enumerate(zip(costs, accuracies)):
+        dominated = any(c <= cost and a >= accuracy and (c < cost or a > accuracy)
+                        for j, (c, a) in enumerate(zip(costs, accuracies)) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (costs[i], -accuracies[i]))
+
+
+HEADER = ("model", "parameters", "% parameters", "computations", "% computations", "test accuracy",
+          "test accuracy (H-flip TTA)", "epochs")
+
+
+def _percent(value: float) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def table_rows(runs: Sequence[RunResult], baseline: Optional[str] = None) -> List[List[str]]:
+    """One row of strings per run (see :data:`HEADER`); the % columns divide by the baseline run."""
+    names = [run.name for run in runs]
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"no run named {baseline!r} to use as the baseline; runs: {', '.join(names)}")
+    base = runs[names.index(baseline)] if baseline else next((r for r in runs if r.name.endswith("baseline")), runs[0])
+    return [[run.name, str(run.trainable_params), f"{100.0 * run.trainable_params / base.trainable_params:.1f}",
+             str(run.computations), f"{100.0 * run.computations / base.computations:.1f}",
+             _percent(run.test_accuracy), _percent(run.test_accuracy_hflip_tta), str(run.epochs)] for run in runs]
+
+
+def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = None) -> str:
+    """The Markdown table (thousands separators in the count columns)."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
+    for row in table_rows(runs, baseline):
+        row = list(row)
+        row[1], row[3] = f"{int(row[1]):,}", f"{int(row[3]):,}"
+        row[2], row[4] = row[2] + "%", row[4] + "%"
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def save_figure(figure, path) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            figure.savefig(out, format="png", dpi=100)
+        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; a figure is meant to be read by others
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _tradeoff_plot(runs: Sequence[RunResult], attribute: str, label: str, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    costs = [getattr(run, attribute) for run in runs]
+    accuracies = [run.test_accuracy if run.test_accuracy is not None else run.test_accuracy_hflip_tta for run in runs]
+    front = pareto_front(costs, accuracies)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    others = [i for i in range(len(runs)) if i not in front]
+    axis.scatter([costs[i] for i in others], [accuracies[i] for i in others], color="tab:gray", label="run")
+    axis.plot([costs[i] for i in front], [accuracies[i] for i in front], color="tab:red", marker="o",
+              drawstyle="steps-post", label="Pareto front (no run is cheaper and more accurate)")
+    by_cost = sorted(range(len(runs)), key=lambda i: costs[i])
+    offsets = {i: (4, 4) if rank % 2 == 0 else (4, -11) for rank, i in enumerate(by_cost)}  # neighbours alternate
+    for i, run in enumerate(runs):
+        axis.annotate(run.name, (costs[i], accuracies[i]), textcoords="offset points", xytext=offsets[i], fontsize=8,
+                      color="tab:red" if i in front else "black", fontweight="bold" if i in front else "normal")
+    axis.set_xscale("log")
+    axis.set_xlabel(label + " (log scale)")
+    axis.set_ylabel("test accuracy")
+    axis.set_title(textwrap.fill(title, 80), fontsize=9)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(loc="best", fontsize=8)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    panels = (("train_accuracy", "training accuracy"), ("val_accuracy", "validation accuracy"),
+              ("train_loss", "training loss"))
+    for run in runs:
+        if not run.history:
+            continue
+        epochs = [row["epoch"] for row in run.history]
+        color = None
+        for axis, (key, _) in zip(axes, panels):
+            line, = axis.plot(epochs, [row[key] for row in run.history], marker="o", color=color, label=run.name)
+            color = line.get_color()
+    for axis, (_, label) in zip(axes, panels):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(fontsize=7)
+    figure.suptitle(textwrap.fill(title, 120), fontsize=10)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None) -> List[Path]:
+    """Write the table (``results.md``, ``results.csv``) and the plots of the runs in ``paths`` to ``output``."""
+    from .training import atomic_write_text
+
+    runs = collect_runs(paths)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    title = title or f"{len(runs)} run(s): " + ", ".join(sorted({r.dataset for r in runs if r.dataset}) or ["?"])
+    rows = table_rows(runs, baseline)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(HEADER)
+    writer.writerows(rows)
+    written = [atomic_write_text(output / "results.csv", buffer.getvalue())]
+    markdown = (f"# {title}\n\n{format_results_table(runs, baseline)}\n\n"
+                "Parameters and computations: `metrics.json` of each run (computations as the papers count them); "
+                "% columns: of the baseline row. Test accuracy: best epoch's weights; H-flip TTA: mean of the "
+                "softmaxes of the image and its horizontal flip.\n\n"
+                "![accuracy vs parameters](accuracy_vs_parameters.png)\n"
+                "![accuracy vs computations](accuracy_vs_computations.png)\n"
+                "![training curves](training_curves.png)\n")
+    written.append(atomic_write_text(output / "results.md", markdown))
+    written.append(_tradeoff_plot(runs, "trainable_params", "trainable parameters",
+                                  output / "accuracy_vs_parameters.png", title))
+    written.append(_tradeoff_plot(runs, "computations", "computations", output / "accuracy_vs_computations.png", title))
+    written.append(_curves_plot(runs, output / "training_curves.png", title))
+    return written

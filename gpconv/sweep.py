@@ -1,0 +1,282 @@
+"""Sweeps: a set of training runs (one run folder per model variant), resumable.
+
+A sweep is described by a YAML file (``configs/*.yaml``) or by ``gpconv sweep`` flags. Keys (YAML)
+or flags (``--channels-per-group`` etc.):
+
+``arch``
+    a registered architecture (``gpconv.models.list_models()``).
+``variants``
+    names as in the papers (``baseline``, ``v2-16ch``, ``v1-32ch-noL``, ``v2-8ch-relu``) or
+    templates without a channel count (``v2``, ``v2-noL``, ``v2-relu``, ``v1``) that are expanded
+    over ``channels_per_group``.
+``channels_per_group``
+    the channel counts the templates are expanded over (e.g. ``[2, 4, 8, 16, 32]``).
+``dataset``, ``data_dir``, ``image_size``, ``skip_strides``, ``epochs``, ``batch_size``, ``lr``,
+``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``
+    the training options of :class:`gpconv.training.TrainConfig` / ``gpconv train``.
+``groups``
+    optional list of mappings, each overriding the keys above for its own runs (e.g. one group per
+    architecture of a paper table). Run folders are named by the variant (``baseline``,
+    ``v2-16ch-noL``) or, when the sweep has more than one architecture or dataset, prefixed by them
+    (``mobilenet_v3_large-v2-16ch``).
+
+Every run folder gets what ``gpconv train`` writes (``metrics.json`` ...) plus ``tta.json``: the test
+accuracy and loss of the best weights with and without horizontal-flip test-time augmentation.
+A run whose folder holds ``metrics.json`` and ``tta.json`` is finished and skipped when the sweep is
+run again; a run with ``last.pt`` but no ``metrics.json`` (interrupted) is resumed from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .data import DATASETS
+from .models import list_models
+from .reference import parse_variant
+
+__all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE"]
+
+TTA_FILE = "tta.json"
+# keys of a sweep config that are options of one training run, with their defaults (the papers' protocol)
+TRAIN_KEYS: Dict[str, object] = {
+    "dataset": None, "data_dir": None, "image_size": 32, "skip_strides": 0, "epochs": 50, "batch_size": 64,
+    "lr": 1e-3, "max_train_batches": None, "val_flips": False, "augment": True, "monitor": "val_accuracy",
+    "seed": 0,
+}
+SWEEP_KEYS = set(TRAIN_KEYS) | {"arch", "variants", "channels_per_group", "groups", "table", "description",
+                                "notes"}
+_TEMPLATE = re.compile(r"^v[12]((-noL|-relu)*)$")
+
+
+@dataclass
+class RunSpec:
+    """One training run of a sweep: its folder name, model variant and training options."""
+
+    name: str
+    arch: str
+    variant: str
+    options: Dict[str, object] = field(default_factory=dict)  # TRAIN_KEYS
+
+    def model_config(self, num_classes: int = 10):
+        """The :class:`~gpconv.training.ModelConfig` of this run (``activation`` None: the family's default)."""
+        from .training import ModelConfig
+
+        variant = parse_variant(self.variant)
+        return ModelConfig(self.arch, num_classes=num_classes, channels_per_group=variant.channels_per_group,
+                           version=variant.version, l_layer=variant.l_layer, activation=variant.activation,
+                           skip_strides=int(self.options["skip_strides"]), image_size=int(self.options["image_size"]))
+
+    def train_config(self, output: Path):
+        from .training import TrainConfig
+
+        names = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
+                 "monitor", "seed")
+        return TrainConfig(output=str(output), **{k: self.options[k] for k in names})
+
+
+def expand_variants(variants: Sequence[str], channels_per_group: Sequence[int]) -> List[str]:
+    """Full variant names: templates (``v2``, ``v2-noL``, ``v2-relu``) are expanded over
+    ``channels_per_group`` (``v2-16ch``, ``v2-16ch-noL`` ...); full names are kept. Each name is
+    checked with :func:`~gpconv.reference.parse_variant` (ValueError on an unknown one)."""
+    names: List[str] = []
+    for variant in variants:
+        variant = str(variant).strip()
+        template = _TEMPLATE.match(variant)
+        if template:
+            if not channels_per_group:
+                raise ValueError(f"variant template {variant!r} needs channels_per_group (e.g. --channels-per-group "
+                                 "4,8,16)")
+            expanded = [f"{variant[:2]}-{int(n)}ch{template.group(1)}" for n in channels_per_group]
+        else:
+            expanded = [variant]
+        for name in expanded:
+            parse_variant(name)
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("the sweep has no variants")
+    return names
+
+
+def _check_keys(mapping: dict, where: str) -> None:
+    unknown = sorted(set(mapping) - SWEEP_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(SWEEP_KEYS))}")
+
+
+def _as_list(value, name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, int)):
+        return [v.strip() for v in str(value).split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ValueError(f"{name} must be a list or a comma-separated string, got {value!r}")
+
+
+def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]:
+    """The runs of a sweep ``config`` (a mapping as in the module docstring). ``overrides`` (e.g.
+    reduced-scale flags: ``epochs``, ``max_train_batches``, ``data_dir``) replace the config's values
+    in every group; ``None`` values in ``overrides`` are ignored."""
+    if not isinstance(config, dict):
+        raise ValueError("a sweep config must be a mapping of keys (arch, variants, dataset, ...)")
+    _check_keys(config, "the sweep config")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    _check_keys(overrides, "the overrides")
+    base = {k: v for k, v in config.items() if k != "groups"}
+    groups = config.get("groups") or [{}]
+    if not isinstance(groups, list):
+        raise ValueError("groups must be a list of mappings")
+    specs: List[RunSpec] = []
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise ValueError(f"group {index + 1} must be a mapping")
+        _check_keys(group, f"group {index + 1}")
+        merged = {**TRAIN_KEYS, **base, **group, **overrides}
+        arch = merged.get("arch")
+        if arch not in list_models():
+            raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
+        if merged.get("dataset") not in DATASETS:
+            raise ValueError(f"group {index + 1} ({arch}): dataset must be one of {', '.join(DATASETS)}, got "
+                             f"{merged.get('dataset')!r}")
+        cpg = [int(n) for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
+        variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
+        options = {k: merged[k] for k in TRAIN_KEYS}
+        for variant in variants:
+            spec = RunSpec(variant, arch, variant, dict(options))
+            spec.train_config(Path("unused"))  # checks epochs, batch_size ... (one-line ValueError)
+            specs.append(spec)
+    # prefix the run names with what varies across the sweep (arch, dataset, image size)
+    varying = [key for key in ("arch", "dataset", "image_size")
+               if len({_dimension(spec, key) for spec in specs}) > 1]
+    for spec in specs:
+        spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant])
+    seen = set()
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(f"run {spec.name!r} appears twice in the sweep")
+        seen.add(spec.name)
+    return specs
+
+
+def _dimension(spec: RunSpec, key: str) -> str:
+    if key == "arch":
+        return spec.arch
+    if key == "image_size":
+        return f"{spec.options['image_size']}px"
+    return str(spec.options[key])
+
+
+def load_sweep_config(path) -> dict:
+    """Read a YAML sweep config (one-line errors for a missing or malformed file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep config {path} does not exist")
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - pyyaml is a dependency
+        raise ValueError("reading YAML sweep configs needs pyyaml (pip install pyyaml)") from None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of keys (arch, variants, dataset, ...)")
+    return config
+
+
+def run_is_finished(folder: Path) -> bool:
+    return (Path(folder) / "metrics.json").is_file() and (Path(folder) / TTA_FILE).is_file()
+
+
+def write_tta(folder: Path, splits, model_config, batch_size: int = 64, device: str = "cpu") -> dict:
+    """Evaluate ``folder/best.pt`` on the test split with and without horizontal-flip TTA and write
+    ``folder/tta.json`` (atomically)."""
+    from .training import atomic_write_text, evaluate_model, load_checkpoint, setup_distributed
+
+    context = setup_distributed(device)
+    checkpoint = load_checkpoint(Path(folder) / "best.pt", map_location=context.device)
+    model = model_config.build()
+    model.load_state_dict(checkpoint["model"])
+    model = model.to(context.device)
+    plain = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, context=context)
+    flipped = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, hflip_tta=True,
+                             context=context)
+    result = {"test_accuracy": plain.accuracy, "test_loss": plain.loss,
+              "test_accuracy_hflip_tta": flipped.accuracy, "test_loss_hflip_tta": flipped.loss,
+              "test_images": plain.count, "epoch": checkpoint["epoch"]}
+    atomic_write_text(Path(folder) / TTA_FILE, json.dumps(result, indent=2))
+    return result
+
+
+def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None, device: str = "cpu",
+              log: Callable[[str], None] = print) -> List[dict]:
+    """Train every run of ``specs`` in ``output/<run name>`` in this process, skipping finished runs
+    and resuming interrupted ones. Returns one summary per run (name, status, test accuracies)."""
+    import torch
+
+    from .data import load_dataset
+    from .training import TrainingDiverged, train
+
+    if not specs:
+        raise ValueError("the sweep has no runs")
+    if threads:
+        torch.set_num_threads(threads)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_plan(output, specs)
+    cached_splits: Dict[tuple, object] = {}
+    summaries = []
+    started = time.perf_counter()
+    for number, spec in enumerate(specs, 1):
+        folder = output / spec.name
+        head = f"[{number}/{len(specs)}] {spec.name}"
+        if run_is_finished(folder):
+            log(f"{head}: finished before ({folder / 'metrics.json'}), skipped")
+            summaries.append({"name": spec.name, "status": "skipped", **_read_json(folder / TTA_FILE)})
+            continue
+        key = (spec.options["dataset"], spec.options["data_dir"], spec.options["image_size"], spec.options["seed"],
+               spec.options["val_flips"])
+        if key not in cached_splits:
+            cached_splits[key] = load_dataset(key[0], key[1], image_size=key[2], seed=key[3], val_flips=key[4])
+        splits = cached_splits[key]
+        model_config = spec.model_config(splits.num_classes)
+        config = spec.train_config(folder)
+        config.device = device
+        run_started = time.perf_counter()
+        if not (folder / "metrics.json").is_file():
+            resuming = (folder / "last.pt").is_file()
+            log(f"{head}: {'resuming' if resuming else 'training'} {spec.arch} {spec.variant} on "
+                f"{spec.options['dataset']} ({config.epochs} epochs) -> {folder}")
+            try:
+                train(config, model_config, resume=True, splits=splits,
+                      log=lambda line: log(f"  {spec.name}: {line}"))
+            except TrainingDiverged as error:
+                log(f"{head}: diverged, skipped ({error})")
+                summaries.append({"name": spec.name, "status": "diverged"})
+                continue
+        tta = write_tta(folder, splits, model_config, config.eval_batch_size, device)
+        log(f"{head}: test accuracy {tta['test_accuracy']:.4f}, with H-flip TTA {tta['test_accuracy_hflip_tta']:.4f} "
+            f"({time.perf_counter() - run_started:.0f} s; sweep {time.perf_counter() - started:.0f} s)")
+        summaries.append({"name": spec.name, "status": "trained", **tta})
+    return summaries
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
+    from .training import atomic_write_text
+
+    atomic_write_text(output / "sweep.json", json.dumps(
+        {"runs": [{"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]},
+        indent=2))
