@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, gather_channels
+from .convert import is_plain_pointwise
 from .plan import PointwisePlan
 
 __all__ = ["prepare_for_inference", "FoldedGroupedPointwiseConv2d", "fold_batch_norm"]
@@ -213,8 +214,7 @@ class PointwiseConv(nn.Module):
 
 
 def _is_plain_pointwise(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1))
+    return type(conv) is nn.Conv2d and is_plain_pointwise(conv) and conv.stride == (1, 1)
 
 
 def _fold_sequential(module: nn.Sequential) -> None:
