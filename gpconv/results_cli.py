@@ -49,6 +49,9 @@ def add_results_commands(commands) -> None:
     sweep.add_argument("--batch-size", type=_positive, default=None)
     sweep.add_argument("--max-train-batches", type=_positive, default=None)
     sweep.add_argument("--seed", type=int, default=None)
+    sweep.add_argument("--precise-bn-batches", type=_positive, default=None,
+                       help="recompute batch-norm statistics on N training batches before each evaluation "
+                            "(short runs: Keras' momentum leaves them far from the data)")
     sweep.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     sweep.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     sweep.add_argument("--only", type=_name_list, default=None, help="run only these run names (comma-separated)")
@@ -89,7 +92,8 @@ def run_sweep_command(args) -> None:
     overrides = {"arch": args.arch, "variants": args.variants, "channels_per_group": args.channels_per_group,
                  "dataset": args.dataset, "data_dir": args.data_dir, "image_size": args.image_size,
                  "skip_strides": args.skip_strides, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "max_train_batches": args.max_train_batches, "seed": args.seed}
+                 "max_train_batches": args.max_train_batches, "seed": args.seed,
+                 "precise_bn_batches": args.precise_bn_batches}
     specs = expand_runs(config, overrides)
     if args.only:
         unknown = sorted(set(args.only) - {s.name for s in specs})

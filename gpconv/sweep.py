@@ -46,7 +46,7 @@ TTA_FILE = "tta.json"
 TRAIN_KEYS: Dict[str, object] = {
     "dataset": None, "data_dir": None, "image_size": 32, "skip_strides": 0, "epochs": 50, "batch_size": 64,
     "lr": 1e-3, "max_train_batches": None, "val_flips": False, "augment": True, "monitor": "val_accuracy",
-    "seed": 0,
+    "seed": 0, "precise_bn_batches": 0,
 }
 SWEEP_KEYS = set(TRAIN_KEYS) | {"arch", "variants", "channels_per_group", "groups", "table", "description",
                                 "notes"}
@@ -75,7 +75,7 @@ class RunSpec:
         from .training import TrainConfig
 
         names = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
-                 "monitor", "seed")
+                 "monitor", "seed", "precise_bn_batches")
         return TrainConfig(output=str(output), **{k: self.options[k] for k in names})
 
 

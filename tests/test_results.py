@@ -259,3 +259,11 @@ def test_report_reads_runs_of_gpconv_train_with_and_without_tta(tmp_path):
     assert rows["v2-4ch"]["test accuracy (H-flip TTA)"] == "0.4500"
     assert rows["v2-4ch"]["% parameters"] == "10.0" and rows["v2-16ch"]["% computations"] == "40.0"
     assert main(["report", *runs, "--output", str(output), "--baseline", "nope"]) == 2
+
+
+def test_sweep_passes_precise_bn_batches_to_training(tmp_path):
+    config = {"arch": "efficientnet_b0", "dataset": "synthetic", "variants": ["baseline"]}
+    default, = expand_runs(config)
+    assert default.train_config(tmp_path).precise_bn_batches == 0
+    run, = expand_runs(config, {"precise_bn_batches": 4})
+    assert run.train_config(tmp_path).precise_bn_batches == 4
