@@ -171,7 +171,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many kinds for a damaged file
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # first sentence only: torch's weights_only message goes on to suggest weights_only=False,
+        # which is exactly what a damaged or untrusted file must not be loaded with
+        message = str(error).strip().splitlines()[0].split(". ")[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or not a gpconv checkpoint ({message})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a gpconv checkpoint")
