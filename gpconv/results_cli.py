@@ -6,15 +6,9 @@ import argparse
 
 from .data import DATASETS
 from .models import list_models
+from .train_cli import positive_int
 
 __all__ = ["add_results_commands", "run_sweep_command", "run_report_command", "run_cam_command"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _int_list(text: str):
@@ -43,16 +37,16 @@ def add_results_commands(commands) -> None:
     sweep.add_argument("--channels-per-group", type=_int_list, default=None, help="e.g. 2,4,8,16,32")
     sweep.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME", help="one of: " + ", ".join(DATASETS))
     sweep.add_argument("--data-dir", default=None)
-    sweep.add_argument("--image-size", type=_positive, default=None)
+    sweep.add_argument("--image-size", type=positive_int, default=None)
     sweep.add_argument("--skip-strides", type=int, default=None, help="3 is the papers' 32x32 EfficientNet setting")
-    sweep.add_argument("--epochs", type=_positive, default=None)
-    sweep.add_argument("--batch-size", type=_positive, default=None)
-    sweep.add_argument("--max-train-batches", type=_positive, default=None)
+    sweep.add_argument("--epochs", type=positive_int, default=None)
+    sweep.add_argument("--batch-size", type=positive_int, default=None)
+    sweep.add_argument("--max-train-batches", type=positive_int, default=None)
     sweep.add_argument("--seed", type=int, default=None)
-    sweep.add_argument("--precise-bn-batches", type=_positive, default=None,
+    sweep.add_argument("--precise-bn-batches", type=positive_int, default=None,
                        help="recompute batch-norm statistics on N training batches before each evaluation "
                             "(short runs: Keras' momentum leaves them far from the data)")
-    sweep.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    sweep.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     sweep.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     sweep.add_argument("--only", type=_name_list, default=None, help="run only these run names (comma-separated)")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and stop")
@@ -75,7 +69,7 @@ def add_results_commands(commands) -> None:
     cam.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME",
                      help="default: the dataset it was trained on")
     cam.add_argument("--data-dir", default=None)
-    cam.add_argument("--images", type=_positive, default=8, help="how many test images (the first N)")
+    cam.add_argument("--images", type=positive_int, default=8, help="how many test images (the first N)")
     cam.add_argument("--class-index", type=int, default=None,
                      help="map of this class (default: each model's predicted class)")
     cam.add_argument("--output", required=True, help="folder for cam_NNN.png and cam_grid.png")

@@ -14,7 +14,7 @@ from .models import list_models
 __all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -36,7 +36,7 @@ def add_training_commands(commands) -> None:
     train = commands.add_parser("train", help="train a model with the papers' protocol (see docs/training.md)")
     train.add_argument("--arch", required=True, choices=list_models(), metavar="ARCH",
                        help="one of: " + ", ".join(list_models()))
-    train.add_argument("--channels-per-group", type=_positive, default=None,
+    train.add_argument("--channels-per-group", type=positive_int, default=None,
                        help="k-variant with this many channels per group (default: the dense baseline)")
     train.add_argument("--version", type=int, default=2, choices=(1, 2))
     train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
@@ -45,11 +45,11 @@ def add_training_commands(commands) -> None:
     train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
                        help="one of: " + ", ".join(DATASETS))
     train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to, for CIFAR)")
-    train.add_argument("--image-size", type=_positive, default=32)
-    train.add_argument("--epochs", type=_positive, default=50)
-    train.add_argument("--batch-size", type=_positive, default=64)
+    train.add_argument("--image-size", type=positive_int, default=32)
+    train.add_argument("--epochs", type=positive_int, default=50)
+    train.add_argument("--batch-size", type=positive_int, default=64)
     train.add_argument("--lr", type=float, default=1e-3, help="base learning rate of the cyclical schedule")
-    train.add_argument("--max-train-batches", type=_positive, default=None,
+    train.add_argument("--max-train-batches", type=positive_int, default=None,
                        help="train on at most N batches per epoch (quick runs)")
     train.add_argument("--monitor", default="val_accuracy", choices=("val_accuracy", "val_loss"))
     train.add_argument("--hflip-tta", action="store_true", help="test with image + horizontally flipped image")
@@ -61,12 +61,12 @@ def add_training_commands(commands) -> None:
     train.add_argument("--synthetic-size", type=_pair, default=[2000, 500], metavar="TRAIN,TEST",
                        help="image counts of the synthetic dataset (default 2000,500)")
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    train.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--output", required=True, help="run folder")
-    train.add_argument("--stop-after-epochs", type=_positive, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--inject-nan-at-epoch", type=_positive, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--stop-after-epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
+    train.add_argument("--inject-nan-at-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a test split")
@@ -75,7 +75,7 @@ def add_training_commands(commands) -> None:
                           help="default: the dataset it was trained on")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--hflip-tta", action="store_true")
-    evaluate.add_argument("--batch-size", type=_positive, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to FILE")
     evaluate.set_defaults(run=run_evaluate)

@@ -16,6 +16,16 @@ def paper_rows(arch=None):
     return [row for row in rows if arch is None or row["arch"] == arch]
 
 
+def assert_matches_paper(model, row):
+    """Trainable parameters exact; computations within 1% (the acceptance) and, as we reach it, exact."""
+    import gpconv
+
+    assert gpconv.count_parameters(model) == row["trainable_params"]
+    computations = gpconv.count_computations(model, row["input_size"])
+    assert abs(computations - row["computations"]) <= 0.01 * row["computations"]
+    assert computations == row["computations"]
+
+
 @pytest.fixture
 def paper_numbers_path():
     if not PAPER_NUMBERS.exists():

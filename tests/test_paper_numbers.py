@@ -8,7 +8,7 @@ import gpconv
 from gpconv.reference import load_reference, parse_variant
 from gpconv.reporting import papers_input_setting
 
-from conftest import PAPER_NUMBERS, paper_rows
+from conftest import PAPER_NUMBERS, paper_rows, assert_matches_paper
 
 EFFICIENTNET_B0 = paper_rows("efficientnet_b0")
 
@@ -31,11 +31,7 @@ def test_reference_rows_present():
 
 @pytest.mark.parametrize("row", EFFICIENTNET_B0, ids=row_id)
 def test_efficientnet_b0_row(row):
-    model = build(row)
-    assert gpconv.count_parameters(model) == row["trainable_params"]
-    computations = gpconv.count_computations(model, row["input_size"])
-    assert abs(computations - row["computations"]) <= 0.01 * row["computations"]
-    assert computations == row["computations"]  # we aim for, and reach, exact
+    assert_matches_paper(build(row), row)
 
 
 def test_packaged_copy_matches_shared_file(paper_numbers_path):
