@@ -8,7 +8,8 @@ It measures, alternating the models round by round so that drifts hit all of the
 
 * inference latency (each model in its ``prepare_for_inference`` form) at 224x224 batch 1 and 16,
   and at 32x32 batch 64 with ``skip_strides=3``;
-* training step time (forward, backward, RMSprop step; fast execution) at 32x32 batch 64;
+* training step time (forward, backward, RMSprop step; fast execution; channels_last unless
+  ``--training-format contiguous``; ``--recompute`` as GroupedPointwiseConv2d.recompute) at 32x32 batch 64;
 * peak memory of a training step (peak RSS of a fresh process per model on CPU; max allocated on CUDA);
 * the "Amdahl limit" of each inference setting: baseline time / (baseline time - time the baseline
   spends in its pointwise convolutions), measured with the profiler.
@@ -34,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
+from gpconv.block import RECOMPUTE, set_recompute  # noqa: E402
 from gpconv.inference import prepare_for_inference  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
@@ -85,12 +87,14 @@ def inference_functions(size, batch, skip, device, amp):
     return functions
 
 
-def training_functions(device, amp, batch=64, size=32):
-    x = torch.randn(batch, 3, size, size, device=device)
+def training_functions(device, amp, channels_last=True, recompute="l_layer", models=tuple(MODELS), batch=64, size=32):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
     functions = {}
-    for name, channels_per_group in MODELS.items():
-        model = build(channels_per_group, 3).to(device).train()
+    for name in models:
+        model = build(MODELS[name], 3).to(device, memory_format=memory_format).train()
+        set_recompute(model, recompute)
         optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
 
@@ -131,11 +135,11 @@ def amdahl_limit(size, batch, skip, device):
     return total / (total - pointwise), pointwise / total
 
 
-def memory_child(channels_per_group, device_name, amp):
+def memory_child(channels_per_group, device_name, amp, channels_last, recompute):
     """Runs in a fresh process: peak memory of two training steps of one model."""
     device = torch.device(device_name)
-    step = training_functions(device, amp)
     name = next(n for n, c in MODELS.items() if c == channels_per_group)
+    step = training_functions(device, amp, channels_last, recompute, models=(name,))
     before = _high_water_mark_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -157,11 +161,12 @@ def _high_water_mark_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def peak_memory(device, amp, threads):
+def peak_memory(device, args):
     results = {}
     for name, channels_per_group in MODELS.items():
         command = [sys.executable, __file__, "--memory-child", str(channels_per_group), "--device", device.type,
-                   "--threads", str(threads)] + (["--amp"] if amp else [])
+                   "--threads", str(args.threads), "--training-format", args.training_format,
+                   "--recompute", args.recompute] + (["--amp"] if args.amp else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     return results
@@ -197,23 +202,33 @@ def main():
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per measurement")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--training-format", choices=["channels_last", "contiguous"], default="channels_last",
+                        help="memory format of the training step (default channels_last, as gpconv train)")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="l_layer",
+                        help="what the k-models recompute in the backward pass (GroupedPointwiseConv2d.recompute)")
+    parser.add_argument("--only", choices=["inference", "training", "memory"], default=None,
+                        help="run one part of the benchmark")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.memory_child is not None:
-        memory_child(None if args.memory_child == "None" else int(args.memory_child), args.device, args.amp)
+        memory_child(None if args.memory_child == "None" else int(args.memory_child), args.device, args.amp,
+                     args.training_format == "channels_last", args.recompute)
         return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     print(f"machine: {describe_machine(device)}; malloc: "
           + ("glibc defaults" if args.system_malloc else " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items())))
+    print(f"training: {args.training_format}, k-models recompute={args.recompute!r}; inference: prepare_for_inference "
+          "with an example batch")
     names = list(MODELS)
     header = f"{'setting':34s}" + "".join(f"{name:>22s}" for name in names) + "   ratios (baseline / k)"
     print(header)
-    for size, batch, skip in INFERENCE:
+    parts = {args.only} if args.only else {"inference", "training"} | (set() if args.skip_memory else {"memory"})
+    for size, batch, skip in INFERENCE if "inference" in parts else ():
         iterations = 10 if batch == 1 else 2
         times = alternate(inference_functions(size, batch, skip, device, args.amp), device, args.rounds, iterations)
         base = times[names[0]]
@@ -221,13 +236,15 @@ def main():
         limit, share = amdahl_limit(size, batch, skip, device)
         print(f"{f'inference {size}x{size} batch {batch} (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
               + f"   {ratios}   (Amdahl limit {limit:.2f}x: pointwise = {share:.0%} of baseline time)")
-    times = alternate(training_functions(device, args.amp), device, args.rounds, 1)
-    base = times[names[0]]
-    print(f"{'training step 32x32 batch 64 (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
-          + "   " + ", ".join(f"{base / times[n]:.2f}x" for n in names[1:])
-          + f"   ({64 / times[names[1]]:.0f} vs {64 / base:.0f} images/s for 16ch vs baseline)")
-    if not args.skip_memory:
-        peaks = peak_memory(device, args.amp, args.threads)
+    if "training" in parts:
+        times = alternate(training_functions(device, args.amp, args.training_format == "channels_last", args.recompute),
+                          device, args.rounds, 1)
+        base = times[names[0]]
+        print(f"{'training step 32x32 batch 64 (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
+              + "   " + ", ".join(f"{base / times[n]:.2f}x" for n in names[1:])
+              + f"   ({64 / times[names[1]]:.0f} vs {64 / base:.0f} images/s for 16ch vs baseline)")
+    if "memory" in parts:
+        peaks = peak_memory(device, args)
         kind = "max allocated" if device.type == "cuda" else "peak RSS"
         print(f"{f'training peak memory, {kind} (MiB)':34s}" + "".join(f"{peaks[n]:22.0f}" for n in names)
               + "   " + ", ".join(f"{peaks[names[0]] / peaks[n]:.2f}x" for n in names[1:]))

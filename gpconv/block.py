@@ -6,21 +6,24 @@ concatenation, interleaving by index): the reference that faster executions are 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
 __all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Grouping", "pointwise_conv",
-           "set_execution"]
+           "set_execution", "set_recompute"]
 
 
 EXECUTIONS = ("fast", "reference")
+RECOMPUTE = ("l_layer", "all", "none")
 # A layer runs dense in the fast execution when that costs at most this many times its grouped
 # multiply-adds: oneDNN's grouped kernels reach a fraction of its dense kernels' speed per multiply-add
 # on small layers, and the dense form needs no gathers (measured by benchmarks/benchmark.py).
@@ -32,6 +35,14 @@ def set_execution(model: nn.Module, mode: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, GroupedPointwiseConv2d):
             module.execution = mode
+    return model
+
+
+def set_recompute(model: nn.Module, mode: str) -> nn.Module:
+    """Set :attr:`GroupedPointwiseConv2d.recompute` of every block in ``model``; returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, GroupedPointwiseConv2d):
+            module.recompute = mode
     return model
 
 
@@ -156,6 +167,23 @@ class GroupedConvLayer(nn.Module):
         return self.act(self.bn(self.conv_output(x)))
 
 
+@contextlib.contextmanager
+def _batch_statistics_frozen(module: nn.Module):
+    """While a checkpointed forward runs again for the backward pass, its batch norms must not update
+    their running statistics a second time (momentum 0 keeps them; the batch counter is restored)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, tracked) in zip(norms, saved):
+            norm.momentum = momentum
+            if tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
+
+
 def _dense_positions(layer: LayerPlan, column_map: Optional[Index]):
     """Row and column in the dense ``(out, in)`` matrix of every weight of the layer's paths, in the
     order of the paths' flattened weights."""
@@ -219,8 +247,37 @@ class GroupedPointwiseConv2d(nn.Module):
         self.l = (GroupedConvLayer(self.plan.l, column_map=self.plan.interleave, **options)
                   if self.plan.l is not None else None)
         self._execution = "fast"
+        self._recompute = "l_layer"
         self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
         self.register_buffer("output_index", _index_buffer(self.plan.output_order), persistent=False)
+
+    @property
+    def recompute(self) -> str:
+        """What a training step recomputes in the backward pass instead of keeping (fast execution):
+
+        * ``"l_layer"`` (default): in a block with an L layer, K's batch norm, L and the sum run again from
+          K's convolution output, the only tensor kept. Otherwise such a block keeps three output-sized
+          tensors (K's batch-norm input and output, L's batch-norm input) where a dense 1x1 convolution +
+          batch norm keeps one. The recomputed part is small (L has out x out/Ch weights).
+        * ``"all"``: also K's batch norm and activation in blocks without L (the expansions), which keeps
+          one tensor less per such block than a dense convolution + batch norm + activation: much less
+          memory, at the price of a second batch-norm and activation pass over the expanded maps.
+        * ``"none"``: keep everything autograd keeps.
+        """
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, mode: str) -> None:
+        if mode not in RECOMPUTE:
+            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
+        self._recompute = mode
+
+    def _recomputes(self, x: torch.Tensor, k_conv: torch.Tensor) -> bool:
+        if self._recompute == "none" or self._execution != "fast" or not self.training:
+            return False
+        if not (torch.is_grad_enabled() and k_conv.requires_grad and x.shape[-1] * x.shape[-2] > 1):
+            return False
+        return self.l is not None or (self._recompute == "all" and not isinstance(self.k.act, nn.Identity))
 
     @property
     def execution(self) -> str:
@@ -241,13 +298,21 @@ class GroupedPointwiseConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"GroupedPointwiseConv2d expects an input of shape (N, {self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
-        k = self.k(x)
-        if self.l is not None:
-            folded = self.l.execution == "dense" or self.interleave_index is None
-            return self.l(k if folded else gather_channels(k, self.interleave_index)) + k
-        if self.output_index is not None:
-            return gather_channels(k, self.output_index)
-        return k
+        k_conv = self.k.conv_output(x)
+        if self._recomputes(x, k_conv):
+            return checkpoint(self._after_k_conv, k_conv, use_reentrant=False, context_fn=self._recompute_contexts)
+        return self._after_k_conv(k_conv)
+
+    def _recompute_contexts(self):
+        return contextlib.nullcontext(), _batch_statistics_frozen(self)
+
+    def _after_k_conv(self, k_conv: torch.Tensor) -> torch.Tensor:
+        """K's batch norm and activation, L, and the sum (Eq. 25), from K's convolution output."""
+        k = self.k.act(self.k.bn(k_conv))
+        if self.l is None:
+            return k if self.output_index is None else gather_channels(k, self.output_index)
+        folded = self.l.execution == "dense" or self.interleave_index is None
+        return self.l(k if folded else gather_channels(k, self.interleave_index)) + k
 
     def extra_repr(self) -> str:
         plan = self.plan

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 
 from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, gather_channels
 from .convert import is_plain_pointwise
+from .layers import KerasPad2d
 from .plan import PointwisePlan
 
 __all__ = ["prepare_for_inference", "FoldedGroupedPointwiseConv2d", "fold_batch_norm"]
@@ -60,6 +61,23 @@ class _FoldedLayer(nn.Module):
         self.groups = layer.merged_groups
         self.stride = layer.stride
         self.act = copy.deepcopy(layer.act)
+        self.group_factor = 1  # see super_group()
+        self.register_buffer("conv_weight", None)
+
+    def group_factors(self, max_channels: int = 128):
+        """Factors ``s`` (divisors of the group count) :meth:`super_group` accepts, up to ``s`` groups'
+        channels reaching ``max_channels``; 1 (no change) first."""
+        per_group = self.weight.shape[1]
+        return [s for s in range(1, self.groups + 1) if self.groups % s == 0 and (s == 1 or s * per_group <= max_channels)]
+
+    def super_group(self, factor: int) -> None:
+        """Run the convolution with ``groups // factor`` groups, each new group's weight block-diagonal
+        over ``factor`` consecutive groups (zeros elsewhere): same outputs in the same order, ``factor``
+        times the multiply-adds, and much faster oneDNN kernels when groups have only a few filters."""
+        if self.groups % factor:
+            raise ValueError(f"group factor {factor} does not divide {self.groups} groups")
+        self.group_factor = factor
+        self.conv_weight = None if factor == 1 else _super_grouped(self.weight, self.groups, factor)
 
     def dense_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
         """The layer as one dense ``(outputs, in_channels)`` matrix, its input gather folded in."""
@@ -73,7 +91,24 @@ class _FoldedLayer(nn.Module):
         return dense.index_put_((rows, columns), self.weight.reshape(-1), accumulate=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups))
+        if self.conv_weight is None:
+            return self.act(F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups))
+        return self.act(F.conv2d(x, self.conv_weight, self.bias, self.stride, 0, 1, self.groups // self.group_factor))
+
+
+def _super_grouped(weight: torch.Tensor, groups: int, factor: int) -> torch.Tensor:
+    """The weight of a grouped 1x1 convolution (``groups`` groups) as one with ``groups // factor``
+    groups: new group ``j`` holds old groups ``j*factor ... j*factor + factor - 1`` on its diagonal."""
+    outputs, per_group = weight.shape[:2]
+    filters = outputs // groups
+    blocks = weight.reshape(groups // factor, factor, filters, per_group)
+    result = weight.new_zeros(groups // factor, factor, filters, factor, per_group)
+    for position in range(factor):
+        result[:, position, :, position, :] = blocks[:, position]
+    result = result.reshape(outputs, factor * per_group, 1, 1)
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        result = result.contiguous(memory_format=torch.channels_last)
+    return result
 
 
 def _compose(outer: Optional[Index], inner: Optional[Index], length: int) -> Optional[Index]:
@@ -129,11 +164,17 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
         # Where the block is linear up to one final activation (no L, or no activation inside), it
         # also has a dense form: one plain 1x1 convolution. For small layers the dense kernels beat
         # the grouped ones despite the extra multiply-adds; ``prepare_for_inference`` picks per block.
-        self.execution = "grouped"
         dense = self._dense_form()
         self.register_buffer("dense_weight", None if dense is None else dense[0])
         self.register_buffer("dense_bias", None if dense is None else dense[1])
         self.dense_act = None if dense is None else dense[2]
+        # Where K and L have no activation (the projections), L, the interleaving, the sum and the final
+        # reorder together are one small dense matrix over K's merged outputs: the "factored" form runs
+        # K grouped, then one dense 1x1 convolution (out x K's outputs multiply-adds per pixel).
+        factored = self._factored_form()
+        self.register_buffer("factored_weight", None if factored is None else factored[0])
+        self.register_buffer("factored_bias", None if factored is None else factored[1])
+        self._execution = "grouped"
 
     @staticmethod
     def _rows(matrix: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
@@ -154,9 +195,57 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
                                                                                              self.k_output_index)
         return weight[:, :, None, None], bias, nn.Identity()
 
+    def _factored_form(self):
+        """(weight, bias) of the dense 1x1 convolution that maps K's merged outputs to the block's
+        output (L, interleaving, sum and reorders folded in), or None when K or L has an activation."""
+        if self.l is None or not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
+            return None
+        k_merged = self.k.weight.shape[0]
+        identity = torch.eye(k_merged, dtype=self.k_dense.dtype, device=self.k_dense.device)
+        weight = self._rows(self.l_dense, self.l_output_index) + self._rows(identity, self.k_output_index)
+        return weight[:, :, None, None], self._rows(self.l.bias, self.l_output_index)
+
     @property
     def has_dense_form(self) -> bool:
         return self.dense_weight is not None
+
+    @property
+    def has_factored_form(self) -> bool:
+        return self.factored_weight is not None
+
+    @property
+    def executions(self) -> Tuple[str, ...]:
+        """The executions this block has: ``"grouped"`` always (K and L grouped, gathers between),
+        ``"factored"`` (K grouped, then one dense convolution) and ``"dense"`` (one dense convolution)
+        where the block is linear enough for them."""
+        return ("grouped",) + (("factored",) if self.has_factored_form else ()) + (("dense",) if self.has_dense_form
+                                                                                    else ())
+
+    @property
+    def execution(self) -> str:
+        return self._execution
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        if mode not in self.executions:
+            raise ValueError(f"this block's executions are {', '.join(self.executions)}; got {mode!r}")
+        self._execution = mode
+
+    def tune(self, x: torch.Tensor) -> str:
+        """Time this block on ``x`` (an input like the ones to come) and keep its fastest form: the group
+        factor of K and of L (see :meth:`_FoldedLayer.super_group`), then the execution. Returns it."""
+        with torch.inference_mode():
+            gathered = x if self.input_index is None else gather_channels(x, self.input_index)
+            _keep_fastest_factor(self.k, gathered)
+            if self.l is not None:
+                k = self.k(gathered)
+                _keep_fastest_factor(self.l, k if self.l_input_index is None else gather_channels(k, self.l_input_index))
+            timings = {}
+            for execution in self.executions:
+                self.execution = execution
+                timings[execution] = _seconds(lambda: self(x))
+        self.execution = min(timings, key=timings.get)
+        return self.execution
 
     def _forward_1x1(self, x: torch.Tensor) -> torch.Tensor:
         k = self.k.act(F.linear(x.flatten(1), self.k_dense, self.k.bias))
@@ -169,11 +258,13 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == 1 and x.shape[-2] == 1:
             return self._forward_1x1(x)
-        if self.execution == "dense":
+        if self._execution == "dense":
             return self.dense_act(F.conv2d(x, self.dense_weight, self.dense_bias, self.k.stride))
         if self.input_index is not None:
             x = gather_channels(x, self.input_index)
         k = self.k(x)
+        if self._execution == "factored":
+            return F.conv2d(k, self.factored_weight, self.factored_bias)
         k_out = k if self.k_output_index is None else gather_channels(k, self.k_output_index)
         if self.l is None:
             return k_out
@@ -183,8 +274,10 @@ class FoldedGroupedPointwiseConv2d(nn.Module):
         return l_out + k_out
 
     def extra_repr(self) -> str:
+        factors = "" if self._execution == "dense" else f", group factors K {self.k.group_factor}" + (
+            "" if self.l is None or self._execution == "factored" else f" L {self.l.group_factor}")
         return (f"{self.in_channels}, {self.out_channels}, channels_per_group={self.plan.channels_per_group}, "
-                f"folded, {self.execution}")
+                f"folded, {self._execution}{factors}")
 
 
 def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -213,6 +306,42 @@ class PointwiseConv(nn.Module):
         return F.conv2d(x, self.weight, self.bias)
 
 
+class KerasSameConv2d(nn.Module):
+    """``KerasPad2d`` + a 'valid' convolution without the padded copy of the input.
+
+    Keras pads ``k // 2 - 1`` before and ``k // 2`` after an even-sized dimension (``k // 2`` on both
+    sides of an odd one). The same output comes from a symmetric padding of ``k // 2`` and, along an
+    even dimension, a kernel one tap longer whose first tap is zero: that tap reads the extra padding
+    row in front. Four weights (even or odd height and width) are kept; the input picks one.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        kernel = conv.kernel_size[0]
+        self.stride, self.groups, self.padding = conv.stride, conv.groups, kernel // 2
+        weight = conv.weight.detach()
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        for even_height in (False, True):
+            for even_width in (False, True):
+                padded = F.pad(weight, (int(even_width), 0, int(even_height), 0))
+                self.register_buffer(self._name(even_height, even_width), padded.clone())
+
+    @staticmethod
+    def _name(even_height: bool, even_width: bool) -> str:
+        return f"weight_{'even' if even_height else 'odd'}_{'even' if even_width else 'odd'}"
+
+    @staticmethod
+    def replaces(pad: nn.Module, conv: nn.Module) -> bool:
+        """Whether ``pad`` followed by ``conv`` is the pattern this module replaces."""
+        return (isinstance(pad, KerasPad2d) and type(conv) is nn.Conv2d and conv.padding == (0, 0)
+                and conv.dilation == (1, 1) and conv.kernel_size == (pad.kernel_size, pad.kernel_size)
+                and pad.kernel_size % 2 == 1 and conv.padding_mode == "zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = getattr(self, self._name(x.shape[-2] % 2 == 0, x.shape[-1] % 2 == 0))
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
 def _is_plain_pointwise(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and is_plain_pointwise(conv) and conv.stride == (1, 1)
 
@@ -223,6 +352,11 @@ def _fold_sequential(module: nn.Sequential) -> None:
         if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) and second.track_running_stats:
             module._modules[name] = fold_batch_norm(first, second)
             module._modules[next_name] = nn.Identity()
+    children = list(module._modules.items())  # after folding: the convolution may have been replaced
+    for (name, first), (next_name, second) in zip(children, children[1:]):
+        if KerasSameConv2d.replaces(first, second):
+            module._modules[name] = nn.Identity()
+            module._modules[next_name] = KerasSameConv2d(second)
 
 
 def _convert(module: nn.Module) -> nn.Module:
@@ -253,12 +387,34 @@ def _best_of(function, repeats: int = 3) -> float:
     return best
 
 
-def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:
-    """Pick grouped or dense execution for every :class:`FoldedGroupedPointwiseConv2d` of ``model``.
+def _seconds(function) -> float:
+    """Best of three timed calls after one warm-up call (oneDNN primitive creation)."""
+    function()
+    return _best_of(function)
 
-    With ``example_input``, each block is timed both ways on the input it receives; otherwise the
-    dense form is used when it needs at most ``DENSE_MAC_RATIO`` times the grouped multiply-adds.
-    Returns ``{block name: execution}``."""
+
+def _keep_fastest_factor(layer: _FoldedLayer, x: torch.Tensor) -> None:
+    timings = {}
+    for factor in layer.group_factors():
+        layer.super_group(factor)
+        timings[factor] = _seconds(lambda: layer(x))
+    layer.super_group(min(timings, key=timings.get))
+
+
+def _default_factor(layer: _FoldedLayer, min_filters: int = 8) -> int:
+    """Without timings: the smallest group factor that gives every group at least ``min_filters``
+    filters (oneDNN's grouped kernels are slow with a few filters per group; benchmarks/benchmark.py)."""
+    filters = layer.weight.shape[0] // layer.groups
+    return next((s for s in layer.group_factors() if s * filters >= min_filters), 1)
+
+
+def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:
+    """Pick the execution (and group factors) of every :class:`FoldedGroupedPointwiseConv2d` of ``model``.
+
+    With ``example_input``, each block is timed in each of its forms on the input it receives
+    (:meth:`FoldedGroupedPointwiseConv2d.tune`); otherwise the dense form is used when it needs at most
+    ``DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
+    with :func:`_default_factor`. Returns ``{block name: execution}``."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
     inputs: Dict[str, torch.Tensor] = {}
     if example_input is not None:
@@ -272,22 +428,18 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
                 hook.remove()
     chosen = {}
     for name, block in blocks.items():
-        block.execution = "grouped"
-        if not block.has_dense_form:
-            chosen[name] = "grouped"
-            continue
         x = inputs.get(name)
-        if x is None or x.shape[-1] * x.shape[-2] == 1:
-            dense_macs = block.in_channels * block.out_channels
-            block.execution = "dense" if dense_macs <= DENSE_MAC_RATIO * block.plan.weight_count else "grouped"
+        if x is not None and x.shape[-1] * x.shape[-2] > 1:
+            chosen[name] = block.tune(x)
+            continue
+        for layer in (block.k, block.l):
+            if layer is not None:
+                layer.super_group(_default_factor(layer))
+        dense_macs = block.in_channels * block.out_channels
+        if block.has_dense_form and dense_macs <= DENSE_MAC_RATIO * block.plan.weight_count:
+            block.execution = "dense"
         else:
-            timings = {}
-            with torch.inference_mode():
-                for execution in ("grouped", "dense"):
-                    block.execution = execution
-                    block(x)  # warm-up
-                    timings[execution] = _best_of(lambda: block(x))
-            block.execution = min(timings, key=timings.get)
+            block.execution = "factored" if block.has_factored_form else "grouped"
         chosen[name] = block.execution
     return chosen
 

@@ -6,7 +6,8 @@ from torch import nn
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
-from gpconv.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
+from gpconv.inference import FoldedGroupedPointwiseConv2d, KerasSameConv2d, choose_executions, prepare_for_inference
+from gpconv.layers import KerasPad2d
 
 
 def randomize_batch_norms(model, generator):
@@ -37,13 +38,18 @@ def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_
     x = torch.randn(3, in_channels, size, size, generator=generator)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    executions = ["grouped"] + (["dense"] if prepared.has_dense_form else [])
     if prepared.l is None or activation is None:
         assert prepared.has_dense_form  # linear up to one final activation
+    if prepared.l is not None and activation is None:
+        assert prepared.has_factored_form
+    expected = block(x)
     with torch.no_grad():
-        for execution in executions:
+        for execution in prepared.executions:
             prepared.execution = execution
-            assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4), execution
+            for layer in (prepared.k, prepared.l):  # every group factor of each layer gives the same outputs
+                for factor in (layer.group_factors() if layer is not None else ()):
+                    layer.super_group(factor)
+                    assert torch.allclose(prepared(x), expected, atol=1e-4, rtol=1e-4), (execution, factor)
 
 
 def test_prepared_kefficientnet_equals_eval_model():
@@ -73,3 +79,50 @@ def test_prepared_zoo_models_equal_eval_models():
         with torch.no_grad():
             expected = model(x)
             assert torch.allclose(prepare_for_inference(model)(x), expected, atol=1e-4, rtol=1e-4), arch
+
+
+@settings(max_examples=30, deadline=None)
+@given(kernel=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), height=st.integers(5, 12),
+       width=st.integers(5, 12), depthwise=st.booleans(), seed=st.integers(0, 999))
+def test_keras_same_convolution_equals_pad_then_convolve(kernel, stride, height, width, depthwise, seed):
+    """Keras' asymmetric padding without the padded copy, for odd and even sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(6, 6, kernel, stride, 0, groups=6 if depthwise else 1, bias=True)
+    x = torch.randn(2, 6, height, width, generator=generator)
+    with torch.no_grad():
+        expected = conv(KerasPad2d(kernel)(x))
+        out = KerasSameConv2d(conv)(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prepared_efficientnet_pads_without_copies():
+    model = gpconv.create_model("efficientnet_b0", 10, channels_per_group=16).eval()
+    prepared = prepare_for_inference(model)
+    pads = sum(isinstance(m, KerasPad2d) for m in model.modules())
+    assert pads == 5  # the stem and four strided depthwise convolutions
+    assert sum(isinstance(m, KerasSameConv2d) for m in prepared.modules()) == pads
+    assert not any(isinstance(m, KerasPad2d) for m in prepared.modules())
+
+
+def test_block_forms_and_group_factors():
+    """A projection (K with many small groups, L, no activation) has all three forms; the chosen form
+    and group factors are kept, and a form a block does not have is refused."""
+    generator = torch.Generator().manual_seed(5)
+    block = GroupedPointwiseConv2d(192, 32, 16)
+    randomize_batch_norms(block, generator)
+    prepared = prepare_for_inference(block.eval())
+    assert prepared.executions == ("grouped", "factored", "dense")
+    assert prepared.k.group_factors() == [1, 2, 3, 4, 6]  # divisors of 12 groups; at most 128 channels
+    x = torch.randn(2, 192, 6, 6, generator=generator).contiguous(memory_format=torch.channels_last)
+    choose_executions(prepared, x)  # timed: any choice must keep the outputs
+    with torch.no_grad():
+        assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4)
+    expansion = prepare_for_inference(GroupedPointwiseConv2d(32, 192, 16, activation="swish").eval())
+    assert expansion.executions == ("grouped", "dense")
+    try:
+        expansion.execution = "factored"
+    except ValueError as error:
+        assert str(error) == "this block's executions are grouped, dense; got 'factored'"
+    else:
+        raise AssertionError("no error")
