@@ -74,11 +74,11 @@ def alternate(functions, device, rounds, iterations):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def inference_functions(size, batch, skip, device, amp):
+def inference_functions(size, batch, skip, device, amp, timed=True):
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     functions = {}
     for name, channels_per_group in MODELS.items():
-        model = prepare_for_inference(build(channels_per_group, skip).to(device), example_input=x)
+        model = prepare_for_inference(build(channels_per_group, skip).to(device), example_input=x if timed else None)
 
         def run(model=model):
             with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
@@ -206,6 +206,8 @@ def main():
                         help="memory format of the training step (default channels_last, as gpconv train)")
     parser.add_argument("--recompute", choices=RECOMPUTE, default="l_layer",
                         help="what the k-models recompute in the backward pass (GroupedPointwiseConv2d.recompute)")
+    parser.add_argument("--no-example", action="store_true",
+                        help="prepare the inference models without an example batch (heuristic forms, no timing)")
     parser.add_argument("--only", choices=["inference", "training", "memory"], default=None,
                         help="run one part of the benchmark")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
@@ -223,14 +225,15 @@ def main():
     print(f"machine: {describe_machine(device)}; malloc: "
           + ("glibc defaults" if args.system_malloc else " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items())))
     print(f"training: {args.training_format}, k-models recompute={args.recompute!r}; inference: prepare_for_inference "
-          "with an example batch")
+          + ("without an example batch" if args.no_example else "with an example batch"))
     names = list(MODELS)
     header = f"{'setting':34s}" + "".join(f"{name:>22s}" for name in names) + "   ratios (baseline / k)"
     print(header)
     parts = {args.only} if args.only else {"inference", "training"} | (set() if args.skip_memory else {"memory"})
     for size, batch, skip in INFERENCE if "inference" in parts else ():
         iterations = 10 if batch == 1 else 2
-        times = alternate(inference_functions(size, batch, skip, device, args.amp), device, args.rounds, iterations)
+        times = alternate(inference_functions(size, batch, skip, device, args.amp, not args.no_example),
+                          device, args.rounds, iterations)
         base = times[names[0]]
         ratios = ", ".join(f"{base / times[n]:.2f}x" for n in names[1:])
         limit, share = amdahl_limit(size, batch, skip, device)
