@@ -5,9 +5,13 @@
 
 * every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
 * dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
-* every :class:`~gpconv.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`:
-  per layer one gather and one grouped convolution with the batch norm folded in, the interleaving and
-  the second paths' reordering composed into the next gather, and one reorder at the very end;
+* every :class:`~gpconv.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`
+  with up to three forms: ``grouped`` (per layer one gather and one grouped convolution with the batch
+  norm folded in, the interleaving and reorders composed), ``factored`` (K grouped, then one dense
+  convolution for L, the interleaving and the sum) and ``dense``; grouped layers may merge ``s``
+  groups into one (block-diagonal weights) where oneDNN runs that faster;
+* Keras' pad-then-convolve (``KerasPad2d`` + convolution) becomes one convolution without the padded
+  copy (:class:`KerasSameConv2d`);
 * weights in ``channels_last`` memory format where that helps (the default on CPU and CUDA).
 """
 
@@ -26,7 +30,8 @@ from .convert import is_plain_pointwise
 from .layers import KerasPad2d
 from .plan import PointwisePlan
 
-__all__ = ["prepare_for_inference", "FoldedGroupedPointwiseConv2d", "fold_batch_norm"]
+__all__ = ["prepare_for_inference", "choose_executions", "FoldedGroupedPointwiseConv2d", "KerasSameConv2d",
+           "fold_batch_norm"]
 
 
 def _batch_norm_scale_shift(bn: nn.Module, channels: int, like: torch.Tensor):
@@ -450,8 +455,9 @@ def prepare_for_inference(model: nn.Module, example_input: Optional[torch.Tensor
     """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks merged
     (:class:`FoldedGroupedPointwiseConv2d`), ``channels_last`` weights, optionally ``torch.compile``.
 
-    ``example_input`` (a batch like the ones to come) lets each grouped block be timed in its grouped
-    and dense forms and keep the faster (:func:`choose_executions`). The original model is unchanged.
+    ``example_input`` (a batch like the ones to come) lets each grouped block be timed in each of its
+    forms and group factors and keep the fastest (:func:`choose_executions`); without it a rule picks.
+    The original model is unchanged.
     """
     prepared = _convert(copy.deepcopy(model).eval())
     for parameter in prepared.parameters():
