@@ -64,9 +64,9 @@ def time_call(function, device, iterations):
 
 def alternate(functions, device, rounds, iterations):
     """Median seconds per call of each function, calling them in turn, round after round."""
-    for function in functions.values():  # warm-up (allocator, oneDNN primitive caches)
-        function()
-        function()
+    for _ in range(3):  # warm-up, alternating too: the heap grows to the models' joint pattern, after
+        for function in functions.values():  # which large tensors stop page-faulting in; oneDNN caches
+            function()
     samples = {name: [] for name in functions}
     for _ in range(rounds):
         for name, function in functions.items():
@@ -87,7 +87,7 @@ def inference_functions(size, batch, skip, device, amp, timed=True):
     return functions
 
 
-def training_functions(device, amp, channels_last=True, recompute="l_layer", models=tuple(MODELS), batch=64, size=32):
+def training_functions(device, amp, channels_last=True, recompute="all", models=tuple(MODELS), batch=64, size=32):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -204,7 +204,7 @@ def main():
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--training-format", choices=["channels_last", "contiguous"], default="channels_last",
                         help="memory format of the training step (default channels_last, as gpconv train)")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="l_layer",
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="all",
                         help="what the k-models recompute in the backward pass (GroupedPointwiseConv2d.recompute)")
     parser.add_argument("--no-example", action="store_true",
                         help="prepare the inference models without an example batch (heuristic forms, no timing)")

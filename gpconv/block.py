@@ -23,7 +23,7 @@ __all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Gro
 
 
 EXECUTIONS = ("fast", "reference")
-RECOMPUTE = ("l_layer", "all", "none")
+RECOMPUTE = ("all", "l_layer", "none")
 # A layer runs dense in the fast execution when that costs at most this many times its grouped
 # multiply-adds: oneDNN's grouped kernels reach a fraction of its dense kernels' speed per multiply-add
 # on small layers, and the dense form needs no gathers (measured by benchmarks/benchmark.py).
@@ -247,7 +247,7 @@ class GroupedPointwiseConv2d(nn.Module):
         self.l = (GroupedConvLayer(self.plan.l, column_map=self.plan.interleave, **options)
                   if self.plan.l is not None else None)
         self._execution = "fast"
-        self._recompute = "l_layer"
+        self._recompute = "all"
         self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
         self.register_buffer("output_index", _index_buffer(self.plan.output_order), persistent=False)
 
@@ -255,13 +255,15 @@ class GroupedPointwiseConv2d(nn.Module):
     def recompute(self) -> str:
         """What a training step recomputes in the backward pass instead of keeping (fast execution):
 
-        * ``"l_layer"`` (default): in a block with an L layer, K's batch norm, L and the sum run again from
-          K's convolution output, the only tensor kept. Otherwise such a block keeps three output-sized
-          tensors (K's batch-norm input and output, L's batch-norm input) where a dense 1x1 convolution +
-          batch norm keeps one. The recomputed part is small (L has out x out/Ch weights).
-        * ``"all"``: also K's batch norm and activation in blocks without L (the expansions), which keeps
-          one tensor less per such block than a dense convolution + batch norm + activation: much less
-          memory, at the price of a second batch-norm and activation pass over the expanded maps.
+        * ``"all"`` (default): a block keeps only K's convolution output and runs K's batch norm and
+          activation, L and the sum again in the backward pass. A dense 1x1 convolution + batch norm
+          (+ activation) keeps its batch-norm input (and output); the block keeps less than that,
+          which puts a k-model's training step clearly below the dense model's peak memory, at the
+          price of a second batch-norm and activation pass over the expanded maps.
+        * ``"l_layer"``: only blocks with an L layer recompute (their small L part), the expansions keep
+          what autograd keeps: a little faster, about the dense model's memory. Without recomputation
+          a block with L keeps three output-sized tensors (K's batch-norm input and output, L's
+          batch-norm input) where a dense convolution + batch norm keeps one.
         * ``"none"``: keep everything autograd keeps.
         """
         return self._recompute

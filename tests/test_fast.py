@@ -134,6 +134,6 @@ def test_recompute_names_are_checked():
     try:
         block.recompute = "sometimes"
     except ValueError as error:
-        assert str(error) == "recompute must be one of l_layer, all, none, got 'sometimes'"
+        assert str(error) == "recompute must be one of all, l_layer, none, got 'sometimes'"
     else:
         raise AssertionError("no error")
