@@ -30,20 +30,21 @@ RECOMPUTE = ("all", "l_layer", "none")
 DENSE_MAC_RATIO = 2.5
 
 
-def set_execution(model: nn.Module, mode: str) -> nn.Module:
-    """Select the execution of every :class:`GroupedPointwiseConv2d` in ``model``; returns ``model``."""
+def _set_on_blocks(model: nn.Module, attribute: str, mode: str) -> nn.Module:
     for module in model.modules():
         if isinstance(module, GroupedPointwiseConv2d):
-            module.execution = mode
+            setattr(module, attribute, mode)
     return model
+
+
+def set_execution(model: nn.Module, mode: str) -> nn.Module:
+    """Select the execution of every :class:`GroupedPointwiseConv2d` in ``model``; returns ``model``."""
+    return _set_on_blocks(model, "execution", mode)
 
 
 def set_recompute(model: nn.Module, mode: str) -> nn.Module:
     """Set :attr:`GroupedPointwiseConv2d.recompute` of every block in ``model``; returns ``model``."""
-    for module in model.modules():
-        if isinstance(module, GroupedPointwiseConv2d):
-            module.recompute = mode
-    return model
+    return _set_on_blocks(model, "recompute", mode)
 
 
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -56,6 +57,12 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         gathered = rows.index_select(1, index)  # on 2-D: a 4-D inner-dim index_select is ~20x slower
         return gathered.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
     return x.index_select(1, index)
+
+
+def _checked(name: str, mode: str, allowed) -> str:
+    if mode not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {mode!r}")
+    return mode
 
 
 def _index_buffer(index) -> Optional[torch.Tensor]:
@@ -270,9 +277,7 @@ class GroupedPointwiseConv2d(nn.Module):
 
     @recompute.setter
     def recompute(self, mode: str) -> None:
-        if mode not in RECOMPUTE:
-            raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {mode!r}")
-        self._recompute = mode
+        self._recompute = _checked("recompute", mode, RECOMPUTE)
 
     def _recomputes(self, x: torch.Tensor, k_conv: torch.Tensor) -> bool:
         if self._recompute == "none" or self._execution != "fast" or not self.training:
@@ -289,9 +294,7 @@ class GroupedPointwiseConv2d(nn.Module):
 
     @execution.setter
     def execution(self, mode: str) -> None:
-        if mode not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {mode!r}")
-        self._execution = mode
+        self._execution = _checked("execution", mode, EXECUTIONS)
         for layer in (self.k, self.l):
             if layer is not None:
                 layer.execution = layer.fast_execution if mode == "fast" else "reference"

@@ -96,9 +96,8 @@ class _FoldedLayer(nn.Module):
         return dense.index_put_((rows, columns), self.weight.reshape(-1), accumulate=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv_weight is None:
-            return self.act(F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups))
-        return self.act(F.conv2d(x, self.conv_weight, self.bias, self.stride, 0, 1, self.groups // self.group_factor))
+        weight = self.weight if self.conv_weight is None else self.conv_weight
+        return self.act(F.conv2d(x, weight, self.bias, self.stride, 0, 1, self.groups // self.group_factor))
 
 
 def _super_grouped(weight: torch.Tensor, groups: int, factor: int) -> torch.Tensor:
@@ -381,22 +380,18 @@ def _convert(module: nn.Module) -> nn.Module:
 # times the grouped multiply-adds (small layers: oneDNN's dense kernels are several times faster per
 # multiply-add than its grouped ones, and the dense form needs no gather). Timed with an example batch,
 # kEffNet-B0's blocks of up to 4.5x mostly ran fastest dense (benchmarks/block_times.py).
-DENSE_MAC_RATIO = 4.5
+INFERENCE_DENSE_MAC_RATIO = 4.5
 
 
-def _best_of(function, repeats: int = 3) -> float:
+def _seconds(function, repeats: int = 3) -> float:
+    """Best of ``repeats`` timed calls after one warm-up call (oneDNN primitive creation)."""
+    function()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         function()
         best = min(best, time.perf_counter() - started)
     return best
-
-
-def _seconds(function) -> float:
-    """Best of three timed calls after one warm-up call (oneDNN primitive creation)."""
-    function()
-    return _best_of(function)
 
 
 def _keep_fastest_factor(layer: _FoldedLayer, x: torch.Tensor) -> None:
@@ -419,7 +414,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
 
     With ``example_input``, each block is timed in each of its forms on the input it receives
     (:meth:`FoldedGroupedPointwiseConv2d.tune`); otherwise the dense form is used when it needs at most
-    ``DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
+    ``INFERENCE_DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
     with :func:`_default_factor`. Returns ``{block name: execution}``."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
     inputs: Dict[str, torch.Tensor] = {}
@@ -442,7 +437,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
             if layer is not None:
                 layer.super_group(_default_factor(layer))
         dense_macs = block.in_channels * block.out_channels
-        if block.has_dense_form and dense_macs <= DENSE_MAC_RATIO * block.plan.weight_count:
+        if block.has_dense_form and dense_macs <= INFERENCE_DENSE_MAC_RATIO * block.plan.weight_count:
             block.execution = "dense"
         else:
             block.execution = "factored" if block.has_factored_form else "grouped"

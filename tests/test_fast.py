@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
 
@@ -131,9 +132,6 @@ def test_recompute_keeps_less_and_changes_nothing_else():
 
 def test_recompute_names_are_checked():
     block = GroupedPointwiseConv2d(32, 16, 8)
-    try:
+    with pytest.raises(ValueError) as error:
         block.recompute = "sometimes"
-    except ValueError as error:
-        assert str(error) == "recompute must be one of all, l_layer, none, got 'sometimes'"
-    else:
-        raise AssertionError("no error")
+    assert str(error.value) == "recompute must be one of all, l_layer, none, got 'sometimes'"

@@ -1,5 +1,6 @@
 """prepare_for_inference: folded batch norms and merged grouped blocks equal the eval model."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
@@ -120,9 +121,6 @@ def test_block_forms_and_group_factors():
         assert torch.allclose(prepared(x), block(x), atol=1e-4, rtol=1e-4)
     expansion = prepare_for_inference(GroupedPointwiseConv2d(32, 192, 16, activation="swish").eval())
     assert expansion.executions == ("grouped", "dense")
-    try:
+    with pytest.raises(ValueError) as error:
         expansion.execution = "factored"
-    except ValueError as error:
-        assert str(error) == "this block's executions are grouped, dense; got 'factored'"
-    else:
-        raise AssertionError("no error")
+    assert str(error.value) == "this block's executions are grouped, dense; got 'factored'"
