@@ -12,8 +12,15 @@ or flags (``--channels-per-group`` etc.):
 ``channels_per_group``
     the channel counts the templates are expanded over (e.g. ``[2, 4, 8, 16, 32]``).
 ``dataset``, ``data_dir``, ``image_size``, ``skip_strides``, ``epochs``, ``batch_size``, ``lr``,
-``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``
+``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``, ``lr_cycle``,
+``precise_bn_batches``, ``classifier_init``
     the training options of :class:`gpconv.training.TrainConfig` / ``gpconv train``.
+``tag``
+    optional word appended to the names of a group's runs (``baseline-keras-init``), for groups that
+    run the same variants with other options.
+``seeds``
+    optional list of seeds: every variant is run once per seed, and the run folders get a
+    ``-seedN`` suffix (``v2-16ch-seed1``).
 ``groups``
     optional list of mappings, each overriding the keys above for its own runs (e.g. one group per
     architecture of a paper table). Run folders are named by the variant (``baseline``,
@@ -46,9 +53,9 @@ TTA_FILE = "tta.json"
 TRAIN_KEYS: Dict[str, object] = {
     "dataset": None, "data_dir": None, "image_size": 32, "skip_strides": 0, "epochs": 50, "batch_size": 64,
     "lr": 1e-3, "max_train_batches": None, "val_flips": False, "augment": True, "monitor": "val_accuracy",
-    "seed": 0, "precise_bn_batches": 0,
+    "seed": 0, "precise_bn_batches": 0, "lr_cycle": 25, "classifier_init": "family",
 }
-SWEEP_KEYS = set(TRAIN_KEYS) | {"arch", "variants", "channels_per_group", "groups", "table", "description",
+SWEEP_KEYS = set(TRAIN_KEYS) | {"seeds", "tag", "arch", "variants", "channels_per_group", "groups", "table", "description",
                                 "notes"}
 _TEMPLATE = re.compile(r"^v[12]((-noL|-relu)*)$")
 
@@ -61,6 +68,7 @@ class RunSpec:
     arch: str
     variant: str
     options: Dict[str, object] = field(default_factory=dict)  # TRAIN_KEYS
+    tag: str = ""  # a group's ``tag``: appended to the run name (``baseline-keras-init``)
 
     def model_config(self, num_classes: int = 10):
         """The :class:`~gpconv.training.ModelConfig` of this run (``activation`` None: the family's default)."""
@@ -69,13 +77,14 @@ class RunSpec:
         variant = parse_variant(self.variant)
         return ModelConfig(self.arch, num_classes=num_classes, channels_per_group=variant.channels_per_group,
                            version=variant.version, l_layer=variant.l_layer, activation=variant.activation,
-                           skip_strides=int(self.options["skip_strides"]), image_size=int(self.options["image_size"]))
+                           skip_strides=int(self.options["skip_strides"]), image_size=int(self.options["image_size"]),
+                           classifier_init=str(self.options["classifier_init"]))
 
     def train_config(self, output: Path):
         from .training import TrainConfig
 
         names = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
-                 "monitor", "seed", "precise_bn_batches")
+                 "monitor", "seed", "precise_bn_batches", "lr_cycle")
         return TrainConfig(output=str(output), **{k: self.options[k] for k in names})
 
 
@@ -147,15 +156,21 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         cpg = [int(n) for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
         variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
         options = {k: merged[k] for k in TRAIN_KEYS}
-        for variant in variants:
-            spec = RunSpec(variant, arch, variant, dict(options))
-            spec.train_config(Path("unused"))  # checks epochs, batch_size ... (one-line ValueError)
-            specs.append(spec)
+        seeds = [int(n) for n in _as_list(merged.get("seeds"), "seeds")] or [int(options["seed"])]
+        for seed in seeds:
+            for variant in variants:
+                spec = RunSpec(variant, arch, variant, {**options, "seed": seed}, str(merged.get("tag") or ""))
+                spec.train_config(Path("unused"))  # checks epochs, batch_size ... (one-line ValueError)
+                spec.model_config()  # checks classifier_init
+                specs.append(spec)
     # prefix the run names with what varies across the sweep (arch, dataset, image size)
     varying = [key for key in ("arch", "dataset", "image_size")
                if len({_dimension(spec, key) for spec in specs}) > 1]
+    seed_varies = len({spec.options["seed"] for spec in specs}) > 1
     for spec in specs:
-        spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant])
+        suffix = [spec.tag] if spec.tag else []
+        suffix += [f"seed{spec.options['seed']}"] if seed_varies else []
+        spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant] + suffix)
     seen = set()
     for spec in specs:
         if spec.name in seen:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .data import DATASETS
-from .models import list_models
+from .models import CLASSIFIER_INITS, list_models
 
 __all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
 
@@ -49,6 +49,9 @@ def add_training_commands(commands) -> None:
     train.add_argument("--epochs", type=positive_int, default=50)
     train.add_argument("--batch-size", type=positive_int, default=64)
     train.add_argument("--lr", type=float, default=1e-3, help="base learning rate of the cyclical schedule")
+    train.add_argument("--lr-cycle", type=positive_int, default=25, help="epochs per cycle of the schedule (25)")
+    train.add_argument("--classifier-init", default="family", choices=CLASSIFIER_INITS,
+                       help="family: the family's rule (Keras' for EfficientNet); torch: nn.Linear's default")
     train.add_argument("--max-train-batches", type=positive_int, default=None,
                        help="train on at most N batches per epoch (quick runs)")
     train.add_argument("--monitor", default="val_accuracy", choices=("val_accuracy", "val_loss"))
@@ -91,10 +94,10 @@ def run_train(args) -> None:
         torch.set_num_threads(args.threads)
     model_config = ModelConfig(args.arch, channels_per_group=args.channels_per_group, version=args.version,
                                l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides,
-                               image_size=args.image_size)
+                               image_size=args.image_size, classifier_init=args.classifier_init)
     model_config.build()  # fail early, with create_model's one-line message, on a bad combination
     config = TrainConfig(dataset=args.dataset, output=args.output, data_dir=args.data_dir, epochs=args.epochs,
-                         batch_size=args.batch_size, lr=args.lr, max_train_batches=args.max_train_batches,
+                         batch_size=args.batch_size, lr=args.lr, lr_cycle=args.lr_cycle, max_train_batches=args.max_train_batches,
                          monitor=args.monitor, hflip_tta=args.hflip_tta, val_flips=args.val_flips,
                          augment=args.augment, seed=args.seed, device=args.device,
                          precise_bn_batches=args.precise_bn_batches, synthetic_size=args.synthetic_size)

@@ -42,7 +42,7 @@ from torch.utils.data import DistributedSampler
 
 from .counting import count_computations, count_macs, count_parameters
 from .data import DatasetSplits, ImageSet, KerasAugment, load_dataset, to_float
-from .models import create_model
+from .models import CLASSIFIER_INITS, create_model, init_classifier
 
 __all__ = [
     "ModelConfig", "TrainConfig", "TrainingDiverged", "CheckpointError", "cyclical_lr", "make_optimizer",
@@ -77,11 +77,18 @@ class ModelConfig:
     activation: str = "swish"
     skip_strides: int = 0
     image_size: int = 32
+    classifier_init: str = "family"
+
+    def __post_init__(self):
+        if self.classifier_init not in CLASSIFIER_INITS:
+            raise ValueError(f"classifier_init must be one of {', '.join(CLASSIFIER_INITS)}, got "
+                             f"{self.classifier_init!r}")
 
     def build(self) -> nn.Module:
-        return create_model(self.arch, self.num_classes, channels_per_group=self.channels_per_group,
-                            version=self.version, l_layer=self.l_layer, activation=self.activation,
-                            skip_strides=self.skip_strides)
+        model = create_model(self.arch, self.num_classes, channels_per_group=self.channels_per_group,
+                             version=self.version, l_layer=self.l_layer, activation=self.activation,
+                             skip_strides=self.skip_strides)
+        return init_classifier(model, self.classifier_init)
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
@@ -99,6 +106,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int = 64
     lr: float = 1e-3
+    lr_cycle: int = 25
     max_train_batches: Optional[int] = None
     monitor: str = "val_accuracy"
     hflip_tta: bool = False
@@ -113,7 +121,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ValueError(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "lr_cycle"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_train_batches is not None and self.max_train_batches < 1:
@@ -464,7 +472,7 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     start_epoch, history, best = 0, [], None
     if resume and last_path.exists():
         checkpoint = load_checkpoint(last_path, map_location=device)
-        if checkpoint["model_config"] != asdict(model_config):
+        if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
             raise CheckpointError(f"{last_path} was trained with a different model: {checkpoint['model_config']}")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -492,7 +500,7 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
 
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.perf_counter()
-        lr = cyclical_lr(epoch, config.lr)
+        lr = cyclical_lr(epoch, config.lr, config.lr_cycle)
         for group in optimizer.param_groups:
             group["lr"] = lr
         sampler.set_epoch(epoch)

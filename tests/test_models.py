@@ -1,11 +1,14 @@
 """EfficientNet B0-B7 and their k-variants."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
+from gpconv.models import create_model, init_classifier
 
 # Entropy 2022, Table 3: trainable parameters with 10 classes (EfficientNet, kEffNet V2 16ch, V2 32ch).
 ENTROPY_TABLE_3 = {
@@ -73,3 +76,27 @@ def test_bad_model_arguments(kwargs, error, match):
     with pytest.raises(error, match=match) as raised:
         gpconv.create_model(**arguments)
     assert "\n" not in str(raised.value)
+
+
+def test_efficientnet_initialises_depthwise_kernels_as_keras():
+    """Keras' fan-out of a depthwise kernel is k*k (not channels*k*k): std sqrt(2/(k*k))."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", 10)
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == 16
+    for conv in depthwise:
+        k = conv.kernel_size[0]
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (k * k)), rel=0.1)
+    pointwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1]
+    for conv in pointwise[:5]:
+        assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / conv.out_channels), rel=0.2)
+
+
+def test_classifier_init_rules():
+    torch.manual_seed(0)
+    keras = create_model("efficientnet_b0", 10).classifier[-1].weight
+    torch_rule = init_classifier(create_model("efficientnet_b0", 10), "torch").classifier[-1].weight
+    assert 0.3 < keras.abs().max().item() <= 1 / math.sqrt(10)
+    assert torch_rule.abs().max().item() <= 1 / math.sqrt(1280) < 0.03
+    with pytest.raises(ValueError, match="classifier_init"):
+        init_classifier(create_model("mobilenet", 10), "xavier")

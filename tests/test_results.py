@@ -267,3 +267,17 @@ def test_sweep_passes_precise_bn_batches_to_training(tmp_path):
     assert default.train_config(tmp_path).precise_bn_batches == 0
     run, = expand_runs(config, {"precise_bn_batches": 4})
     assert run.train_config(tmp_path).precise_bn_batches == 4
+
+
+def test_seeds_and_tags_name_the_runs_and_reach_training(tmp_path):
+    config = {"arch": "efficientnet_b0", "dataset": "synthetic", "lr_cycle": 12, "classifier_init": "torch",
+              "groups": [{"variants": ["baseline", "v2-16ch"], "seeds": [0, 1]},
+                         {"variants": ["baseline"], "tag": "keras-init", "classifier_init": "family"}]}
+    runs = expand_runs(config)
+    assert [run.name for run in runs] == ["baseline-seed0", "v2-16ch-seed0", "baseline-seed1", "v2-16ch-seed1",
+                                          "baseline-keras-init-seed0"]
+    assert [run.train_config(tmp_path).seed for run in runs] == [0, 0, 1, 1, 0]
+    assert {run.train_config(tmp_path).lr_cycle for run in runs} == {12}
+    assert [run.model_config().classifier_init for run in runs] == ["torch"] * 4 + ["family"]
+    with pytest.raises(ValueError, match="classifier_init"):
+        expand_runs({**config, "classifier_init": "xavier"})

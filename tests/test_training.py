@@ -182,3 +182,14 @@ def test_real_cifar10_subset_trains_a_few_batches_and_evaluates(tmp_path):
     assert set(metrics["per_class"]) >= {"airplane", "truck"}
     evaluated = evaluate_checkpoint(tmp_path / "cifar" / "best.pt")
     assert evaluated["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
+def test_lr_cycle_sets_the_schedule_length(tmp_path):
+    assert cyclical_lr(4, cycle=4) == pytest.approx(1e-3) and cyclical_lr(3, cycle=4) == pytest.approx(2.5e-3)
+    with pytest.raises(ValueError, match="lr_cycle"):
+        TrainConfig(dataset="synthetic", output=str(tmp_path), lr_cycle=0)
+    config = TrainConfig(dataset="synthetic", output=str(tmp_path / "run"), epochs=3, lr_cycle=2, batch_size=8,
+                         max_train_batches=1, synthetic_size=[40, 20], augment=False)
+    train(config, ModelConfig("efficientnet_b0", image_size=16), log=lambda line: None)
+    lrs = [float(line.split(",")[1]) for line in (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([1e-3, 1.5e-3, 1e-3])

@@ -161,9 +161,19 @@ class EfficientNet(nn.Module):
 
 
 def _init_weights(model: nn.Module) -> None:
+    """Keras' EfficientNet initialisers: convolutions ``VarianceScaling(2.0, 'fan_out', normal)``, the
+    classifier ``VarianceScaling(1/3, 'fan_out', uniform)`` (bound ``1/sqrt(classes)``).
+
+    Keras computes a kernel's fan-out as ``kernel_h * kernel_w * output channels per input
+    channel``: for a depthwise convolution that is ``k * k`` (depth multiplier 1), not PyTorch's
+    ``channels * k * k``, so depthwise weights are initialised ``sqrt(channels)`` times larger than
+    ``kaiming_normal_(mode='fan_out')`` would (docs/training.md).
+    """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            depthwise = module.groups > 1 and module.groups == module.in_channels
+            fan_out = module.out_channels // (module.groups if depthwise else 1) * module.weight[0, 0].numel()
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):

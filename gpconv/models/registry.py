@@ -12,7 +12,9 @@ from ..block import Grouping
 from ..layers import ActivationSpec, check_activation
 from ..plan import check_positive_int
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "CLASSIFIER_INITS", "init_classifier"]
+
+CLASSIFIER_INITS = ("family", "torch")
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,20 @@ def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Option
         raise TypeError(f"unknown option {unknown[0]!r} for {arch}; its extra options are: {allowed}")
     grouping = Grouping(channels_per_group, version, l_layer)
     return entry.builder(num_classes, grouping, activation=activation, skip_strides=skip_strides, **family_options)
+
+
+def init_classifier(model: nn.Module, rule: str = "family") -> nn.Module:
+    """Re-initialise the linear layers of ``model.classifier`` by ``rule`` (in place; returns ``model``).
+
+    ``"family"`` keeps what the family's builder did (for EfficientNet Keras' rule, uniform
+    ``±1/sqrt(classes)``: ±0.32 with 10 classes, so a fresh model's logits reach ~8). ``"torch"`` is
+    PyTorch's ``nn.Linear`` default, uniform ``±1/sqrt(features)`` (±0.028 for 1280 features): the
+    study in docs/training.md found it lets a small-data run learn from the first steps.
+    """
+    if rule not in CLASSIFIER_INITS:
+        raise ValueError(f"classifier_init must be one of {', '.join(CLASSIFIER_INITS)}, got {rule!r}")
+    if rule == "torch":
+        for module in model.classifier.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+    return model
