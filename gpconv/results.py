@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["RunResult", "collect_runs", "load_run", "pareto_front", "format_results_table", "write_report",
-           "save_figure"]
+__all__ = ["RunResult", "VariantSummary", "collect_runs", "load_run", "pareto_front", "format_results_table",
+           "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure"]
 
 
 @dataclass
@@ -39,6 +39,53 @@ class RunResult:
     epochs: int
     dataset: str
     history: List[Dict[str, float]] = field(default_factory=list)
+    seed: Optional[int] = None
+    train_seconds: Optional[float] = None
+
+    @property
+    def variant(self) -> str:
+        """The run name without the ``-seedN`` suffix ``gpconv sweep`` adds for multi-seed sweeps."""
+        suffix = f"-seed{self.seed}"
+        return self.name[:-len(suffix)] if self.seed is not None and self.name.endswith(suffix) else self.name
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        """Test accuracy without TTA when known, else with it (what the plots and the mean use)."""
+        return self.test_accuracy if self.test_accuracy is not None else self.test_accuracy_hflip_tta
+
+
+@dataclass
+class VariantSummary:
+    """The runs of one variant (its seeds) and their mean and standard deviation."""
+
+    variant: str
+    runs: List[RunResult]
+
+    @property
+    def trainable_params(self) -> int:
+        return self.runs[0].trainable_params
+
+    @property
+    def computations(self) -> int:
+        return self.runs[0].computations
+
+    def mean_std(self, attribute: str):
+        """(mean, sample standard deviation; 0 for one run) of ``attribute`` over the runs that have it,
+        or None when none has it."""
+        values = [getattr(run, attribute) for run in self.runs if getattr(run, attribute) is not None]
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        return mean, spread
+
+
+def summarize_variants(runs: Sequence[RunResult]) -> List[VariantSummary]:
+    """Group ``runs`` by :attr:`RunResult.variant`, in the order the variants first appear."""
+    groups: Dict[str, List[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(run.variant, []).append(run)
+    return [VariantSummary(name, members) for name, members in groups.items()]
 
 
 def _read_json(path: Path) -> dict:
@@ -71,8 +118,11 @@ def load_run(folder) -> RunResult:
     if (folder / "history.csv").is_file():
         with open(folder / "history.csv", newline="") as handle:
             history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    seed = config.get("train", {}).get("seed")
     return RunResult(folder.name, folder, int(metrics["trainable_params"]), int(metrics["computations"]), plain, tta,
-                     int(metrics.get("epochs", len(history))), str(metrics.get("dataset", "")), history)
+                     int(metrics.get("epochs", len(history))), str(metrics.get("dataset", "")), history,
+                     None if seed is None else int(seed), metrics.get("train_seconds"))
 
 
 def collect_runs(paths: Sequence) -> List[RunResult]:
@@ -141,6 +191,42 @@ def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = No
     return "\n".join(lines)
 
 
+RUNS_CSV_FIELDS = ("variant", "seed", "trainable_params", "computations", "test_accuracy", "test_accuracy_hflip",
+                   "epochs", "train_seconds")
+
+
+def runs_csv(runs: Sequence[RunResult]) -> str:
+    """One row per run (:data:`RUNS_CSV_FIELDS`; empty where a run lacks the figure)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(RUNS_CSV_FIELDS)
+    for run in runs:
+        values = (run.variant, run.seed, run.trainable_params, run.computations, run.test_accuracy,
+                  run.test_accuracy_hflip_tta, run.epochs, run.train_seconds)
+        writer.writerow(["" if value is None else value for value in values])
+    return buffer.getvalue()
+
+
+def _mean_std(pair) -> str:
+    return "-" if pair is None else f"{pair[0]:.4f} ± {pair[1]:.4f}"
+
+
+def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
+    """Markdown table of the variants: mean ± sample standard deviation over their seeds."""
+    base = next((v for v in summaries if v.variant.endswith("baseline")), summaries[0])
+    lines = ["| variant | seeds | parameters | % parameters | computations | % computations | test accuracy "
+             "(mean ± std) | H-flip TTA (mean ± std) | train minutes (mean) |", "|---|" + "---:|" * 8]
+    for summary in summaries:
+        seconds = summary.mean_std("train_seconds")
+        lines.append(
+            f"| {summary.variant} | {len(summary.runs)} | {summary.trainable_params:,} | "
+            f"{100.0 * summary.trainable_params / base.trainable_params:.1f}% | {summary.computations:,} | "
+            f"{100.0 * summary.computations / base.computations:.1f}% | {_mean_std(summary.mean_std('accuracy'))} | "
+            f"{_mean_std(summary.mean_std('test_accuracy_hflip_tta'))} | "
+            f"{'-' if seconds is None else f'{seconds[0] / 60:.1f}'} |")
+    return "\n".join(lines)
+
+
 def save_figure(figure, path) -> Path:
     """Save a matplotlib figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
     path = Path(path)
@@ -165,21 +251,28 @@ def _pyplot():
     return plt
 
 
-def _tradeoff_plot(runs: Sequence[RunResult], attribute: str, label: str, path: Path, title: str) -> Path:
+def _tradeoff_plot(summaries: Sequence[VariantSummary], attribute: str, label: str, path: Path, title: str) -> Path:
+    """Mean test accuracy of each variant against ``attribute`` (error bars: the seeds' standard
+    deviation), with the Pareto front of the means."""
     plt = _pyplot()
-    costs = [getattr(run, attribute) for run in runs]
-    accuracies = [run.test_accuracy if run.test_accuracy is not None else run.test_accuracy_hflip_tta for run in runs]
+    costs = [getattr(summary, attribute) for summary in summaries]
+    means = [summary.mean_std("accuracy") or (float("nan"), 0.0) for summary in summaries]
+    accuracies = [mean for mean, _ in means]
     front = pareto_front(costs, accuracies)
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    others = [i for i in range(len(runs)) if i not in front]
-    axis.scatter([costs[i] for i in others], [accuracies[i] for i in others], color="tab:gray", label="run")
+    others = [i for i in range(len(summaries)) if i not in front]
+    axis.errorbar([costs[i] for i in others], [accuracies[i] for i in others], [means[i][1] for i in others],
+                  fmt="o", color="tab:gray", capsize=3, label="variant (mean ± std over seeds)")
+    axis.errorbar([costs[i] for i in front], [accuracies[i] for i in front], [means[i][1] for i in front],
+                  fmt="none", ecolor="tab:red", capsize=3)
     axis.plot([costs[i] for i in front], [accuracies[i] for i in front], color="tab:red", marker="o",
-              drawstyle="steps-post", label="Pareto front (no run is cheaper and more accurate)")
-    by_cost = sorted(range(len(runs)), key=lambda i: costs[i])
+              drawstyle="steps-post", label="Pareto front (no variant is cheaper and more accurate)")
+    by_cost = sorted(range(len(summaries)), key=lambda i: costs[i])
     offsets = {i: (4, 4) if rank % 2 == 0 else (4, -11) for rank, i in enumerate(by_cost)}  # neighbours alternate
-    for i, run in enumerate(runs):
-        axis.annotate(run.name, (costs[i], accuracies[i]), textcoords="offset points", xytext=offsets[i], fontsize=8,
-                      color="tab:red" if i in front else "black", fontweight="bold" if i in front else "normal")
+    for i, summary in enumerate(summaries):
+        axis.annotate(summary.variant, (costs[i], accuracies[i]), textcoords="offset points", xytext=offsets[i],
+                      fontsize=8, color="tab:red" if i in front else "black",
+                      fontweight="bold" if i in front else "normal")
     axis.set_xscale("log")
     axis.set_xlabel(label + " (log scale)")
     axis.set_ylabel("test accuracy")
@@ -222,8 +315,11 @@ def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
         plt.close(figure)
 
 
-def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None) -> List[Path]:
-    """Write the table (``results.md``, ``results.csv``) and the plots of the runs in ``paths`` to ``output``."""
+def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None,
+                 runs_csv_path=None) -> List[Path]:
+    """Write the table (``results.md``, ``results.csv``), ``runs.csv`` (or ``runs_csv_path``) and the
+    plots of the runs in ``paths`` to ``output``. Runs of one variant with several seeds are also
+    summarised as mean ± standard deviation, and the plots show those means."""
     from .training import atomic_write_text
 
     runs = collect_runs(paths)
@@ -235,8 +331,14 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(HEADER)
     writer.writerows(rows)
-    written = [atomic_write_text(output / "results.csv", buffer.getvalue())]
-    markdown = (f"# {title}\n\n{format_results_table(runs, baseline)}\n\n"
+    written = [atomic_write_text(output / "results.csv", buffer.getvalue()),
+               atomic_write_text(Path(runs_csv_path or output / "runs.csv"), runs_csv(runs))]
+    summaries = summarize_variants(runs)
+    by_variant = ""
+    if any(len(summary.runs) > 1 for summary in summaries):
+        by_variant = ("## By variant (mean ± sample standard deviation over seeds)\n\n"
+                      f"{format_variant_table(summaries)}\n\n## Every run\n\n")
+    markdown = (f"# {title}\n\n{by_variant}{format_results_table(runs, baseline)}\n\n"
                 "Parameters and computations: `metrics.json` of each run (computations as the papers count them); "
                 "% columns: of the baseline row. Test accuracy: best epoch's weights; H-flip TTA: mean of the "
                 "softmaxes of the image and its horizontal flip.\n\n"
@@ -244,8 +346,9 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
                 "![accuracy vs computations](accuracy_vs_computations.png)\n"
                 "![training curves](training_curves.png)\n")
     written.append(atomic_write_text(output / "results.md", markdown))
-    written.append(_tradeoff_plot(runs, "trainable_params", "trainable parameters",
+    written.append(_tradeoff_plot(summaries, "trainable_params", "trainable parameters",
                                   output / "accuracy_vs_parameters.png", title))
-    written.append(_tradeoff_plot(runs, "computations", "computations", output / "accuracy_vs_computations.png", title))
+    written.append(_tradeoff_plot(summaries, "computations", "computations", output / "accuracy_vs_computations.png",
+                                  title))
     written.append(_curves_plot(runs, output / "training_curves.png", title))
     return written

@@ -60,6 +60,8 @@ def add_results_commands(commands) -> None:
     report.add_argument("--baseline", default=None, help="run name of the 100%% row (default: 'baseline' if present, "
                                                           "else the first run)")
     report.add_argument("--title", default=None)
+    report.add_argument("--runs-csv", default=None, metavar="FILE",
+                        help="where the one-row-per-run CSV goes (default: OUTPUT/runs.csv)")
     report.set_defaults(run=run_report_command)
 
     cam = commands.add_parser("cam", help="class activation maps of a trained model on test images")
@@ -111,7 +113,8 @@ def run_report_command(args) -> None:
     """``gpconv report``."""
     from .results import write_report
 
-    written = write_report(args.runs, args.output, baseline=args.baseline, title=args.title)
+    written = write_report(args.runs, args.output, baseline=args.baseline, title=args.title,
+                           runs_csv_path=args.runs_csv)
     for path in written:
         print(path)
 

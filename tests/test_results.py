@@ -281,3 +281,21 @@ def test_seeds_and_tags_name_the_runs_and_reach_training(tmp_path):
     assert [run.model_config().classifier_init for run in runs] == ["torch"] * 4 + ["family"]
     with pytest.raises(ValueError, match="classifier_init"):
         expand_runs({**config, "classifier_init": "xavier"})
+
+
+def test_report_summarises_seeds_and_writes_one_csv_row_per_run(tmp_path):
+    for name, seed, accuracy in (("baseline-seed0", 0, 0.5), ("baseline-seed1", 1, 0.6), ("v2-16ch-seed0", 0, 0.55)):
+        params = 1000 if name.startswith("baseline") else 150
+        _fake_run(tmp_path / "sweep" / name, params, 10 * params, accuracy, tta=accuracy + 0.01)
+        (tmp_path / "sweep" / name / "config.json").write_text(json.dumps({"train": {"seed": seed}}))
+    output, table = tmp_path / "report", tmp_path / "study.csv"
+    assert main(["report", str(tmp_path / "sweep"), "--output", str(output), "--runs-csv", str(table)]) == 0
+    rows = list(csv.DictReader(table.open()))
+    assert [(row["variant"], row["seed"], row["trainable_params"]) for row in rows] == [
+        ("baseline", "0", "1000"), ("baseline", "1", "1000"), ("v2-16ch", "0", "150")]
+    assert float(rows[1]["test_accuracy_hflip"]) == pytest.approx(0.61)
+    assert list(rows[0]) == ["variant", "seed", "trainable_params", "computations", "test_accuracy",
+                             "test_accuracy_hflip", "epochs", "train_seconds"]
+    markdown = (output / "results.md").read_text()
+    assert "| baseline | 2 | 1,000 | 100.0% |" in markdown and "0.5500 ± 0.0707" in markdown
+    assert "| v2-16ch | 1 | 150 | 15.0% |" in markdown
