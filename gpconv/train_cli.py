@@ -40,7 +40,8 @@ def add_training_commands(commands) -> None:
                        help="k-variant with this many channels per group (default: the dense baseline)")
     train.add_argument("--version", type=int, default=2, choices=(1, 2))
     train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
-    train.add_argument("--activation", default="swish")
+    train.add_argument("--activation", default=None,
+                       help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")
     train.add_argument("--skip-strides", type=int, default=0, help="3 is the papers' 32x32 setting")
     train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
                        help="one of: " + ", ".join(DATASETS))

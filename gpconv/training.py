@@ -74,7 +74,7 @@ class ModelConfig:
     channels_per_group: Optional[int] = None
     version: int = 2
     l_layer: bool = True
-    activation: str = "swish"
+    activation: Optional[str] = None  # None: the family's default, as gpconv sweep and create_model
     skip_strides: int = 0
     image_size: int = 32
     classifier_init: str = "family"

@@ -193,3 +193,14 @@ def test_lr_cycle_sets_the_schedule_length(tmp_path):
     train(config, ModelConfig("efficientnet_b0", image_size=16), log=lambda line: None)
     lrs = [float(line.split(",")[1]) for line in (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]]
     assert lrs == pytest.approx([1e-3, 1.5e-3, 1e-3])
+
+
+def test_train_and_sweep_build_the_same_model_by_default():
+    """One default per setting: without --activation, gpconv train uses the family's activation, as a sweep does."""
+    from gpconv.cli import build_parser
+    from gpconv.sweep import expand_runs
+
+    args = build_parser().parse_args(["train", "--arch", "mobilenet_v3_large", "--dataset", "synthetic", "--output", "x"])
+    run, = expand_runs({"arch": "mobilenet_v3_large", "dataset": "synthetic", "variants": ["baseline"]})
+    assert args.activation is None and run.model_config().activation is None
+    assert ModelConfig("mobilenet_v3_large").activation is None
