@@ -100,3 +100,20 @@ def test_classifier_init_rules():
     assert torch_rule.abs().max().item() <= 1 / math.sqrt(1280) < 0.03
     with pytest.raises(ValueError, match="classifier_init"):
         init_classifier(create_model("mobilenet", 10), "xavier")
+
+
+def test_k_variant_pointwise_convolutions_are_glorot_uniform_as_the_reference():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", 10, channels_per_group=16)
+    blocks = [m for m in model.modules() if isinstance(m, GroupedPointwiseConv2d)]
+    convs = [c for b in blocks for c in b.modules() if isinstance(c, nn.Conv2d)]
+    assert len(convs) > 40
+    for conv in convs:
+        fan_in, fan_out = conv.weight.shape[1], conv.weight.shape[0]
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert conv.weight.abs().max().item() <= bound
+        if conv.weight.numel() > 500:
+            assert conv.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    # the dense baseline keeps Keras' EfficientNet rule, normal(0, sqrt(2 / fan_out))
+    dense = create_model("efficientnet_b0", 10).features[-1][0]
+    assert dense.weight.std().item() == pytest.approx(math.sqrt(2 / 1280), rel=0.05)

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..block import Grouping, pointwise_conv
+from ..block import GroupedPointwiseConv2d, Grouping, pointwise_conv
 from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation
 from .registry import register_model
 
@@ -168,6 +168,10 @@ def _init_weights(model: nn.Module) -> None:
     channel``: for a depthwise convolution that is ``k * k`` (depth multiplier 1), not PyTorch's
     ``channels * k * k``, so depthwise weights are initialised ``sqrt(channels)`` times larger than
     ``kaiming_normal_(mode='fan_out')`` would (docs/training.md).
+
+    The k-variants' pointwise convolutions (K and L of every :class:`GroupedPointwiseConv2d`) are
+    Glorot-uniform, as the reference's ``kPointwiseConv2D`` builds them (its ``conv2d_bn`` keeps
+    Keras' default ``glorot_uniform``; fan-in = channels per group, fan-out = the path's filters).
     """
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
@@ -180,6 +184,11 @@ def _init_weights(model: nn.Module) -> None:
             bound = 1.0 / math.sqrt(module.out_features)
             nn.init.uniform_(module.weight, -bound, bound)
             nn.init.zeros_(module.bias)
+    for block in model.modules():
+        if isinstance(block, GroupedPointwiseConv2d):
+            for conv in block.modules():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.xavier_uniform_(conv.weight)
 
 
 def _builder(arch: str):
