@@ -8,7 +8,8 @@ Keras' defaults, lr 1e-3, batch 64) and starts from the same seed. Three experim
   (uniform ±1/sqrt(classes)) or PyTorch's ``nn.Linear`` default (±1/sqrt(features)).
 * ``execution``: kEffNet-B0 V2 16ch from identical weights, trained with the fast execution (default) and
   with the straightforward one (``set_execution(model, "reference")``, no recomputation), plus the
-  dense baseline as a plain ``nn.Conv2d`` model: the per-step losses of the two k executions must agree.
+  dense baseline as a plain ``nn.Conv2d`` model: the per-step losses of the two k executions must agree
+  over the first steps (later, float rounding differences grow as between any two runs) and end close.
 * ``batchnorm``: after each ``init`` run, validation accuracy in eval mode with the running batch-norm
   statistics (Keras momentum 0.99) and with statistics recomputed over 10 training batches.
 
@@ -39,7 +40,7 @@ from gpconv.models import create_model, init_classifier  # noqa: E402
 from gpconv.training import atomic_write_text, make_optimizer, recalibrate_batch_norm  # noqa: E402
 
 FIELDS = ("experiment", "run", "trainable_params", "initial_loss", "final_loss", "eval_val_accuracy_running_bn",
-          "eval_val_accuracy_recomputed_bn", "max_loss_gap_to_fast")
+          "eval_val_accuracy_recomputed_bn", "loss_gap_to_fast_first_10_steps")
 
 
 def pytorch_depthwise_init(model: nn.Module) -> None:
@@ -96,7 +97,7 @@ def summary_row(experiment: str, name: str, model: nn.Module, losses, splits, ba
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            "initial_loss": round(losses[0], 4), "final_loss": round(sum(losses[-window:]) / window, 4),
            "eval_val_accuracy_running_bn": round(val_accuracy(model, splits), 4),
-           "max_loss_gap_to_fast": "" if gap is None else f"{gap:.2e}"}
+           "loss_gap_to_fast_first_10_steps": "" if gap is None else f"{gap:.2e}"}
     recalibrate_batch_norm(model, splits.train, 10, batch_size, torch.device("cpu"))
     row["eval_val_accuracy_recomputed_bn"] = round(val_accuracy(model, splits), 4)
     return row
@@ -125,7 +126,9 @@ def main(argv=None) -> int:
     rows.append(summary_row("execution", "v2-16ch fast execution", fast, fast_losses, splits, args.batch_size, 0.0))
     straightforward = set_recompute(set_execution(build(16, "keras", "torch"), "reference"), "none")
     losses = train_steps(straightforward, splits, args.steps, args.batch_size)
-    gap = max(abs(a - b) for a, b in zip(losses, fast_losses))
+    # the largest per-step difference over the first 10 steps (later, float rounding differences grow
+    # as in any two runs of a chaotic optimisation; the final losses are compared instead)
+    gap = max(abs(a - b) for a, b in zip(losses[:10], fast_losses[:10]))
     rows.append(summary_row("execution", "v2-16ch reference execution, no recompute", straightforward, losses, splits,
                             args.batch_size, gap))
     print(rows[-2:], flush=True)
