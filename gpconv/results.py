@@ -122,7 +122,9 @@ def load_run(folder) -> RunResult:
     seed = config.get("train", {}).get("seed")
     return RunResult(folder.name, folder, int(metrics["trainable_params"]), int(metrics["computations"]), plain, tta,
                      int(metrics.get("epochs", len(history))), str(metrics.get("dataset", "")), history,
-                     None if seed is None else int(seed), metrics.get("train_seconds"))
+                     None if seed is None else int(seed),
+                     # the epochs' own times: also right for a run resumed after an interruption
+                     round(sum(row["seconds"] for row in history), 2) if history else metrics.get("train_seconds"))
 
 
 def collect_runs(paths: Sequence) -> List[RunResult]:

@@ -294,6 +294,7 @@ def test_report_summarises_seeds_and_writes_one_csv_row_per_run(tmp_path):
     assert [(row["variant"], row["seed"], row["trainable_params"]) for row in rows] == [
         ("baseline", "0", "1000"), ("baseline", "1", "1000"), ("v2-16ch", "0", "150")]
     assert float(rows[1]["test_accuracy_hflip"]) == pytest.approx(0.61)
+    assert float(rows[0]["train_seconds"]) == 1.0  # the epochs' times in history.csv (right for resumed runs too)
     assert list(rows[0]) == ["variant", "seed", "trainable_params", "computations", "test_accuracy",
                              "test_accuracy_hflip", "epochs", "train_seconds"]
     markdown = (output / "results.md").read_text()
