@@ -479,7 +479,8 @@ def load_dataset(name: str, data_dir=None, *, image_size: Optional[int] = None, 
     """Load ``name`` (one of :data:`DATASETS`) with its train / validation / test splits.
 
     ``image_size`` resizes every image (default: 32 for CIFAR and synthetic; required-ish for
-    ``folder``, where it defaults to 32 too). ``val_fraction`` of the training images (seeded)
+    ``folder``, where it defaults to 32 too; 224 for :data:`PAPER_DATASETS`, which are split as
+    the papers, see :mod:`gpconv.paper_datasets`). ``val_fraction`` of the training images (seeded)
     become the validation set, except for folder datasets with their own ``val/`` folder.
     """
     if name not in DATASETS:
