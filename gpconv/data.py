@@ -49,8 +49,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "DataError", "ImageSet", "DatasetSplits", "DATASETS", "PAPER_DATASETS", "download_and_extract", "CIFAR_SOURCES", "load_dataset", "load_cifar",
+    "DataError", "ImageSet", "DatasetSplits", "DATASETS", "CIFAR_SOURCES", "load_dataset", "load_cifar",
     "load_folder", "make_synthetic", "hold_out", "add_flipped_copies", "to_float", "KerasAugment",
+    "PAPER_DATASETS", "download_and_extract",
 ]
 
 PAPER_DATASETS = ("oxford_pets", "malaria", "colorectal_histology", "cropped_plantdoc")
@@ -235,7 +236,7 @@ def _extract(archive: Path, data_dir: Path) -> List[Path]:
                 _safe_members([m.name for m in members], staging, archive)
                 if any(m.issym() or m.islnk() for m in members):
                     raise _UnsafeArchive(f"links in {archive} are not accepted")
-                tar.extractall(staging)
+                tar.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         entries = sorted(staging.iterdir())
         clashes = [str(data_dir / e.name) for e in entries if (data_dir / e.name).exists()]
         if clashes:

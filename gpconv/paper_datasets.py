@@ -144,7 +144,7 @@ def _plantdoc(data_dir: Path) -> Tuple[List[Entry], List[str]]:
     return [Entry(path, index[name], box) for path, name, box in rows], classes
 
 
-LISTINGS: Dict[str, Callable[[Path], Tuple[List[Entry], List[str]]]] = {
+_LISTINGS: Dict[str, Callable[[Path], Tuple[List[Entry], List[str]]]] = {
     "oxford_pets": _oxford_pets,
     "malaria": lambda data_dir: _class_files(data_dir / "cell_images"),
     "colorectal_histology": lambda data_dir: _class_files(data_dir / "Kather_texture_2016_image_tiles_5000"),
@@ -229,7 +229,11 @@ def prepare_cache(name: str, data_dir: Path, entries: Sequence[Entry], size: int
         np.save(staging / "labels.npy", np.asarray(labels, dtype=np.int64))
         (staging / "index.json").write_text(json.dumps({"size": size, "entries": len(entries), "rows": rows,
                                                         "skipped": skipped}))
-        os.replace(staging, cache)
+        try:
+            os.replace(staging, cache)
+        except OSError:  # another process (a DDP rank) finished the same cache first
+            if not (cache / "index.json").is_file():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return cache
@@ -301,7 +305,7 @@ def load_paper_dataset(name: str, data_dir, *, image_size: int = 224, seed: int 
     data_dir = Path(data_dir)
     source = SOURCES[name]
     _ensure_unpacked(name, data_dir, download)
-    entries, class_names = LISTINGS[name](data_dir)
+    entries, class_names = _LISTINGS[name](data_dir)
     if not entries:
         raise DataError(f"no images of {name} in {data_dir}")
     cache = prepare_cache(name, data_dir, entries, image_size)

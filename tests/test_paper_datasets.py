@@ -74,7 +74,8 @@ def malaria_archives():
     files = {}
     for label, name in enumerate(["Parasitized", "Uninfected"]):
         for number in range(20):
-            files[f"cell_images/{name}/C{number}P1ThinF_IMG_20150604_1_cell_{number}.png"] = _image_bytes(COLOURS[label])
+            path = f"cell_images/{name}/C{number}P1ThinF_IMG_20150604_1_cell_{number}.png"
+            files[path] = _image_bytes(COLOURS[label])
         files[f"cell_images/{name}/Thumbs.db"] = b"\x00" * 16
     return {"cell_images.zip": _zip(files)}
 
@@ -310,7 +311,8 @@ def test_cli_offline_says_where_to_get_the_data_then_trains_on_the_unpacked_copy
     result = _gpconv(*argv, "--output", str(tmp_path / "run0"), env=dead)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert SOURCES["malaria"].archives[0].url in result.stderr and str(tmp_path / "malaria" / "cell_images.zip") in result.stderr
+    assert SOURCES["malaria"].archives[0].url in result.stderr
+    assert str(tmp_path / "malaria" / "cell_images.zip") in result.stderr
     server.serve("malaria")
     load_dataset("malaria", tmp_path / "malaria", image_size=SIZE)
     result = _gpconv(*argv, "--output", str(tmp_path / "run"), env=dead)
