@@ -254,24 +254,29 @@ def download_and_extract(url: str, md5: Optional[str], data_dir: Path, archive_n
 
     An archive already in ``data_dir`` is checked and unpacked without downloading; a partial
     download (``archive_name.part``) is resumed. An archive with a wrong checksum, or that cannot
-    be unpacked, is removed and nothing of it is left unpacked (:class:`DataError`). Returns the
-    unpacked top-level paths.
+    be unpacked, is refused (:class:`DataError`), removed if this call downloaded it, and nothing of
+    it is left unpacked. Returns the unpacked top-level paths.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / archive_name
-    if not archive.is_file():
+    downloaded = not archive.is_file()
+    if downloaded:
         _fetch(url, archive, timeout)
+    origin = f"downloaded from {url}" if downloaded else "(put there, not downloaded)"
+
+    def refuse(problem: str) -> DataError:
+        if downloaded:
+            archive.unlink()
+        return DataError(f"{problem} ({'the file was removed' if downloaded else 'remove or replace it'})")
+
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         actual = _file_digest(archive, algorithm) if expected else expected
         if actual != expected:
-            archive.unlink()
-            raise DataError(f"checksum mismatch for {archive} downloaded from {url}: {algorithm} {actual}, expected "
-                            f"{expected} (the file was removed)")
+            raise refuse(f"checksum mismatch for {archive} {origin}: {algorithm} {actual}, expected {expected}")
     try:
         return _extract(archive, data_dir)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, _UnsafeArchive) as error:
-        archive.unlink()
-        raise DataError(f"cannot unpack {archive}: {error} (the archive was removed)") from None
+        raise refuse(f"cannot unpack {archive}: {error}") from None
 
 
 def _unpickle(path: Path) -> dict:

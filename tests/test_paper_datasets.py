@@ -180,6 +180,7 @@ def _leftovers(folder):
     return [p.name for p in folder.rglob("*") if ".part" in p.name or ".unpack-" in p.name]
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_each_dataset_downloads_checks_splits_and_is_reused(name, server, tmp_path):
     server.serve(name)
@@ -255,6 +256,14 @@ def test_a_wrong_checksum_is_refused_and_nothing_is_unpacked(server, tmp_path):
         load_dataset("malaria", tmp_path, image_size=SIZE)
     assert "\n" not in str(caught.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_archive_put_there_by_hand_is_checked_but_never_removed(tmp_path):
+    archives = malaria_archives()
+    (tmp_path / "cell_images.zip").write_bytes(archives["cell_images.zip"])  # not the published checksum
+    with pytest.raises(DataError, match="checksum mismatch .*put there, not downloaded.*remove or replace it"):
+        load_dataset("malaria", tmp_path, image_size=SIZE, download=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell_images.zip"]
 
 
 def test_an_archive_that_cannot_be_unpacked_is_removed(server, tmp_path, monkeypatch):
