@@ -17,6 +17,9 @@ Inputs are scaled to ``[0, 1]`` when batched (the reference notebooks use ``bipo
     unreadable files are skipped with a warning and counted (``DatasetSplits.skipped_files``).
 ``synthetic``
     Generated, seeded, 32x32, 10 classes, no download: see :func:`make_synthetic`.
+``oxford_pets``, ``malaria``, ``colorectal_histology``, ``cropped_plantdoc``
+    The papers' other datasets, downloaded from their official sources, checked, split as in the
+    papers and memory-mapped: see :mod:`gpconv.paper_datasets` and docs/datasets.md.
 
 The validation set is 10% of the training set, held out with a seeded permutation.
 ``val_flips=True`` adds the horizontally, vertically and doubly flipped copies of every
@@ -26,6 +29,7 @@ validation image (x4, as in the Entropy 2022 paper).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import pickle
 import shutil
@@ -34,6 +38,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -45,9 +51,11 @@ import torch.nn.functional as F
 __all__ = [
     "DataError", "ImageSet", "DatasetSplits", "DATASETS", "CIFAR_SOURCES", "load_dataset", "load_cifar",
     "load_folder", "make_synthetic", "hold_out", "add_flipped_copies", "to_float", "KerasAugment",
+    "PAPER_DATASETS", "download_and_extract",
 ]
 
-DATASETS = ("cifar10", "cifar100", "folder", "synthetic")
+PAPER_DATASETS = ("oxford_pets", "malaria", "colorectal_histology", "cropped_plantdoc")
+DATASETS = ("cifar10", "cifar100", "folder", "synthetic") + PAPER_DATASETS
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
 
@@ -143,8 +151,9 @@ CIFAR_SOURCES: Dict[str, CifarSource] = {
 }
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
+def _file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of the file at ``path`` (``algorithm``: any :mod:`hashlib` name)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
@@ -158,31 +167,116 @@ def _cifar_folder(data_dir: Path, source: CifarSource) -> Optional[Path]:
     return None
 
 
-def download_and_extract(url: str, md5: str, data_dir: Path, archive_name: str, timeout: float = 60.0) -> None:
-    """Download ``url`` into ``data_dir/archive_name`` (atomically), check its MD5, extract it there."""
+def _fetch(url: str, archive: Path, timeout: float) -> None:
+    """Download ``url`` to ``archive`` through ``archive.part``, resuming a partial file with an HTTP Range.
+
+    A server that ignores the Range gets a fresh download; an interrupted transfer leaves the
+    ``.part`` file for the next call and raises :class:`ConnectionError` (an ``OSError``).
+    """
+    from tqdm import tqdm
+
+    partial = archive.with_name(archive.name + ".part")
+    done = partial.stat().st_size if partial.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        if error.code != 416 or not done:  # 416: the range is past the end, start again
+            raise
+        partial.unlink()
+        return _fetch(url, archive, timeout)
+    with response:
+        resumed = bool(done) and response.status == 206
+        expected = response.length  # what this response announces (None: unknown)
+        start = done if resumed else 0
+        received = 0
+        with open(partial, "ab" if resumed else "wb") as out, \
+                tqdm(total=None if expected is None else start + expected, initial=start, unit="B",
+                     unit_scale=True, leave=False, desc=archive.name, disable=None) as bar:
+            try:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except http.client.HTTPException:
+                pass  # reported below as a short transfer
+    if expected is not None and received < expected:
+        raise ConnectionError(f"download of {url} interrupted after {start + received} bytes; {partial} is kept and "
+                              "the next run resumes it")
+    os.replace(partial, archive)
+
+
+class _UnsafeArchive(DataError):
+    """An archive member would land outside the target folder, or is a link."""
+
+
+def _safe_members(names: Sequence[str], staging: Path, archive: Path) -> None:
+    root = staging.resolve()
+    for name in names:
+        target = (staging / name).resolve()
+        if target != root and root not in target.parents:
+            raise _UnsafeArchive(f"unsafe path {name!r} in {archive}")
+
+
+def _extract(archive: Path, data_dir: Path) -> List[Path]:
+    """Unpack a tar (any compression) or zip ``archive`` into ``data_dir``: all of it or nothing.
+
+    Members go to a temporary folder in ``data_dir`` first and its top-level entries are moved into
+    place at the end; an existing entry of the same name is never overwritten. Returns the moved paths.
+    """
+    staging = Path(tempfile.mkdtemp(dir=data_dir, prefix=f".{archive.name}.unpack-"))
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                _safe_members(bundle.namelist(), staging, archive)
+                bundle.extractall(staging)
+        else:
+            with tarfile.open(archive, "r:*") as tar:
+                members = tar.getmembers()
+                _safe_members([m.name for m in members], staging, archive)
+                if any(m.issym() or m.islnk() for m in members):
+                    raise _UnsafeArchive(f"links in {archive} are not accepted")
+                tar.extractall(staging, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        entries = sorted(staging.iterdir())
+        clashes = [str(data_dir / e.name) for e in entries if (data_dir / e.name).exists()]
+        if clashes:
+            raise DataError(f"cannot unpack {archive}: {clashes[0]} already exists (move it away and run again)")
+        for entry in entries:
+            os.replace(entry, data_dir / entry.name)
+        return [data_dir / e.name for e in entries]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_and_extract(url: str, md5: Optional[str], data_dir: Path, archive_name: str, timeout: float = 60.0,
+                         *, sha256: Optional[str] = None) -> List[Path]:
+    """Download ``url`` into ``data_dir/archive_name``, check its MD5 and/or SHA-256, unpack it there.
+
+    An archive already in ``data_dir`` is checked and unpacked without downloading; a partial
+    download (``archive_name.part``) is resumed. An archive with a wrong checksum, or that cannot
+    be unpacked, is refused (:class:`DataError`), removed if this call downloaded it, and nothing of
+    it is left unpacked. Returns the unpacked top-level paths.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / archive_name
-    if not archive.is_file():
-        handle, temporary = tempfile.mkstemp(dir=data_dir, prefix=archive_name + ".", suffix=".part")
-        try:
-            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                shutil.copyfileobj(response, out)
-            os.replace(temporary, archive)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-    actual = _md5(archive)
-    if actual != md5:
-        archive.unlink()
-        raise DataError(f"checksum mismatch for {archive} downloaded from {url}: md5 {actual}, expected {md5} "
-                        "(the file was removed)")
-    with tarfile.open(archive, "r:gz") as tar:
-        root = data_dir.resolve()
-        for member in tar.getmembers():
-            target = (data_dir / member.name).resolve()
-            if root not in target.parents and target != root or member.issym() or member.islnk():
-                raise DataError(f"unsafe path {member.name!r} in {archive}")
-        tar.extractall(data_dir)
+    downloaded = not archive.is_file()
+    if downloaded:
+        _fetch(url, archive, timeout)
+    origin = f"downloaded from {url}" if downloaded else "(put there, not downloaded)"
+
+    def refuse(problem: str) -> DataError:
+        if downloaded:
+            archive.unlink()
+        return DataError(f"{problem} ({'the file was removed' if downloaded else 'remove or replace it'})")
+
+    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+        actual = _file_digest(archive, algorithm) if expected else expected
+        if actual != expected:
+            raise refuse(f"checksum mismatch for {archive} {origin}: {algorithm} {actual}, expected {expected}")
+    try:
+        return _extract(archive, data_dir)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, _UnsafeArchive) as error:
+        raise refuse(f"cannot unpack {archive}: {error}") from None
 
 
 def _unpickle(path: Path) -> dict:
@@ -391,11 +485,16 @@ def load_dataset(name: str, data_dir=None, *, image_size: Optional[int] = None, 
     """Load ``name`` (one of :data:`DATASETS`) with its train / validation / test splits.
 
     ``image_size`` resizes every image (default: 32 for CIFAR and synthetic; required-ish for
-    ``folder``, where it defaults to 32 too). ``val_fraction`` of the training images (seeded)
+    ``folder``, where it defaults to 32 too; 224 for :data:`PAPER_DATASETS`, which are split as
+    the papers, see :mod:`gpconv.paper_datasets`). ``val_fraction`` of the training images (seeded)
     become the validation set, except for folder datasets with their own ``val/`` folder.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}")
+    if name in PAPER_DATASETS:
+        from .paper_datasets import load_paper_dataset
+        return load_paper_dataset(name, data_dir, image_size=image_size or 224, seed=seed, val_flips=val_flips,
+                                  download=download)
     size = image_size or 32
     if name == "synthetic":
         train_count, test_count = synthetic_size

@@ -45,7 +45,7 @@ def add_training_commands(commands) -> None:
     train.add_argument("--skip-strides", type=int, default=0, help="3 is the papers' 32x32 setting")
     train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
                        help="one of: " + ", ".join(DATASETS))
-    train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to, for CIFAR)")
+    train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to: CIFAR and the papers' named datasets)")
     train.add_argument("--image-size", type=positive_int, default=32)
     train.add_argument("--epochs", type=positive_int, default=50)
     train.add_argument("--batch-size", type=positive_int, default=64)

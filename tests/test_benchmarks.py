@@ -15,3 +15,7 @@ def test_benchmark_script_starts(script):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+def test_dataset_memory_benchmark_starts():
+    test_benchmark_script_starts("dataset_memory.py")

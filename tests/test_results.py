@@ -13,6 +13,7 @@ import torch
 from conftest import ROOT, SHARED
 from gpconv.cam import cam, cam_layers
 from gpconv.cli import main
+from gpconv.data import PAPER_DATASETS
 from gpconv.models import create_model, list_models
 from gpconv.reference import parse_variant
 from gpconv.results import collect_runs, pareto_front
@@ -122,7 +123,7 @@ def test_every_config_parses_into_valid_runs(path):
         assert run.arch in list_models()
         parse_variant(run.variant)
         assert run.options["epochs"] == 2 and run.options["max_train_batches"] == 5
-        assert run.options["dataset"] in ("cifar10", "cifar100", "folder")
+        assert run.options["dataset"] in ("cifar10", "cifar100", *PAPER_DATASETS)
     assert any(run.variant == "baseline" for run in runs)
     for key in {(run.arch, run.variant, run.options["skip_strides"]) for run in runs}:
         run = next(r for r in runs if (r.arch, r.variant, r.options["skip_strides"]) == key)
