@@ -64,7 +64,7 @@ def test_convert_replaces_pointwise_only(version, l_layer):
     assert type(modules["tiny"]) is nn.Conv2d  # 12 -> 8 is not worth grouping at 16 channels per group
     for name in ("stem", "depthwise", "branches.1.2"):
         assert type(modules[name]) is nn.Conv2d and modules[name] is not modules_by_name(model)[name]
-    assert modules["branches.0"].stride == 2
+    assert modules["branches.0"].stride == (2, 2)
     assert modules["branches.0"].k.paths[0].conv.bias is not None
     assert modules["expand"].k.paths[0].conv.bias is None
     assert isinstance(modules["bn"], nn.BatchNorm2d)  # the user's batch norm stays, the block adds none
