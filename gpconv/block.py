@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
-__all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "GroupedConvPath", "GroupedConvLayer", "Grouping",
+__all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath", "GroupedConvLayer", "Grouping",
            "pointwise_conv", "set_execution", "set_recompute"]
 
 
@@ -218,7 +218,22 @@ def merged_to_canonical(layer: LayerPlan) -> Optional[Index]:
     return tuple(order + [g * width + main.filters_per_group for g in range(extra.groups)])
 
 
-class GroupedPointwiseConv2d(nn.Module):
+class PointwiseConvAttributes:
+    """The attributes of a plain 1x1 ``nn.Conv2d`` that third-party code reads from a convolution
+    (TensorFlow-style padding reads ``stride``, ``kernel_size`` and ``dilation`` as pairs), for modules
+    that stand for one; ``in_channels``, ``out_channels`` and ``stride`` ``(s, s)`` are set per instance.
+    ``groups`` is 1: the groups of the dense convolution stood for, not of the layers inside."""
+
+    kernel_size = (1, 1)
+    padding = (0, 0)
+    dilation = (1, 1)
+    padding_mode = "zeros"
+    groups = 1
+    transposed = False
+    output_padding = (0, 0)
+
+
+class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     """Drop-in replacement for a 1x1 ``nn.Conv2d``: K -> interleave -> L, summed (Entropy 2022, Fig. 1).
 
     Args:
@@ -247,13 +262,6 @@ class GroupedPointwiseConv2d(nn.Module):
     None`` answer as for the convolution; writing to them changes nothing.
     """
 
-    kernel_size = (1, 1)
-    padding = (0, 0)
-    dilation = (1, 1)
-    padding_mode = "zeros"
-    groups = 1
-    transposed = False
-    output_padding = (0, 0)
 
     def __init__(self, in_channels: int, out_channels: int, channels_per_group: int, *, version: int = 2,
                  l_layer: bool = True, activation: ActivationSpec = None, batch_norm: bool = True,
