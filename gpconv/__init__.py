@@ -1,6 +1,7 @@
 """gpconv: interleaved grouped pointwise convolutions (kEffNet) for PyTorch."""
 
-from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping, pointwise_conv, set_execution, set_recompute
+from .block import (GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping, pointwise_conv, set_execution,
+                    set_recompute)
 from .convert import convert, summarize
 from .counting import count_computations, count_macs, count_parameters
 from .inference import prepare_for_inference

@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
-__all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath", "GroupedConvLayer", "Grouping",
-           "pointwise_conv", "set_execution", "set_recompute"]
+__all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath",
+           "GroupedConvLayer", "Grouping", "pointwise_conv", "set_execution", "set_recompute"]
 
 
 EXECUTIONS = ("fast", "reference")
@@ -261,7 +261,6 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     :meth:`dense_equivalent`), computed on each read, so ``weight.dtype``/``weight.device``/``bias is
     None`` answer as for the convolution; writing to them changes nothing.
     """
-
 
     def __init__(self, in_channels: int, out_channels: int, channels_per_group: int, *, version: int = 2,
                  l_layer: bool = True, activation: ActivationSpec = None, batch_norm: bool = True,

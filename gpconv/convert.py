@@ -167,15 +167,21 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
             visit(child, name + ".")
 
     visit(converted, "")
-    for pattern in settings.patterns:
+    _warn(settings.patterns, matched, kept)
+    object.__setattr__(converted, KEPT_ATTRIBUTE, tuple(kept))
+    return converted
+
+
+def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> None:
+    """One warning per exclude pattern that matched nothing, one for the 1x1 convolutions that are not
+    plain pointwise convolutions (the user may have expected them grouped)."""
+    for pattern in patterns:
         if pattern not in matched:
-            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=2)
+            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
     unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in (EXCLUDED, TOO_SMALL)]
     if unusual:
         warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
-                      f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=2)
-    object.__setattr__(converted, KEPT_ATTRIBUTE, tuple(kept))
-    return converted
+                      f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
 
 
 def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[KeptLayer]) -> nn.Module:

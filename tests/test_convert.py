@@ -302,3 +302,12 @@ def test_convert_notes_every_pointwise_convolution_it_keeps_dense():
 def test_linear_option_must_be_a_bool():
     with pytest.raises(TypeError, match="^linear must be True or False, got 'yes'$"):
         gpconv.convert(Mlp(), linear="yes")
+
+
+def test_counting_sees_grouped_linear_layers():
+    for cin, cout in ((64, 256), (256, 64)):
+        dense = nn.Sequential(nn.Linear(cin, cout))
+        grouped = gpconv.convert(dense, 16, linear=True)
+        plan = grouped[0].plan
+        assert gpconv.count_macs(dense, (4, 4, cin)) == 16 * cin * cout
+        assert gpconv.count_macs(grouped, (4, 4, cin)) == 16 * plan.weight_count

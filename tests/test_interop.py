@@ -7,7 +7,7 @@ from torch import nn
 
 import gpconv
 from conftest import SHARED
-from gpconv.convert import is_plain_linear, is_plain_pointwise
+from gpconv.convert import GROUPED_BLOCKS, is_plain_linear, is_plain_pointwise
 from gpconv.data import load_cifar, to_float
 
 transformers = pytest.importorskip("transformers")
@@ -110,7 +110,7 @@ def test_converted_model_runs_in_both_modes_and_trains_every_parameter(name):
     for parameter_name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), parameter_name
     # some gradients vanish in the unconverted models too (EfficientNet's squeeze-excitation at init)
-    blocks = [m for m in model.modules() if isinstance(m, (gpconv.GroupedPointwiseConv2d, gpconv.GroupedPointwiseLinear))]
+    blocks = [m for m in model.modules() if isinstance(m, GROUPED_BLOCKS)]
     assert blocks and all(any(p.grad.abs().sum() > 0 for p in block.parameters()) for block in blocks)
 
 
