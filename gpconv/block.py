@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
-__all__ = ["GroupedPointwiseConv2d", "GroupedConvPath", "GroupedConvLayer", "Grouping", "pointwise_conv",
-           "set_execution", "set_recompute"]
+__all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath",
+           "GroupedConvLayer", "Grouping", "pointwise_conv", "set_execution", "set_recompute"]
 
 
 EXECUTIONS = ("fast", "reference")
@@ -218,7 +218,22 @@ def merged_to_canonical(layer: LayerPlan) -> Optional[Index]:
     return tuple(order + [g * width + main.filters_per_group for g in range(extra.groups)])
 
 
-class GroupedPointwiseConv2d(nn.Module):
+class PointwiseConvAttributes:
+    """The attributes of a plain 1x1 ``nn.Conv2d`` that third-party code reads from a convolution
+    (TensorFlow-style padding reads ``stride``, ``kernel_size`` and ``dilation`` as pairs), for modules
+    that stand for one; ``in_channels``, ``out_channels`` and ``stride`` ``(s, s)`` are set per instance.
+    ``groups`` is 1: the groups of the dense convolution stood for, not of the layers inside."""
+
+    kernel_size = (1, 1)
+    padding = (0, 0)
+    dilation = (1, 1)
+    padding_mode = "zeros"
+    groups = 1
+    transposed = False
+    output_padding = (0, 0)
+
+
+class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     """Drop-in replacement for a 1x1 ``nn.Conv2d``: K -> interleave -> L, summed (Entropy 2022, Fig. 1).
 
     Args:
@@ -236,6 +251,15 @@ class GroupedPointwiseConv2d(nn.Module):
 
     ``self.plan`` is the :class:`~gpconv.plan.PointwisePlan` being executed; ``print(block.plan)``
     shows it.
+
+    Code written for the ``nn.Conv2d`` it replaces can read the convolution's attributes:
+    ``in_channels``, ``out_channels``, ``kernel_size`` ``(1, 1)``, ``stride`` ``(s, s)``, ``padding``
+    ``(0, 0)``, ``dilation`` ``(1, 1)``, ``padding_mode`` ``"zeros"``, and ``groups`` 1: the groups of
+    the dense convolution the block stands for (K and L are grouped inside; their groups are in
+    ``plan``). Where the block is linear (no batch norm, no activation: what :func:`gpconv.convert`
+    builds), ``weight`` and ``bias`` are those of the equivalent dense convolution (see
+    :meth:`dense_equivalent`), computed on each read, so ``weight.dtype``/``weight.device``/``bias is
+    None`` answer as for the convolution; writing to them changes nothing.
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels_per_group: int, *, version: int = 2,
@@ -247,7 +271,7 @@ class GroupedPointwiseConv2d(nn.Module):
         self.plan = make_plan(in_channels, out_channels, channels_per_group, version=version, l_layer=l_layer)
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.stride = stride
+        self.stride = (stride, stride)
         options = dict(bias=bias, batch_norm=batch_norm, activation=activation, batch_norm_scale=batch_norm_scale)
         self.k = GroupedConvLayer(self.plan.k, stride=stride, **options)
         # L's dense form reads K's output directly: the interleaving is folded into its columns.
@@ -319,12 +343,89 @@ class GroupedPointwiseConv2d(nn.Module):
         folded = self.l.execution == "dense" or self.interleave_index is None
         return self.l(k if folded else gather_channels(k, self.interleave_index)) + k
 
+    def dense_equivalent(self):
+        """``(weight, bias)`` of the dense 1x1 convolution this block computes, weight ``(out, in, 1, 1)``
+        and bias ``(out,)`` or None, differentiable: ``K + L K`` with the interleaving folded into L's
+        columns (Eq. 26). None when the block is not linear (batch norm or activation inside)."""
+        layers = [layer for layer in (self.k, self.l) if layer is not None]
+        if any(not (isinstance(layer.bn, nn.Identity) and isinstance(layer.act, nn.Identity)) for layer in layers):
+            return None
+        k_weight, k_bias = self.k.dense_weight()
+        k_weight = k_weight[:, :, 0, 0]
+        if self.l is None:
+            if self.output_index is None:
+                return k_weight[:, :, None, None], k_bias
+            order = self.output_index
+            return k_weight[order][:, :, None, None], None if k_bias is None else k_bias[order]
+        l_weight, l_bias = self.l.dense_weight()  # columns already in K's order (interleaving folded in)
+        l_weight = l_weight[:, :, 0, 0]
+        weight = k_weight + l_weight @ k_weight
+        bias = None if k_bias is None else k_bias + l_weight @ k_bias + l_bias
+        return weight[:, :, None, None], bias
+
+    def _dense_part(self, part: int, name: str):
+        dense = self.dense_equivalent()
+        if dense is None:
+            raise AttributeError(f"GroupedPointwiseConv2d has no {name}: batch norm or activation inside the block")
+        return dense[part]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense convolution's weight ``(out, in, 1, 1)`` (linear blocks only)."""
+        return self._dense_part(0, "weight")
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The equivalent dense convolution's bias, or None when the block has none (linear blocks only)."""
+        return self._dense_part(1, "bias")
+
     def extra_repr(self) -> str:
         plan = self.plan
         state = "grouped" if plan.grouped else "dense"
         return (f"{plan.in_channels}, {plan.out_channels}, channels_per_group={plan.channels_per_group}, "
-                f"version={plan.version}, l_layer={plan.l_layer}, stride={self.stride} ({state}, "
+                f"version={plan.version}, l_layer={plan.l_layer}, stride={self.stride[0]} ({state}, "
                 f"{plan.weight_count:,} of {plan.dense_weight_count:,} weights)")
+
+
+class GroupedPointwiseLinear(nn.Module):
+    """Drop-in replacement for an ``nn.Linear`` over the last dimension: the same K -> interleave -> L
+    block (:class:`GroupedPointwiseConv2d`, no batch norm) applied to the features of every position.
+
+    The pointwise convolutions of channels-last blocks (ConvNeXt's ``pwconv1``/``pwconv2``) and the
+    layers of an MLP are such linear layers. The input ``(..., in_features)`` runs through ``self.block``
+    as a ``(1, in_features, positions, 1)`` map in ``channels_last`` memory format, a view of the same
+    memory: no copy in or out. ``in_features``, ``out_features``, ``weight`` ``(out, in)`` and ``bias``
+    answer as for the ``nn.Linear`` (see :class:`GroupedPointwiseConv2d`; activation None).
+    """
+
+    def __init__(self, in_features: int, out_features: int, channels_per_group: int, *, version: int = 2,
+                 l_layer: bool = True, activation: ActivationSpec = None, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block = GroupedPointwiseConv2d(in_features, out_features, channels_per_group, version=version,
+                                            l_layer=l_layer, activation=activation, batch_norm=False, bias=bias)
+
+    @property
+    def plan(self) -> PointwisePlan:
+        return self.block.plan
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The equivalent dense ``nn.Linear`` weight ``(out_features, in_features)`` (no activation only)."""
+        return self.block.weight[:, :, 0, 0]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.block.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"GroupedPointwiseLinear expects an input of shape (..., {self.in_features}), "
+                             f"got {tuple(x.shape)}")
+        positions = x.reshape(1, -1, 1, self.in_features).permute(0, 3, 1, 2)  # (1, C, positions, 1)
+        y = self.block(positions)
+        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
 
 
 @dataclass(frozen=True)

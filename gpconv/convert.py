@@ -4,7 +4,9 @@
 not build: every plain 1x1 ``nn.Conv2d`` (groups 1, no padding, no dilation, the same stride on both
 axes) whose plan is worth grouping (``make_plan(...).grouped``: small layers stay dense, by the rule
 the block itself uses) becomes a :class:`~gpconv.block.GroupedPointwiseConv2d` with the same input
-and output channels, stride, bias, dtype and device. Everything else is left as it is.
+and output channels, stride, bias, dtype and device; with ``linear=True`` every ``nn.Linear`` likewise
+becomes a :class:`~gpconv.block.GroupedPointwiseLinear`. Everything else is left as it is, and every
+1x1 convolution left dense is noted with the reason (``summarize`` lists them).
 ``summarize`` lists the grouped pointwise layers of a model with their parameters before and after.
 """
 
@@ -13,16 +15,22 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from .block import GroupedPointwiseConv2d, Grouping
+from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from .layers import ActivationSpec, check_activation
 from .plan import make_plan
 
-__all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "is_plain_pointwise"]
+__all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
+           "is_plain_linear"]
+
+GROUPED_BLOCKS = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
+# Attribute of a converted model: the 1x1 convolutions (and, with linear=True, linear layers) left dense.
+KEPT_ATTRIBUTE = "_gpconv_kept_dense"
+EXCLUDED, TOO_SMALL = "excluded", "too small to group"
 
 
 def is_plain_pointwise(module: nn.Module) -> bool:
@@ -33,6 +41,25 @@ def is_plain_pointwise(module: nn.Module) -> bool:
     padding_is_zero = module.padding in ("valid", (0, 0)) or (module.padding == "same" and module.stride == (1, 1))
     return (module.kernel_size == (1, 1) and module.groups == 1 and padding_is_zero
             and module.dilation == (1, 1) and module.stride[0] == module.stride[1])
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` itself; subclasses (such as attention's ``out_proj``, whose weight its
+    parent reads directly) are left alone."""
+    return type(module) is nn.Linear
+
+
+def _structural_reason(module: nn.Module) -> Optional[str]:
+    """Why a 1x1 ``nn.Conv2d`` is not a plain pointwise convolution; None for plain ones and other modules."""
+    if not isinstance(module, nn.Conv2d) or module.kernel_size != (1, 1) or is_plain_pointwise(module):
+        return None
+    if module.groups > 1:
+        return f"groups={module.groups}"
+    if module.dilation != (1, 1):
+        return f"dilation={module.dilation}"
+    if module.stride[0] != module.stride[1]:
+        return f"stride={module.stride}"
+    return f"padding={module.padding!r}"
 
 
 def _patterns(exclude: Union[str, Iterable[str]]) -> Tuple[str, ...]:
@@ -59,8 +86,26 @@ def _excluded(name: str, patterns: Tuple[str, ...], matched: set) -> bool:
     return hit
 
 
+@dataclass(frozen=True)
+class KeptLayer:
+    """A 1x1 convolution (or, with ``linear=True``, a linear layer) that ``convert`` left dense, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Settings:
+    channels_per_group: int
+    version: int
+    l_layer: bool
+    activation: ActivationSpec
+    patterns: Tuple[str, ...]
+
+
 def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2, l_layer: bool = True,
-            activation: ActivationSpec = None, exclude: Union[str, Iterable[str]] = ()) -> nn.Module:
+            activation: ActivationSpec = None, exclude: Union[str, Iterable[str]] = (),
+            linear: bool = False) -> nn.Module:
     """Return a deep copy of ``model`` whose 1x1 convolutions are grouped pointwise blocks.
 
     The input model is not modified. Each plain 1x1 ``nn.Conv2d`` (see :func:`is_plain_pointwise`)
@@ -72,6 +117,14 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
     then train or fine-tune. Depthwise, grouped, spatial and existing grouped pointwise layers are
     untouched; a convolution shared by several parents stays shared.
 
+    With ``linear=True`` every ``nn.Linear`` (see :func:`is_plain_linear`) whose plan is grouped
+    becomes a :class:`GroupedPointwiseLinear` acting on the last dimension (the pointwise
+    convolutions of ConvNeXt-style blocks, MLPs): exclude the classifier to keep it dense.
+
+    Every 1x1 convolution left dense is noted with its reason (``groups=4``, ``dilation``,
+    ``padding``, excluded, too small to group): ``print(gpconv.summarize(converted))`` lists them; the
+    ones that are not plain pointwise convolutions also give one warning.
+
     Args:
         channels_per_group: the papers' ``Ch`` (Entropy 2022, Eq. 7).
         version: 1 (Mendel 2022) or 2 (Entropy 2022). ``l_layer=False``: K only ("no L" rows).
@@ -79,6 +132,7 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
         exclude: ``fnmatch`` patterns of module names (``"classifier.*"``, ``"layer4"``) to keep dense;
             a module is excluded if its name or a parent's name matches. A pattern matching no
             module gives a warning.
+        linear: also replace ``nn.Linear`` layers (default False).
 
     A model without 1x1 convolutions comes back as an unchanged copy; ``summarize`` says so.
     """
@@ -86,45 +140,72 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     Grouping(channels_per_group, version, l_layer)  # one-line errors for bad grouping settings
     check_activation(activation)
-    patterns = _patterns(exclude)
+    if not isinstance(linear, bool):
+        raise TypeError(f"linear must be True or False, got {linear!r}")
+    settings = _Settings(channels_per_group, version, l_layer, activation, _patterns(exclude))
     converted = copy.deepcopy(model)
     matched: set = set()
     for name, _ in converted.named_modules():
         if name:
-            _excluded(name, patterns, matched)
+            _excluded(name, settings.patterns, matched)
     replacements: Dict[int, nn.Module] = {}
+    kept: List[KeptLayer] = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent._modules.items()):  # named_children() would skip shared modules
             name = f"{prefix}{child_name}"
-            if child is None or isinstance(child, GroupedPointwiseConv2d):
+            if child is None or isinstance(child, GROUPED_BLOCKS):
                 continue
-            if is_plain_pointwise(child):
+            if is_plain_pointwise(child) or (linear and is_plain_linear(child)):
                 if id(child) not in replacements:
-                    replacements[id(child)] = _replacement(child, name, channels_per_group, version, l_layer,
-                                                           activation, patterns)
+                    replacements[id(child)] = _replacement(child, name, settings, kept)
                 setattr(parent, child_name, replacements[id(child)])
-            else:
-                visit(child, name + ".")
+                continue
+            reason = _structural_reason(child)
+            if reason is not None:
+                kept.append(KeptLayer(name, reason))
+            visit(child, name + ".")
 
     visit(converted, "")
-    for pattern in patterns:
-        if pattern not in matched:
-            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=2)
+    _warn(settings.patterns, matched, kept)
+    object.__setattr__(converted, KEPT_ATTRIBUTE, tuple(kept))
     return converted
 
 
-def _replacement(conv: nn.Conv2d, name: str, channels_per_group: int, version: int, l_layer: bool,
-                 activation: ActivationSpec, patterns: Tuple[str, ...]) -> nn.Module:
-    if _excluded(name, patterns, set()):
-        return conv
-    if not make_plan(conv.in_channels, conv.out_channels, channels_per_group, version=version, l_layer=l_layer).grouped:
-        return conv
-    block = GroupedPointwiseConv2d(conv.in_channels, conv.out_channels, channels_per_group, version=version,
-                                   l_layer=l_layer, activation=activation, batch_norm=False,
-                                   bias=conv.bias is not None, stride=conv.stride[0])
-    block.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    block.train(conv.training)
+def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> None:
+    """One warning per exclude pattern that matched nothing, one for the 1x1 convolutions that are not
+    plain pointwise convolutions (the user may have expected them grouped)."""
+    for pattern in patterns:
+        if pattern not in matched:
+            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
+    unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in (EXCLUDED, TOO_SMALL)]
+    if unusual:
+        warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
+                      f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
+
+
+def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[KeptLayer]) -> nn.Module:
+    """The grouped block for a plain 1x1 convolution or linear layer, or the layer itself (noted in ``kept``)."""
+    is_conv = isinstance(layer, nn.Conv2d)
+    in_channels, out_channels = (layer.in_channels, layer.out_channels) if is_conv else (layer.in_features,
+                                                                                         layer.out_features)
+    if _excluded(name, settings.patterns, set()):
+        kept.append(KeptLayer(name, EXCLUDED))
+        return layer
+    plan = make_plan(in_channels, out_channels, settings.channels_per_group, version=settings.version,
+                     l_layer=settings.l_layer)
+    if not plan.grouped:
+        kept.append(KeptLayer(name, TOO_SMALL))
+        return layer
+    options = dict(version=settings.version, l_layer=settings.l_layer, activation=settings.activation,
+                   bias=layer.bias is not None)
+    if is_conv:
+        block = GroupedPointwiseConv2d(in_channels, out_channels, settings.channels_per_group, batch_norm=False,
+                                       stride=layer.stride[0], **options)
+    else:
+        block = GroupedPointwiseLinear(in_channels, out_channels, settings.channels_per_group, **options)
+    block.to(device=layer.weight.device, dtype=layer.weight.dtype)
+    block.train(layer.training)
     return block
 
 
@@ -140,6 +221,7 @@ class ReplacedLayer:
     grouped: bool
     params_before: int
     params_after: int
+    linear: bool = False  # a GroupedPointwiseLinear (replacing an nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -149,6 +231,10 @@ class ConversionSummary:
     rows: List[ReplacedLayer]
     dense_pointwise: int  # plain 1x1 convolutions still dense (too small to group, or excluded)
     model_params: int
+    kept: List[KeptLayer] = field(default_factory=list)  # what convert left dense, and why
+
+    def _kept_lines(self) -> List[str]:
+        return [f"kept dense by convert: {layer.name} ({layer.reason})" for layer in self.kept]
 
     @property
     def params_before(self) -> int:
@@ -159,10 +245,12 @@ class ConversionSummary:
         if not self.rows:
             found = (f"{self.dense_pointwise} dense 1x1 convolutions, none grouped" if self.dense_pointwise
                      else "the model has no 1x1 convolutions: nothing to group")
-            return f"no grouped pointwise convolutions ({found}; {self.model_params:,} trainable parameters)"
+            return "\n".join([f"no grouped pointwise convolutions ({found}; {self.model_params:,} trainable "
+                              "parameters)"] + self._kept_lines())
         header = ("layer", "in", "out", "stride", "params before", "params after", "")
         body = [(row.name, str(row.in_channels), str(row.out_channels), str(row.stride), f"{row.params_before:,}",
-                 f"{row.params_after:,}", "" if row.grouped else "dense (too small to group)") for row in self.rows]
+                 f"{row.params_after:,}", ("linear" if row.linear else "") if row.grouped
+                 else "dense (too small to group)") for row in self.rows]
         widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
                  .rstrip() for line in [header] + body]
@@ -172,13 +260,23 @@ class ConversionSummary:
                      f"{self.dense_pointwise} plain dense 1x1 convolutions")
         lines.append(f"trainable parameters: {self.params_before:,} -> {self.model_params:,} "
                      f"({100 * self.model_params / max(1, self.params_before):.1f}%)")
-        return "\n".join(lines)
+        return "\n".join(lines + self._kept_lines())
+
+
+def _row(name: str, block: GroupedPointwiseConv2d, linear: bool) -> ReplacedLayer:
+    after = sum(p.numel() for p in block.parameters() if p.requires_grad)
+    # bias and batch-norm parameters of layer K cover each output channel once, as the dense ones would
+    per_channel = sum(p.numel() for p_name, p in block.k.named_parameters()
+                      if p.requires_grad and not p_name.endswith("conv.weight"))
+    return ReplacedLayer(name, block.in_channels, block.out_channels, block.stride[0], block.plan.grouped,
+                         block.plan.dense_weight_count + per_channel, after, linear)
 
 
 def summarize(model: nn.Module) -> ConversionSummary:
-    """List every :class:`GroupedPointwiseConv2d` of ``model`` (from :func:`convert` or a gpconv model):
-    name, channels, and trainable parameters before (dense 1x1 convolution with the same bias and
-    batch norm) and after."""
+    """List every :class:`GroupedPointwiseConv2d` and :class:`GroupedPointwiseLinear` of ``model`` (from
+    :func:`convert` or a gpconv model): name, channels, and trainable parameters before (dense 1x1
+    convolution or linear layer with the same bias and batch norm) and after; for a model from
+    :func:`convert`, also the layers it left dense and why."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"summarize expects an nn.Module, got {type(model).__name__}")
     rows: List[ReplacedLayer] = []
@@ -188,15 +286,11 @@ def summarize(model: nn.Module) -> ConversionSummary:
         if id(module) in seen:
             continue
         seen.add(id(module))
-        if isinstance(module, GroupedPointwiseConv2d):
+        if isinstance(module, GROUPED_BLOCKS):
             seen.update(id(m) for m in module.modules())
-            after = sum(p.numel() for p in module.parameters() if p.requires_grad)
-            # bias and batch-norm parameters of layer K cover each output channel once, as the dense ones would
-            per_channel = sum(p.numel() for p_name, p in module.k.named_parameters()
-                              if p.requires_grad and not p_name.endswith("conv.weight"))
-            rows.append(ReplacedLayer(name, module.in_channels, module.out_channels, module.stride,
-                                      module.plan.grouped, module.plan.dense_weight_count + per_channel, after))
+            linear = isinstance(module, GroupedPointwiseLinear)
+            rows.append(_row(name, module.block if linear else module, linear))
         elif is_plain_pointwise(module):
             dense_pointwise += 1
     model_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ConversionSummary(rows, dense_pointwise, model_params)
+    return ConversionSummary(rows, dense_pointwise, model_params, list(getattr(model, KEPT_ATTRIBUTE, ())))

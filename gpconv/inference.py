@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, gather_channels
+from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, PointwiseConvAttributes, gather_channels
 from .convert import is_plain_pointwise
 from .layers import KerasPad2d
 from .plan import PointwisePlan
@@ -133,14 +133,14 @@ def _buffer(index: Optional[Index], device) -> Optional[torch.Tensor]:
     return None if index is None else torch.tensor(index, dtype=torch.long, device=device)
 
 
-class FoldedGroupedPointwiseConv2d(nn.Module):
+class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     """Inference execution of a trained :class:`GroupedPointwiseConv2d` (see the module docstring)."""
 
     def __init__(self, block: GroupedPointwiseConv2d):
         super().__init__()
         plan: PointwisePlan = block.plan
         self.plan = plan
-        self.in_channels, self.out_channels = block.in_channels, block.out_channels
+        self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
         device = next(block.parameters()).device
         self.k = _FoldedLayer(block.k)
         k_merged_channels = self.k.weight.shape[0]
@@ -295,12 +295,13 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-class PointwiseConv(nn.Module):
-    """A dense 1x1 convolution for inference that runs as a matrix product on 1x1 maps (the
+class PointwiseConv(PointwiseConvAttributes, nn.Module):
+    """A dense 1x1 convolution (stride 1) for inference that runs as a matrix product on 1x1 maps (the
     squeeze-excitation convolutions), where a convolution call costs far more than its work."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
+        self.in_channels, self.out_channels, self.stride = conv.in_channels, conv.out_channels, (1, 1)
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 

@@ -9,7 +9,11 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["benchmark.py", "block_times.py", "training_profile.py", "training_health.py", "omp_wait_policy.py"])
+SCRIPTS = ["benchmark.py", "block_times.py", "training_profile.py", "training_health.py", "omp_wait_policy.py",
+           "convert_models.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmark_script_starts(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)

@@ -64,7 +64,7 @@ def test_convert_replaces_pointwise_only(version, l_layer):
     assert type(modules["tiny"]) is nn.Conv2d  # 12 -> 8 is not worth grouping at 16 channels per group
     for name in ("stem", "depthwise", "branches.1.2"):
         assert type(modules[name]) is nn.Conv2d and modules[name] is not modules_by_name(model)[name]
-    assert modules["branches.0"].stride == 2
+    assert modules["branches.0"].stride == (2, 2)
     assert modules["branches.0"].k.paths[0].conv.bias is not None
     assert modules["expand"].k.paths[0].conv.bias is None
     assert isinstance(modules["bn"], nn.BatchNorm2d)  # the user's batch norm stays, the block adds none
@@ -189,3 +189,125 @@ def test_timm_mobilenetv3():
     converted = gpconv.convert(model, 16)
     assert gpconv.summarize(converted).rows
     assert converted(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+BLOCK_SETTINGS = [dict(version=2), dict(version=1), dict(version=2, l_layer=False), dict(version=1, l_layer=False)]
+
+
+@pytest.mark.parametrize("settings", BLOCK_SETTINGS)
+@pytest.mark.parametrize("shape", [(96, 40, 2, True), (24, 80, 1, False)])
+def test_block_answers_like_the_convolution_it_replaces(settings, shape):
+    cin, cout, stride, bias = shape
+    conv = nn.Conv2d(cin, cout, 1, stride=stride, bias=bias)
+    block = GroupedPointwiseConv2d(cin, cout, 4, batch_norm=False, bias=bias, stride=stride, **settings).double()
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode",
+                 "groups"):
+        assert getattr(block, name) == getattr(conv, name), name
+    assert block.weight.shape == conv.weight.shape and block.weight.dtype == torch.float64
+    assert (block.bias is None) == (conv.bias is None)
+    x = torch.randn(2, cin, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(block(x), nn.functional.conv2d(x, block.weight, block.bias, stride))
+
+
+def probed_linear_map(layer, features):
+    """Weight and bias of a linear map, read from its outputs on 0 and on the unit vectors."""
+    with torch.no_grad():
+        bias = layer(torch.zeros(features, dtype=torch.float64))
+        columns = layer(torch.eye(features, dtype=torch.float64)) - bias
+    return columns.T, bias
+
+
+@pytest.mark.parametrize("settings", BLOCK_SETTINGS)
+def test_grouped_linear_equals_a_dense_linear_with_the_block_weight(settings):
+    torch.manual_seed(0)
+    layer = gpconv.GroupedPointwiseLinear(48, 20, 8, **settings).double()
+    weight, bias = probed_linear_map(layer, 48)
+    torch.testing.assert_close(layer.weight, weight)
+    torch.testing.assert_close(layer.bias, bias)
+    if not settings.get("l_layer", True):  # K alone: exactly the plan's weights, the rest zero
+        assert int((weight != 0).sum()) == layer.plan.weight_count < 48 * 20
+    dense = nn.Linear(48, 20).double()
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        dense.bias.copy_(bias)
+    x = torch.randn(3, 5, 7, 48, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), dense(x))
+    assert layer(x[0, 0, 0]).shape == (20,)
+
+
+def test_block_with_batch_norm_has_no_dense_weight():
+    block = GroupedPointwiseConv2d(64, 32, 8)
+    assert block.dense_equivalent() is None and not hasattr(block, "weight")
+    with pytest.raises(ValueError, match=r"\(\.\.\., 64\)"):
+        gpconv.GroupedPointwiseLinear(64, 32, 8)(torch.randn(2, 63))
+
+
+class Mlp(nn.Module):
+    """A channels-last block (ConvNeXt's pointwise pair), a Linear subclass and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.pwconv1 = nn.Linear(64, 256)
+        self.pwconv2 = nn.Linear(256, 64, bias=False)
+        self.attention = nn.MultiheadAttention(64, 4, batch_first=True)  # its out_proj is a Linear subclass
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x):  # (N, H, W, C)
+        x = x + self.pwconv2(torch.relu(self.pwconv1(self.norm(x))))
+        tokens = x.flatten(1, 2)
+        return self.classifier(self.attention(tokens, tokens, tokens)[0].mean(1))
+
+
+def test_convert_linear_replaces_plain_linear_layers_only():
+    torch.manual_seed(0)
+    model = Mlp()
+    converted = gpconv.convert(model, 16, linear=True, exclude=["classifier"])
+    assert isinstance(converted.pwconv1, gpconv.GroupedPointwiseLinear)
+    assert isinstance(converted.pwconv2, gpconv.GroupedPointwiseLinear) and converted.pwconv2.bias is None
+    assert type(converted.classifier) is nn.Linear
+    assert type(converted.attention.out_proj) is type(model.attention.out_proj)
+    expected = gpconv.count_parameters(model)
+    for cin, cout, bias in ((64, 256, True), (256, 64, False)):
+        plan = make_plan(cin, cout, 16)
+        expected += plan.parameter_count(batch_norm=False, bias=bias) - cin * cout - (cout if bias else 0)
+    assert gpconv.count_parameters(converted) == expected
+    rows = {row.name: row for row in gpconv.summarize(converted).rows}
+    assert set(rows) == {"pwconv1", "pwconv2"} and rows["pwconv1"].linear
+    x = torch.randn(2, 4, 4, 64)
+    converted(x).sum().backward()
+    assert all(p.grad is not None for p in converted.parameters())
+    assert isinstance(gpconv.convert(model, 16).pwconv1, nn.Linear)  # linear=False by default
+    converted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gpconv.prepare_for_inference(converted)(x), converted(x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_notes_every_pointwise_convolution_it_keeps_dense():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 1, groups=4), nn.Conv2d(64, 64, 1, dilation=2),
+                          nn.Conv2d(64, 64, 1, padding=1), nn.Conv2d(64, 8, 1), nn.Conv2d(8, 8, 1),
+                          nn.Sequential(nn.Conv2d(8, 64, 1)), nn.Conv2d(64, 64, 1))
+    with pytest.warns(UserWarning) as record:
+        converted = gpconv.convert(model, 16, exclude=["6"])
+    assert [str(w.message) for w in record] == [
+        "gpconv.convert: 3 1x1 convolutions are not plain pointwise convolutions and stay dense: 1 (groups=4), "
+        "2 (dilation=(2, 2)), 3 (padding=(1, 1))"]
+    assert isinstance(converted[4], GroupedPointwiseConv2d) and isinstance(converted[7], GroupedPointwiseConv2d)
+    kept = {layer.name: layer.reason for layer in gpconv.summarize(converted).kept}
+    assert kept == {"1": "groups=4", "2": "dilation=(2, 2)", "3": "padding=(1, 1)", "5": "too small to group",
+                    "6.0": "excluded"}
+    assert "kept dense by convert: 5 (too small to group)" in str(gpconv.summarize(converted)).splitlines()
+
+
+def test_linear_option_must_be_a_bool():
+    with pytest.raises(TypeError, match="^linear must be True or False, got 'yes'$"):
+        gpconv.convert(Mlp(), linear="yes")
+
+
+def test_counting_sees_grouped_linear_layers():
+    for cin, cout in ((64, 256), (256, 64)):
+        dense = nn.Sequential(nn.Linear(cin, cout))
+        grouped = gpconv.convert(dense, 16, linear=True)
+        plan = grouped[0].plan
+        assert gpconv.count_macs(dense, (4, 4, cin)) == 16 * cin * cout
+        assert gpconv.count_macs(grouped, (4, 4, cin)) == 16 * plan.weight_count
