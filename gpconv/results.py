@@ -15,15 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["RunResult", "collect_runs", "load_run", "pareto_front", "format_results_table", "write_report",
-           "save_figure"]
+           "save_figure", "REPORT_FILES"]
 
 
 @dataclass
@@ -142,18 +140,10 @@ def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = No
 
 
 def save_figure(figure, path) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=100)
-        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; a figure is meant to be read by others
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    """Save a matplotlib figure as PNG atomically (:func:`gpconv.outputs.atomic_write`)."""
+    from .outputs import atomic_write
+
+    return atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=100))
 
 
 def _pyplot():
@@ -222,13 +212,24 @@ def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
         plt.close(figure)
 
 
-def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None) -> List[Path]:
-    """Write the table (``results.md``, ``results.csv``) and the plots of the runs in ``paths`` to ``output``."""
-    from .training import atomic_write_text
+REPORT_FILES = ("results.csv", "results.md", "accuracy_vs_parameters.png", "accuracy_vs_computations.png",
+                "training_curves.png")
+
+
+def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None,
+                 overwrite: bool = False) -> List[Path]:
+    """Write the table (``results.md``, ``results.csv``) and the plots of the runs in ``paths`` to ``output``
+    (:data:`REPORT_FILES`). Refused (one line) when ``output`` is a run folder, or holds one of those files
+    and ``overwrite`` is false."""
+    from .outputs import OutputError, claim_outputs, existing_outputs
+    from .training import RUN_FILES, atomic_write_text
 
     runs = collect_runs(paths)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if existing_outputs(output, RUN_FILES):
+        raise OutputError(f"{output} is a run folder (its training_curves.png is the run's own): choose another "
+                          "--output for the report")
+    claim_outputs(output, REPORT_FILES, overwrite=overwrite)
     title = title or f"{len(runs)} run(s): " + ", ".join(sorted({r.dataset for r in runs if r.dataset}) or ["?"])
     rows = table_rows(runs, baseline)
     buffer = io.StringIO()
