@@ -15,12 +15,12 @@ __all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"
            "positive_float"]
 
 
-def _number(text: str, kind, minimum, description: str):
+def _number(text: str, kind, minimum, description: str, strict: bool = False):
     try:
         value = kind(text)
     except (TypeError, ValueError):
         value = None
-    if value is None or not math.isfinite(value) or value < minimum or (minimum > 0 and value == 0):
+    if value is None or not math.isfinite(value) or value < minimum or (strict and value == minimum):
         raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
     return value
 
@@ -37,7 +37,7 @@ def non_negative_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (argparse type)."""
-    return _number(text, float, 0, "a number > 0")
+    return _number(text, float, 0, "a number > 0", strict=True)
 
 
 def _pair(text: str):

@@ -196,6 +196,7 @@ def test_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(run, tmp_path)
     (["train", *TINY, "--device", "tpu", "--output", "OUT"], "unknown device"),
     (["train", *TINY, "--lr", "nan", "--output", "OUT"], "a number > 0"),
     (["train", *TINY, "--lr", "-1", "--output", "OUT"], "a number > 0"),
+    (["train", *TINY, "--lr", "0", "--output", "OUT"], "a number > 0"),
     (["train", *TINY, "--seed", "-1", "--output", "OUT"], "an integer >= 0"),
 ])
 def test_bad_options_are_one_line(argv, message, tmp_path, capsys):
