@@ -15,7 +15,7 @@ $(BIN)/gpconv: pyproject.toml
 install: $(BIN)/gpconv
 
 demo: install
-	$(BIN)/gpconv demo
+	$(BIN)/gpconv demo --overwrite  # replaces the run files of the previous demo in runs/demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -84,9 +84,9 @@ def variant_label(model_config) -> str:
 
 def load_model_from_checkpoint(path):
     """``(model in eval mode, ModelConfig, checkpoint dict)`` from a gpconv checkpoint (``weights_only``)."""
-    from .training import CheckpointError, ModelConfig, load_checkpoint
+    from .training import MODEL_KEYS, CheckpointError, ModelConfig, load_checkpoint
 
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, require=MODEL_KEYS)
     model_config = ModelConfig.from_dict(checkpoint["model_config"])
     model = model_config.build()
     try:
@@ -105,19 +105,23 @@ def _panel(axis, image, heat, title: str) -> None:
 
 
 def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: Optional[str] = None, images: int = 8,
-               compare: Optional[str] = None, class_index: Optional[int] = None,
+               compare: Optional[str] = None, class_index: Optional[int] = None, overwrite: bool = False,
                log: Callable[[str], None] = print) -> List[Path]:
     """CAM overlays of the first ``images`` test images: ``output/cam_NNN.png`` (one per image) and
     ``output/cam_grid.png`` (all of them). With ``compare`` (a second checkpoint) both models are
-    shown side by side on the same images. Returns the written paths, the grid last."""
+    shown side by side on the same images. Returns the written paths, the grid last. Refused (one
+    line) when one of those files exists and ``overwrite`` is false."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     from .data import load_dataset, to_float
+    from .outputs import claim_outputs
     from .results import save_figure
 
+    output = claim_outputs(output, [f"cam_{i:03d}.png" for i in range(images)] + ["cam_grid.png"],
+                           overwrite=overwrite)
     paths = [checkpoint] + ([compare] if compare else [])
     loaded = [load_model_from_checkpoint(path) for path in paths]
     first_config, first_checkpoint = loaded[0][1], loaded[0][2]
@@ -126,7 +130,9 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
             raise ValueError(f"{compare} ({config.num_classes} classes, {config.image_size}px) does not match "
                              f"{checkpoint} ({first_config.num_classes} classes, {first_config.image_size}px)")
     train_config = first_checkpoint["train_config"]
-    dataset = dataset or train_config["dataset"]
+    dataset = dataset or train_config.get("dataset")
+    if not dataset:
+        raise ValueError(f"{checkpoint} does not say which dataset it was trained on: pass --dataset")
     data_dir = data_dir if data_dir is not None else train_config.get("data_dir")
     splits = load_dataset(dataset, data_dir, image_size=first_config.image_size, seed=train_config.get("seed", 0),
                           synthetic_size=tuple(train_config.get("synthetic_size", (2000, 500))))
@@ -137,8 +143,6 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
     labels = [variant_label(config) for _, config, _ in loaded]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({Path(path).parent.name}/{Path(path).name})" for label, path in zip(labels, paths)]
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     log(f"CAM of {', '.join(labels)} on {count} {dataset} test images -> {output}")
     for (model, config, _), label in zip(loaded, labels):
         pool, _ = cam_layers(model)

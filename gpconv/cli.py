@@ -11,7 +11,7 @@ import torch
 
 from .convert import summarize
 from .counting import count_computations, count_macs, count_parameters
-from .models import create_model, list_models
+from .models import check_input_size, create_model, list_models
 from .plan import make_plan
 from .reporting import format_table, paper_table
 from .results_cli import add_results_commands
@@ -44,6 +44,12 @@ def _plan(args) -> None:
 
 
 def _demo(args) -> None:
+    if args.train:  # refuse a folder that holds a run before the table, not after it
+        from pathlib import Path
+
+        from .training import prepare_run_folder
+
+        prepare_run_folder(Path(args.output), resume=False, overwrite=args.overwrite, main=False)
     print("kEffNet-B0 on 32x32 inputs (skip_strides=3), 10 classes: ours vs the authors' Keras figures\n")
     args.arch, args.num_classes, args.input_size, args.variants, args.markdown = (
         "efficientnet_b0", 10, 32, list(DEMO_VARIANTS), False)
@@ -55,7 +61,7 @@ def _demo(args) -> None:
     if args.train:
         print("\nShort training of kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the built-in synthetic dataset "
               "(CPU, a few dozen batches; see docs/training.md):")
-        metrics = demo_training(args.output)
+        metrics = demo_training(args.output, overwrite=args.overwrite)
         print(f"kEffNet-B0 V2 16ch on synthetic: test accuracy {metrics['test_accuracy']:.4f} "
               f"({metrics['test_images']} test images, 10 classes, chance 0.10); run folder {args.output}")
 
@@ -68,6 +74,7 @@ def _variant_label(args) -> str:
 
 def _measure(args, channels_per_group):
     """Build on the meta device (shapes only: fast) and count parameters, MACs and computations."""
+    check_input_size(args.arch, args.input_size, args.skip_strides)
     with torch.device("meta"):
         model = create_model(args.arch, args.num_classes, channels_per_group=channels_per_group, version=args.version,
                              l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides)
@@ -103,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="paper-style table for kEffNet-B0 and the plan of one layer")
     demo.add_argument("--no-train", dest="train", action="store_false", help="only the table, no short training")
-    demo.add_argument("--output", default="runs/demo", help="run folder of the demo training (replaced)")
+    demo.add_argument("--output", default="runs/demo", help="run folder of the demo training")
+    demo.add_argument("--overwrite", action="store_true", help="replace the run files of an earlier demo in --output")
     demo.set_defaults(run=_demo)
 
     table = commands.add_parser("table", help="parameters and computations of variants, next to the papers'")

@@ -112,10 +112,12 @@ class OperationCounter(TorchDispatchMode):
 def _example_input(model: nn.Module, input_size: InputSize) -> torch.Tensor:
     if isinstance(input_size, int):
         shape = (3, input_size, input_size)
-    elif len(input_size) == 2:
-        shape = (3,) + tuple(input_size)
+    elif isinstance(input_size, (tuple, list)) and len(input_size) in (2, 3):
+        shape = ((3,) if len(input_size) == 2 else ()) + tuple(input_size)
     else:
-        shape = tuple(input_size)
+        shape = None
+    if shape is None or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in shape):
+        raise ValueError(f"input_size must be a positive int, (H, W) or (C, H, W), got {input_size!r}")
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else None
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
@@ -134,8 +136,12 @@ def _run_counter(model: nn.Module, input_size: InputSize) -> Tuple[OperationCoun
     try:
         for block in blocks:
             block.execution = "reference"
+        example = _example_input(model, input_size)
         with torch.no_grad(), counter:
-            output = model(_example_input(model, input_size))
+            output = model(example)
+    except RuntimeError as error:  # e.g. a kernel larger than the feature map of a too small input
+        raise ValueError(f"the model cannot run on a {tuple(example.shape[1:])} input: "
+                         f"{str(error).strip().splitlines()[0]}") from None
     finally:
         model.train(was_training)
         for block, execution in zip(blocks, executions):

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "DataError", "ImageSet", "DatasetSplits", "DATASETS", "CIFAR_SOURCES", "load_dataset", "load_cifar",
+    "DataError", "ImageSet", "DatasetSplits", "DATASETS", "CIFAR_SOURCES", "load_dataset", "load_cifar", "SafeUnpickler",
+    "check_splits",
     "load_folder", "make_synthetic", "hold_out", "add_flipped_copies", "to_float", "KerasAugment",
     "PAPER_DATASETS", "download_and_extract",
 ]
@@ -279,12 +280,65 @@ def download_and_extract(url: str, md5: Optional[str], data_dir: Path, archive_n
         raise refuse(f"cannot unpack {archive}: {error}") from None
 
 
-def _unpickle(path: Path) -> dict:
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: dicts, lists, tuples, str, bytes, numbers and numpy arrays (what the
+    CIFAR "python version" files hold). Any other class or function in the file is refused, so a
+    crafted file cannot run code (:class:`pickle.UnpicklingError`)."""
+
+    _ALLOWED = {("numpy", "ndarray"): lambda: np.ndarray, ("numpy", "dtype"): lambda: np.dtype,
+                ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a data file may not")
+        return self._ALLOWED[(module, name)]()
+
+
+def _unpickle(path: Path, keys: Sequence[str] = ()) -> dict:
+    """Read a CIFAR batch file with :class:`SafeUnpickler`; DataError (one line) when it cannot be read,
+    is not a mapping, lacks one of ``keys`` or holds object arrays."""
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise DataError(f"cannot read {path}: {error}") from None
+            entry = SafeUnpickler(handle, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read {path}: {message}") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} is not a CIFAR batch file (expected a mapping, got {type(entry).__name__})")
+    entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+    missing = [key for key in keys if key not in entry]
+    if missing:
+        raise DataError(f"{path} is not a CIFAR batch file: it has no {', '.join(missing)}")
+    if any(isinstance(value, np.ndarray) and value.dtype.hasobject for value in entry.values()):
+        raise DataError(f"{path} is not a CIFAR batch file: it holds an object array")
+    return entry
+
+
+def _batch_arrays(entry: dict, path: Path, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` int64 of one batch; DataError when malformed."""
+    try:
+        data = np.asarray(entry["data"])
+        labels = np.asarray(entry[label_key])
+        if data.dtype.kind not in "ui" or labels.dtype.kind not in "ui" or labels.ndim != 1:
+            raise ValueError("unexpected types")
+        images = data.astype(np.uint8).reshape(-1, 3, 32, 32)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path} is not a CIFAR batch file: its data is not N x 3072 bytes with N labels "
+                        f"({str(error).splitlines()[0]})") from None
+    if len(images) != len(labels) or (len(labels) and labels.min() < 0):
+        raise DataError(f"{path} is damaged: {len(images)} images, {len(labels)} labels"
+                        f"{', negative labels' if len(labels) and labels.min() < 0 else ''}")
+    return images, labels.astype(np.int64)
 
 
 def load_cifar(name: str, data_dir, *, download: bool = True, url: Optional[str] = None,
@@ -320,17 +374,22 @@ def load_cifar(name: str, data_dir, *, download: bool = True, url: Optional[str]
     def read(files: Sequence[str]) -> ImageSet:
         images, labels = [], []
         for file in files:
-            entry = _unpickle(folder / file)
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.append(np.asarray(entry[source.label_key], dtype=np.int64))
+            batch = _batch_arrays(_unpickle(folder / file, ("data", source.label_key)), folder / file,
+                                  source.label_key)
+            images.append(batch[0])
+            labels.append(batch[1])
         return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
     train, test = read(source.train_files), read([source.test_file])
     meta = folder / source.meta_file
     classes = int(max(train.labels.max(), test.labels.max())) + 1
-    names = list(_unpickle(meta)[source.names_key]) if meta.is_file() else []
+    raw_names = _unpickle(meta, (source.names_key,))[source.names_key] if meta.is_file() else []
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in raw_names] \
+        if isinstance(raw_names, (list, tuple)) else []
     if len(names) < classes:
         names = [str(i) for i in range(100 if name == "cifar100" else 10)]
+    if classes > len(names):
+        raise DataError(f"{folder} has label {classes - 1}, but {name} has {len(names)} classes")
     return train, test, names
 
 
@@ -371,6 +430,15 @@ def _read_image_folder(root: Path, class_names: List[str], image_size: int) -> T
     return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64)), skipped
 
 
+def _check_class_folders(root: Path, class_names: List[str], data: ImageSet) -> None:
+    """DataError naming the first class folder of ``root`` without a readable image."""
+    counts = torch.bincount(data.labels, minlength=len(class_names))
+    empty = [name for name, count in zip(class_names, counts.tolist()) if count == 0]
+    if empty and len(data):
+        raise DataError(f"class folder {root / empty[0]} has no readable image"
+                        f"{f' ({len(empty)} such folders)' if len(empty) > 1 else ''}: remove it or add images")
+
+
 def load_folder(data_dir, image_size: int, seed: int) -> DatasetSplits:
     """Images in class subfolders (see the module docstring), resized to ``image_size`` squares."""
     root = Path(data_dir)
@@ -383,6 +451,7 @@ def load_folder(data_dir, image_size: int, seed: int) -> DatasetSplits:
         if not class_names:
             raise DataError(f"no class folders in {split_dirs['train']}")
         train, skipped = _read_image_folder(split_dirs["train"], class_names, image_size)
+        _check_class_folders(split_dirs["train"], class_names, train)
         val_dir = split_dirs.get("val") or split_dirs.get("validation")
         test = val = None
         if "test" in split_dirs:
@@ -402,6 +471,7 @@ def load_folder(data_dir, image_size: int, seed: int) -> DatasetSplits:
         if not class_names:
             raise DataError(f"no class folders in {root}: expected {root}/<class>/<image files>")
         everything, skipped = _read_image_folder(root, class_names, image_size)
+        _check_class_folders(root, class_names, everything)
         rest, test = hold_out(everything, 0.1, seed + 1)
         train, val = hold_out(rest, 0.1 / 0.9, seed)
         notes.append("seeded split of all images: 80% train, 10% validation, 10% test")
@@ -479,6 +549,20 @@ def _resize(data: ImageSet, size: int) -> ImageSet:
     return ImageSet(resized.round().clamp(0, 255).to(torch.uint8), data.labels)
 
 
+def check_splits(splits: DatasetSplits, data_dir=None) -> None:
+    """DataError (one line) unless the dataset has at least 2 classes and at least one image in each of
+    its train, validation and test splits."""
+    where = f"{splits.name} dataset" + (f" in {data_dir}" if data_dir is not None else "")
+    if splits.num_classes < 2:
+        raise DataError(f"the {where} has {splits.num_classes} class(es) ({', '.join(splits.class_names)}): "
+                        "classification needs at least 2")
+    sizes = {"train": len(splits.train), "validation": len(splits.val), "test": len(splits.test)}
+    if min(sizes.values()) < 1:
+        counts = ", ".join(f"{count} {split}" for split, count in sizes.items())
+        raise DataError(f"the {where} is too small: {counts} images after the split; every split needs at least "
+                        "one (the validation and test splits are 10% each: give at least 10 images)")
+
+
 def load_dataset(name: str, data_dir=None, *, image_size: Optional[int] = None, seed: int = 0,
                  val_fraction: float = 0.1, val_flips: bool = False, download: bool = True,
                  synthetic_size: Tuple[int, int] = (2000, 500)) -> DatasetSplits:
@@ -511,6 +595,7 @@ def load_dataset(name: str, data_dir=None, *, image_size: Optional[int] = None, 
         train, test, names = load_cifar(name, data_dir, download=download)
         train, val = hold_out(train, val_fraction, seed)
         splits = DatasetSplits(name, train, val, test, names)
+    check_splits(splits, data_dir)
     splits.train, splits.val, splits.test = (_resize(s, size) for s in (splits.train, splits.val, splits.test))
     if val_flips:
         splits.val = add_flipped_copies(splits.val)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
+
+from .results import save_figure
 
 __all__ = ["plot_training_curves"]
 
@@ -29,13 +29,7 @@ def plot_training_curves(history: List[Dict[str, float]], path) -> Path:
         axis.legend()
     accuracy.set_ylim(0, 1)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=100)
-        os.replace(temporary, path)
+        return save_figure(figure, path)
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path

@@ -8,7 +8,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .counting import count_computations, count_parameters
-from .models import create_model
+from .models import check_input_size, create_model
 from .reference import ReferenceRow, load_reference, reference_options
 
 __all__ = ["VariantFigures", "measure_variant", "paper_table", "format_table", "papers_input_setting"]
@@ -32,6 +32,7 @@ def measure_variant(arch: str, variant: str, num_classes: int = 10, input_size: 
                     reference: Sequence[ReferenceRow] = ()) -> VariantFigures:
     """Build ``arch`` in the given variant and count it; attach the matching published row, if any."""
     options = reference_options(arch, variant)
+    check_input_size(arch, input_size, papers_input_setting(arch, input_size))
     with torch.device("meta"):  # counting needs shapes only; same counts, ~10x faster than on the CPU
         model = create_model(arch, num_classes, skip_strides=papers_input_setting(arch, input_size), **options)
     match = next((row for row in reference if (row.arch, row.variant, row.num_classes, row.input_size)

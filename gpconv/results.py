@@ -15,15 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["RunResult", "VariantSummary", "collect_runs", "load_run", "pareto_front", "format_results_table",
-           "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure"]
+           "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure", "REPORT_FILES"]
 
 
 @dataclass
@@ -230,18 +228,10 @@ def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
 
 
 def save_figure(figure, path) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            figure.savefig(out, format="png", dpi=100)
-        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; a figure is meant to be read by others
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    """Save a matplotlib figure as PNG atomically (:func:`gpconv.outputs.atomic_write`)."""
+    from .outputs import atomic_write
+
+    return atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=100))
 
 
 def _pyplot():
@@ -317,16 +307,27 @@ def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
         plt.close(figure)
 
 
+REPORT_FILES = ("results.csv", "runs.csv", "results.md", "accuracy_vs_parameters.png", "accuracy_vs_computations.png",
+                "training_curves.png")
+
+
 def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None,
-                 runs_csv_path=None) -> List[Path]:
+                 runs_csv_path=None, overwrite: bool = False) -> List[Path]:
     """Write the table (``results.md``, ``results.csv``), ``runs.csv`` (or ``runs_csv_path``) and the
-    plots of the runs in ``paths`` to ``output``. Runs of one variant with several seeds are also
-    summarised as mean ± standard deviation, and the plots show those means."""
-    from .training import atomic_write_text
+    plots of the runs in ``paths`` to ``output`` (:data:`REPORT_FILES`). Runs of one variant with several
+    seeds are also summarised as mean ± standard deviation, and the plots show those means. Refused (one
+    line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false."""
+    from .outputs import OutputError, claim_outputs, existing_outputs
+    from .training import RUN_FILES, atomic_write_text
 
     runs = collect_runs(paths)
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    if existing_outputs(output, RUN_FILES):
+        raise OutputError(f"{output} is a run folder (its training_curves.png is the run's own): choose another "
+                          "--output for the report")
+    claim_outputs(output, REPORT_FILES, overwrite=overwrite)
+    runs_csv_path = Path(runs_csv_path) if runs_csv_path else output / "runs.csv"
+    claim_outputs(runs_csv_path.parent, [runs_csv_path.name], overwrite=overwrite, option="--runs-csv")
     title = title or f"{len(runs)} run(s): " + ", ".join(sorted({r.dataset for r in runs if r.dataset}) or ["?"])
     rows = table_rows(runs, baseline)
     buffer = io.StringIO()
@@ -334,7 +335,7 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
     writer.writerow(HEADER)
     writer.writerows(rows)
     written = [atomic_write_text(output / "results.csv", buffer.getvalue()),
-               atomic_write_text(Path(runs_csv_path or output / "runs.csv"), runs_csv(runs))]
+               atomic_write_text(runs_csv_path, runs_csv(runs))]
     summaries = summarize_variants(runs)
     by_variant = ""
     if any(len(summary.runs) > 1 for summary in summaries):

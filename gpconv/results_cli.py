@@ -6,7 +6,7 @@ import argparse
 
 from .data import DATASETS
 from .models import list_models
-from .train_cli import positive_int
+from .train_cli import non_negative_int, positive_int
 
 __all__ = ["add_results_commands", "run_sweep_command", "run_report_command", "run_cam_command"]
 
@@ -38,11 +38,11 @@ def add_results_commands(commands) -> None:
     sweep.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME", help="one of: " + ", ".join(DATASETS))
     sweep.add_argument("--data-dir", default=None)
     sweep.add_argument("--image-size", type=positive_int, default=None)
-    sweep.add_argument("--skip-strides", type=int, default=None, help="3 is the papers' 32x32 EfficientNet setting")
+    sweep.add_argument("--skip-strides", type=non_negative_int, default=None, help="3 is the papers' 32x32 EfficientNet setting")
     sweep.add_argument("--epochs", type=positive_int, default=None)
     sweep.add_argument("--batch-size", type=positive_int, default=None)
     sweep.add_argument("--max-train-batches", type=positive_int, default=None)
-    sweep.add_argument("--seed", type=int, default=None)
+    sweep.add_argument("--seed", type=non_negative_int, default=None)
     sweep.add_argument("--precise-bn-batches", type=positive_int, default=None,
                        help="recompute batch-norm statistics on N training batches before each evaluation "
                             "(short runs: Keras' momentum leaves them far from the data)")
@@ -62,6 +62,7 @@ def add_results_commands(commands) -> None:
     report.add_argument("--title", default=None)
     report.add_argument("--runs-csv", default=None, metavar="FILE",
                         help="where the one-row-per-run CSV goes (default: OUTPUT/runs.csv)")
+    report.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier report")
     report.set_defaults(run=run_report_command)
 
     cam = commands.add_parser("cam", help="class activation maps of a trained model on test images")
@@ -75,6 +76,7 @@ def add_results_commands(commands) -> None:
     cam.add_argument("--class-index", type=int, default=None,
                      help="map of this class (default: each model's predicted class)")
     cam.add_argument("--output", required=True, help="folder for cam_NNN.png and cam_grid.png")
+    cam.add_argument("--overwrite", action="store_true", help="replace cam_NNN.png and cam_grid.png of an earlier run")
     cam.set_defaults(run=run_cam_command)
 
 
@@ -114,7 +116,7 @@ def run_report_command(args) -> None:
     from .results import write_report
 
     written = write_report(args.runs, args.output, baseline=args.baseline, title=args.title,
-                           runs_csv_path=args.runs_csv)
+                           runs_csv_path=args.runs_csv, overwrite=args.overwrite)
     for path in written:
         print(path)
 
@@ -124,5 +126,5 @@ def run_cam_command(args) -> None:
     from .cam import write_cams
 
     write_cams(args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir,
-                         images=args.images, compare=args.compare, class_index=args.class_index,
+                         images=args.images, compare=args.compare, class_index=args.class_index, overwrite=args.overwrite,
                          log=lambda line: print(line, flush=True))

@@ -31,6 +31,9 @@ Every run folder gets what ``gpconv train`` writes (``metrics.json`` ...) plus `
 accuracy and loss of the best weights with and without horizontal-flip test-time augmentation.
 A run whose folder holds ``metrics.json`` and ``tta.json`` is finished and skipped when the sweep is
 run again; a run with ``last.pt`` but no ``metrics.json`` (interrupted) is resumed from ``last.pt``.
+Both are refused (one line) when a setting that shapes the result differs from the saved run's
+(:func:`gpconv.training.resume_differences`; ``epochs`` may grow). Numeric keys of a YAML config
+follow the rules of the ``gpconv sweep`` flags (:data:`OPTION_RULES`).
 """
 
 from __future__ import annotations
@@ -43,10 +46,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .data import DATASETS
-from .models import list_models
+from .models import check_input_size, list_models
 from .reference import parse_variant
+from .train_cli import non_negative_int, positive_float, positive_int
 
-__all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE"]
+__all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE",
+           "OPTION_RULES", "check_options"]
 
 TTA_FILE = "tta.json"
 # keys of a sweep config that are options of one training run, with their defaults (the papers' protocol)
@@ -57,6 +62,12 @@ TRAIN_KEYS: Dict[str, object] = {
 }
 SWEEP_KEYS = set(TRAIN_KEYS) | {"seeds", "tag", "arch", "variants", "channels_per_group", "groups", "table", "description",
                                 "notes"}
+# the argparse types of the matching ``gpconv sweep`` / ``gpconv train`` flags; YAML values pass through them too
+OPTION_RULES: Dict[str, Callable] = {
+    "image_size": positive_int, "skip_strides": non_negative_int, "epochs": positive_int, "batch_size": positive_int,
+    "lr": positive_float, "max_train_batches": positive_int, "seed": non_negative_int,
+    "precise_bn_batches": non_negative_int, "channels_per_group": positive_int, "lr_cycle": positive_int,
+}
 _TEMPLATE = re.compile(r"^v[12]((-noL|-relu)*)$")
 
 
@@ -118,6 +129,32 @@ def _check_keys(mapping: dict, where: str) -> None:
         raise ValueError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(SWEEP_KEYS))}")
 
 
+def check_options(options: dict, where: str) -> dict:
+    """``options`` with every numeric value checked (and converted) by the rule of its CLI flag
+    (:data:`OPTION_RULES`), booleans and ``monitor`` checked too; ValueError (one line) otherwise."""
+    import argparse
+
+    checked = dict(options)
+    for key, rule in OPTION_RULES.items():
+        value = checked.get(key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise argparse.ArgumentTypeError(f"got {value!r}")
+            checked[key] = rule(str(value))
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{key} in {where}: {error}") from None
+    for key in ("val_flips", "augment"):
+        if key in checked and not isinstance(checked[key], bool):
+            raise ValueError(f"{key} in {where}: expected true or false, got {checked[key]!r}")
+    if checked.get("monitor", "val_accuracy") not in ("val_accuracy", "val_loss"):
+        raise ValueError(f"monitor in {where}: expected val_accuracy or val_loss, got {checked['monitor']!r}")
+    if checked.get("data_dir") is not None and not isinstance(checked["data_dir"], str):
+        raise ValueError(f"data_dir in {where}: expected a path, got {checked['data_dir']!r}")
+    return checked
+
+
 def _as_list(value, name: str) -> list:
     if value is None:
         return []
@@ -153,9 +190,12 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         if merged.get("dataset") not in DATASETS:
             raise ValueError(f"group {index + 1} ({arch}): dataset must be one of {', '.join(DATASETS)}, got "
                              f"{merged.get('dataset')!r}")
-        cpg = [int(n) for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
+        where = f"group {index + 1} ({arch})"
+        cpg = [check_options({"channels_per_group": n}, where)["channels_per_group"]
+               for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
         variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
-        options = {k: merged[k] for k in TRAIN_KEYS}
+        options = check_options({k: merged[k] for k in TRAIN_KEYS}, where)
+        check_input_size(arch, options["image_size"], options["skip_strides"])
         seeds = [int(n) for n in _as_list(merged.get("seeds"), "seeds")] or [int(options["seed"])]
         for seed in seeds:
             for variant in variants:
@@ -236,14 +276,18 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
     import torch
 
     from .data import load_dataset
-    from .training import TrainingDiverged, train
+    from .outputs import OutputError, check_writable, existing_outputs
+    from .training import RUN_FILES, TrainingDiverged, check_device, train
 
     if not specs:
         raise ValueError("the sweep has no runs")
+    check_device(device)
+    output = Path(output)
+    if existing_outputs(output, RUN_FILES):
+        raise OutputError(f"{output} is the folder of one training run, not of a sweep: choose another --output")
     if threads:
         torch.set_num_threads(threads)
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_writable(output)
     _write_plan(output, specs)
     cached_splits: Dict[tuple, object] = {}
     summaries = []
@@ -252,6 +296,7 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         folder = output / spec.name
         head = f"[{number}/{len(specs)}] {spec.name}"
         if run_is_finished(folder):
+            _check_finished(folder, spec, device)
             log(f"{head}: finished before ({folder / 'metrics.json'}), skipped")
             summaries.append({"name": spec.name, "status": "skipped", **_read_json(folder / TTA_FILE)})
             continue
@@ -289,9 +334,35 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _check_finished(folder: Path, spec: RunSpec, device: str) -> None:
+    """Refuse (one line) to skip a finished run whose saved settings differ from ``spec``'s."""
+    from .training import resume_differences
+
+    saved = _read_json(folder / "config.json")
+    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
+        raise ValueError(f"{folder} holds a finished run without a readable config.json: its settings cannot be "
+                         "checked; move it away or choose another --output")
+    names = list(saved.get("class_names") or [])
+    config = spec.train_config(folder)
+    config.device = device
+    differences = resume_differences({"model_config": saved["model"], "train_config": saved["train"],
+                                      "class_names": names}, config, spec.model_config(len(names) or 10), names)
+    if differences:
+        raise ValueError(f"{folder} was trained with other settings: {'; '.join(differences)}; use the saved "
+                         "settings or choose another --output")
+
+
 def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
+    """Write ``sweep.json``: the runs of this sweep, after those of an earlier ``sweep.json`` that it does
+    not name (a sweep run with ``--only`` keeps the others). Refused when ``sweep.json`` is not gpconv's."""
+    from .outputs import OutputError
     from .training import atomic_write_text
 
-    atomic_write_text(output / "sweep.json", json.dumps(
-        {"runs": [{"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]},
-        indent=2))
+    path = output / "sweep.json"
+    earlier = _read_json(path) if path.exists() else {"runs": []}
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list) or not all(isinstance(r, dict) for r in earlier["runs"]):
+        raise OutputError(f"{path} exists and is not a gpconv sweep plan: choose another --output")
+    names = {s.name for s in specs}
+    runs = [r for r in earlier["runs"] if r.get("name") not in names]
+    runs += [{"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]
+    atomic_write_text(path, json.dumps({"runs": runs}, indent=2))

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import math
 import sys
 from pathlib import Path
 
 from .data import DATASETS
 from .models import CLASSIFIER_INITS, list_models
 
-__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
+__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training", "positive_int", "non_negative_int",
+           "positive_float"]
+
+
+def _number(text: str, kind, minimum, description: str, strict: bool = False):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    """An int >= 1 (argparse type; ArgumentTypeError otherwise)."""
+    return _number(text, int, 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """An int >= 0 (argparse type)."""
+    return _number(text, int, 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (argparse type)."""
+    return _number(text, float, 0, "a number > 0", strict=True)
 
 
 def _pair(text: str):
@@ -42,14 +61,14 @@ def add_training_commands(commands) -> None:
     train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     train.add_argument("--activation", default=None,
                        help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")
-    train.add_argument("--skip-strides", type=int, default=0, help="3 is the papers' 32x32 setting")
+    train.add_argument("--skip-strides", type=non_negative_int, default=0, help="3 is the papers' 32x32 setting")
     train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
                        help="one of: " + ", ".join(DATASETS))
     train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to: CIFAR and the papers' named datasets)")
     train.add_argument("--image-size", type=positive_int, default=32)
     train.add_argument("--epochs", type=positive_int, default=50)
     train.add_argument("--batch-size", type=positive_int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3, help="base learning rate of the cyclical schedule")
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="base learning rate of the cyclical schedule")
     train.add_argument("--lr-cycle", type=positive_int, default=25, help="epochs per cycle of the schedule (25)")
     train.add_argument("--classifier-init", default="family", choices=CLASSIFIER_INITS,
                        help="family: the family's rule (Keras' for EfficientNet); torch: nn.Linear's default")
@@ -60,15 +79,17 @@ def add_training_commands(commands) -> None:
     train.add_argument("--val-flips", action="store_true",
                        help="validation x4 with horizontal/vertical flips (Entropy 2022)")
     train.add_argument("--no-augment", dest="augment", action="store_false")
-    train.add_argument("--precise-bn-batches", type=int, default=0,
+    train.add_argument("--precise-bn-batches", type=non_negative_int, default=0,
                        help="recompute batch-norm statistics over N batches after each epoch (not in the protocol)")
     train.add_argument("--synthetic-size", type=_pair, default=[2000, 500], metavar="TRAIN,TEST",
                        help="image counts of the synthetic dataset (default 2000,500)")
     train.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     train.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     train.add_argument("--resume", action="store_true", help="continue the run in --output from last.pt")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--output", required=True, help="run folder")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run files of a run already in --output (other files are kept)")
     train.add_argument("--stop-after-epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
     train.add_argument("--inject-nan-at-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=run_train)
@@ -82,6 +103,7 @@ def add_training_commands(commands) -> None:
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the metrics to FILE")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace FILE of --json when it exists")
     evaluate.set_defaults(run=run_evaluate)
 
 
@@ -103,7 +125,7 @@ def run_train(args) -> None:
                          augment=args.augment, seed=args.seed, device=args.device,
                          precise_bn_batches=args.precise_bn_batches, synthetic_size=args.synthetic_size)
     try:
-        train(config, model_config, resume=args.resume, stop_after_epochs=args.stop_after_epochs,
+        train(config, model_config, resume=args.resume, overwrite=args.overwrite, stop_after_epochs=args.stop_after_epochs,
               inject_nan_at_epoch=args.inject_nan_at_epoch, log=lambda line: print(line, flush=True))
     except TrainingDiverged as error:
         print(f"gpconv: error: {error}", file=sys.stderr, flush=True)
@@ -117,8 +139,11 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     """``gpconv evaluate``."""
+    from .outputs import claim_outputs
     from .training import evaluate_checkpoint, atomic_write_text, format_report
 
+    if args.json:  # refused before the (long) evaluation
+        claim_outputs(Path(args.json).parent, [Path(args.json).name], overwrite=args.overwrite, option="--json")
     metrics = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, hflip_tta=args.hflip_tta,
                                   batch_size=args.batch_size, device=args.device)
     print(format_report(metrics["per_class"]))
@@ -129,17 +154,16 @@ def run_evaluate(args) -> None:
         atomic_write_text(Path(args.json), json.dumps(metrics, indent=2))
 
 
-def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, threads: int = 2) -> dict:
-    """The demo's short training: kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the synthetic set."""
+def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, threads: int = 2,
+                  overwrite: bool = False) -> dict:
+    """The demo's short training: kEffNet-B0 V2 16ch (32x32, skip_strides=3) on the synthetic set.
+    A run already in ``output`` is refused unless ``overwrite`` (its run files are replaced)."""
     import torch
 
     from .training import ModelConfig, TrainConfig, train
 
     torch.set_num_threads(threads)
-    folder = Path(output)
-    if (folder / "last.pt").exists() and (folder / "config.json").exists():
-        shutil.rmtree(folder)  # the demo's previous run
     model_config = ModelConfig("efficientnet_b0", channels_per_group=16, skip_strides=3, image_size=32)
     config = TrainConfig(dataset="synthetic", output=output, epochs=epochs, batch_size=32,
                          max_train_batches=max_train_batches, precise_bn_batches=4, seed=0)
-    return train(config, model_config, log=lambda line: print(line, flush=True))
+    return train(config, model_config, overwrite=overwrite, log=lambda line: print(line, flush=True))

@@ -27,11 +27,10 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,12 +41,14 @@ from torch.utils.data import DistributedSampler
 
 from .counting import count_computations, count_macs, count_parameters
 from .data import DatasetSplits, ImageSet, KerasAugment, load_dataset, to_float
-from .models import CLASSIFIER_INITS, create_model, init_classifier
+from .models import CLASSIFIER_INITS, check_input_size, create_model, init_classifier
+from .outputs import OutputError, atomic_write, claim_outputs, existing_outputs
 
 __all__ = [
     "ModelConfig", "TrainConfig", "TrainingDiverged", "CheckpointError", "cyclical_lr", "make_optimizer",
     "train", "evaluate_checkpoint", "evaluate_model", "classification_report", "load_checkpoint",
-    "atomic_write_text", "atomic_torch_save", "DistributedContext", "setup_distributed",
+    "atomic_write_text", "atomic_torch_save", "DistributedContext", "setup_distributed", "check_device",
+    "prepare_run_folder", "resume_differences", "RUN_FILES", "MODEL_KEYS", "RESUME_KEYS",
 ]
 
 CHECKPOINT_FORMAT = "gpconv-checkpoint-v1"
@@ -85,6 +86,8 @@ class ModelConfig:
                              f"{self.classifier_init!r}")
 
     def build(self) -> nn.Module:
+        """The model; ValueError (one line) on a bad combination or an input size too small for the arch."""
+        check_input_size(self.arch, self.image_size, self.skip_strides)
         model = create_model(self.arch, self.num_classes, channels_per_group=self.channels_per_group,
                              version=self.version, l_layer=self.l_layer, activation=self.activation,
                              skip_strides=self.skip_strides)
@@ -146,33 +149,24 @@ def make_optimizer(parameters, lr: float = 1e-3) -> torch.optim.Optimizer:
 # atomic files and checkpoints
 
 
-def _atomic_write(path: Path, write: Callable) -> Path:
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            write(out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
-
-
 def atomic_write_text(path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    return _atomic_write(Path(path), lambda out: out.write(text.encode("utf-8")))
+    return atomic_write(Path(path), lambda out: out.write(text.encode("utf-8")))
 
 
 def atomic_torch_save(obj, path) -> Path:
     """``torch.save`` atomically."""
-    return _atomic_write(Path(path), lambda out: torch.save(obj, out))
+    return atomic_write(Path(path), lambda out: torch.save(obj, out))
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a gpconv checkpoint with ``weights_only=True``; :class:`CheckpointError` when unusable."""
+# what a checkpoint must hold to rebuild its model, and to resume training from it
+MODEL_KEYS = ("model_config", "train_config", "class_names", "epoch", "model")
+RESUME_KEYS = MODEL_KEYS + ("optimizer", "scaler", "rng", "history", "best")
+
+
+def load_checkpoint(path, map_location="cpu", require: Sequence[str] = ()) -> dict:
+    """Read a gpconv checkpoint with ``weights_only=True``; :class:`CheckpointError` when unusable or
+    when it lacks one of the keys in ``require`` (e.g. :data:`MODEL_KEYS`, :data:`RESUME_KEYS`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -185,6 +179,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a gpconv checkpoint ({message})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a gpconv checkpoint")
+    missing = [key for key in require if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: it has no {', '.join(missing)}")
+    for key in {"model_config", "train_config", "model"} & set(require):
+        if not isinstance(checkpoint[key], dict):
+            raise CheckpointError(f"{path} is damaged: its {key} is not a mapping")
+    if "model_config" in require and not isinstance(checkpoint["model_config"].get("arch"), str):
+        raise CheckpointError(f"{path} is damaged: its model_config has no arch")
     return checkpoint
 
 
@@ -255,8 +257,27 @@ class DistributedContext:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def check_device(device: str) -> None:
+    """ValueError (one line) unless ``device`` is ``auto``, ``cpu`` or a ``cuda``/``cuda:N`` this torch can use."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type != "cuda":
+        raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "sees no CUDA GPU" if torch.backends.cuda.is_built() else "was built without CUDA"
+        raise ValueError(f"device {device!r} cannot be used: this torch ({torch.__version__}) {why}; use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+
+
 def setup_distributed(device: str = "auto") -> DistributedContext:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device."""
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick the device
+    (ValueError, one line, for one this torch cannot use: :func:`check_device`)."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
@@ -424,13 +445,85 @@ def _improved(monitor: str, value: float, best: Optional[dict]) -> bool:
     return value > best["value"] if monitor == "val_accuracy" else value < best["value"]
 
 
-def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False,
+RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
+# TrainConfig fields a resumed run may change: where it is read, written and run, and how long it trains
+RESUMABLE_CHANGES = ("output", "data_dir", "device", "epochs", "eval_batch_size")
+
+
+def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True) -> bool:
+    """Apply the output rule (docs/training.md) to a run folder before anything is written: a folder
+    that holds a run is refused unless ``resume`` (it must have ``last.pt``) or ``overwrite`` (its run
+    files are deleted); other files are never touched. On the main process, create the folder, check
+    it is writable and remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    found = existing_outputs(output, RUN_FILES)
+    if found and resume and "last.pt" not in found:
+        raise OutputError(f"{output} holds a run without last.pt ({', '.join(found)}), so it cannot be resumed; "
+                          "pass --overwrite to replace it or choose another --output")
+    if found and not (resume or overwrite):
+        raise OutputError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --output")
+    if main:
+        claim_outputs(output, RUN_FILES, overwrite=True)
+        if overwrite:
+            for name in found:
+                (output / name).unlink()
+    return resume and "last.pt" in found
+
+
+def _field_default(item):
+    if item.default is not MISSING:
+        return item.default
+    return item.default_factory() if item.default_factory is not MISSING else None
+
+
+def resume_differences(checkpoint: dict, config: TrainConfig, model_config: ModelConfig,
+                       class_names: Sequence[str]) -> List[str]:
+    """Settings that shape the result and differ between a saved run (``checkpoint``) and this one,
+    as ``"name saved (now new)"``. A setting the checkpoint predates counts as its default."""
+    differences = []
+    for kind, saved, current in ((ModelConfig, checkpoint["model_config"], model_config),
+                                 (TrainConfig, checkpoint["train_config"], config)):
+        for item in fields(kind):
+            if kind is TrainConfig and item.name in RESUMABLE_CHANGES:
+                continue
+            old, new = (json.loads(json.dumps(v)) for v in (saved.get(item.name, _field_default(item)),
+                                                             getattr(current, item.name)))
+            if old != new:
+                differences.append(f"{item.name} {old!r} (now {new!r})")
+    if list(checkpoint["class_names"]) != list(class_names):
+        differences.append(f"class names {list(checkpoint['class_names'])} (now {list(class_names)})")
+    return differences
+
+
+def _resume_from(path: Path, config, model_config, class_names, model, optimizer, scaler, augment_generator,
+                 device) -> dict:
+    """Load ``path`` (last.pt), refuse it when a setting differs, restore every state; the checkpoint."""
+    checkpoint = load_checkpoint(path, map_location=device, require=RESUME_KEYS)
+    differences = resume_differences(checkpoint, config, model_config, class_names)
+    if differences:
+        raise ValueError(f"--resume: {path} was trained with other settings: {'; '.join(differences)}; resume "
+                         "with the saved settings or choose another --output")
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        _restore_rng(checkpoint["rng"], augment_generator)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} cannot be resumed: {message}") from None
+    return checkpoint
+
+
+def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, overwrite: bool = False,
           stop_after_epochs: Optional[int] = None, inject_nan_at_epoch: Optional[int] = None,
           log: Callable[[str], None] = print, splits: Optional[DatasetSplits] = None) -> dict:
     """Train ``model_config`` on ``config.dataset`` and return the test metrics (also ``metrics.json``).
 
     ``resume``: continue from ``output/last.pt`` (model, optimizer, epoch, history, best epoch,
-    every RNG state); the data order is a function of (seed, epoch), so a resumed run reaches the
+    every RNG state; refused when a setting that shapes the result differs); ``overwrite``: replace
+    the run files of a run already in ``output`` (see :func:`prepare_run_folder`); the data order is a function of (seed, epoch), so a resumed run reaches the
     same result as an uninterrupted one. ``stop_after_epochs`` (testing) kills the process with
     SIGKILL right after that epoch's checkpoint; ``inject_nan_at_epoch`` (testing) makes the loss NaN
     during that (1-based) epoch. Raises :class:`TrainingDiverged` on a NaN/inf loss.
@@ -441,11 +534,7 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
         log = lambda line: None  # noqa: E731  (rank 0 speaks for everyone)
     output = Path(config.output)
     last_path, best_path = output / "last.pt", output / "best.pt"
-    if context.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-    if last_path.exists() and not resume:
-        raise ValueError(f"{output} already holds a run (last.pt); pass --resume to continue it or choose "
-                         "another --output")
+    resume_from_last = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=context.is_main)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -470,15 +559,10 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
     start_epoch, history, best = 0, [], None
-    if resume and last_path.exists():
-        checkpoint = load_checkpoint(last_path, map_location=device)
-        if ModelConfig.from_dict(checkpoint["model_config"]) != model_config:
-            raise CheckpointError(f"{last_path} was trained with a different model: {checkpoint['model_config']}")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+    if resume_from_last:
+        checkpoint = _resume_from(last_path, config, model_config, splits.class_names, model, optimizer, scaler,
+                                  augment_generator, device)
         start_epoch, history, best = checkpoint["epoch"], list(checkpoint["history"]), checkpoint["best"]
-        _restore_rng(checkpoint["rng"], augment_generator)
         log(f"resuming {output} after epoch {start_epoch}")
     elif resume:
         log(f"no {last_path} to resume from: starting a new run")
@@ -571,7 +655,7 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     # test with the best weights
     if best is None:
         raise TrainingDiverged("no epoch completed with a finite validation metric")
-    best_checkpoint = load_checkpoint(best_path, map_location=device)
+    best_checkpoint = load_checkpoint(best_path, map_location=device, require=("model",))
     model.load_state_dict(best_checkpoint["model"])
     test = evaluate_model(model, splits.test, splits.num_classes, batch_size=config.eval_batch_size,
                           hflip_tta=config.hflip_tta, context=context, channels_last=True)
@@ -600,10 +684,12 @@ def evaluate_checkpoint(checkpoint_path, dataset: Optional[str] = None, data_dir
     ``dataset``, ``data_dir`` and ``seed`` default to those the checkpoint was trained with.
     """
     context = setup_distributed(device)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=context.device)
+    checkpoint = load_checkpoint(checkpoint_path, map_location=context.device, require=MODEL_KEYS)
     model_config = ModelConfig.from_dict(checkpoint["model_config"])
     train_config = checkpoint["train_config"]
-    dataset = dataset or train_config["dataset"]
+    dataset = dataset or train_config.get("dataset")
+    if not dataset:
+        raise CheckpointError(f"{checkpoint_path} does not say which dataset it was trained on: pass --dataset")
     data_dir = data_dir if data_dir is not None else train_config.get("data_dir")
     seed = train_config.get("seed", 0) if seed is None else seed
     splits = load_dataset(dataset, data_dir, image_size=model_config.image_size, seed=seed,

@@ -96,7 +96,7 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("densenet_bc_100", max_skip_strides=0)
+@register_model("densenet_bc_100", max_skip_strides=0, min_input_size=4)
 def densenet_bc_100(num_classes: int, grouping: Grouping, activation: ActivationSpec = None, skip_strides: int = 0,
                     transition_interleave: bool = False) -> DenseNet:
     """densenet_bc_100 (32x32 inputs): ``activation=None`` is ReLU dense, swish grouped;

@@ -136,7 +136,7 @@ class InceptionV3(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.mixed(self.stem(x))), 1))
 
 
-@register_model("inception_v3", max_skip_strides=0)
+@register_model("inception_v3", max_skip_strides=0, min_input_size=75)
 def inception_v3(num_classes: int, grouping: Grouping, activation: ActivationSpec = None, skip_strides: int = 0,
                  reference_dense_quirks: bool = True) -> InceptionV3:
     """inception_v3: ``activation=None`` is ReLU; ``reference_dense_quirks`` keeps the three 1x1

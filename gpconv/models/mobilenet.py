@@ -79,7 +79,7 @@ class MobileNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@register_model("mobilenet", max_skip_strides=5)
+@register_model("mobilenet", max_skip_strides=5, min_input_size=(32, 17, 9, 5, 3, 2))
 def mobilenet(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
               skip_strides: int = 0, depthwise_activation: ActivationSpec = "relu6") -> MobileNet:
     """mobilenet: MobileNet V1 (width 1.0). ``activation`` follows the pointwise convolutions

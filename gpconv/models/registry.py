@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -12,7 +12,8 @@ from ..block import Grouping
 from ..layers import ActivationSpec, check_activation
 from ..plan import check_positive_int
 
-__all__ = ["register_model", "create_model", "list_models", "CLASSIFIER_INITS", "init_classifier"]
+__all__ = ["register_model", "create_model", "list_models", "min_input_size", "check_input_size",
+           "CLASSIFIER_INITS", "init_classifier"]
 
 CLASSIFIER_INITS = ("family", "torch")
 
@@ -22,6 +23,7 @@ class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]
     max_skip_strides: int
+    min_input_size: Union[int, Tuple[int, ...]] = 1  # an int, or one per skip_strides value
 
     @property
     def family_options(self) -> Tuple[str, ...]:
@@ -34,12 +36,13 @@ class ModelEntry:
 _REGISTRY: Dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, max_skip_strides: int = 0):
+def register_model(name: str, *, max_skip_strides: int = 0, min_input_size: Union[int, Tuple[int, ...]] = 1):
     """Decorator: register ``builder(num_classes, grouping, activation, skip_strides, **family_options)``
-    as ``name``. ``activation=None`` must give the family's reference default."""
+    as ``name``. ``activation=None`` must give the family's reference default. ``min_input_size``: the
+    smallest square input the family runs on (an int, or a tuple indexed by ``skip_strides``)."""
 
     def decorate(builder):
-        _REGISTRY[name] = ModelEntry(name, builder, max_skip_strides)
+        _REGISTRY[name] = ModelEntry(name, builder, max_skip_strides, min_input_size)
         return builder
 
     return decorate
@@ -48,6 +51,27 @@ def register_model(name: str, *, max_skip_strides: int = 0):
 def list_models() -> List[str]:
     """Names accepted by :func:`create_model`."""
     return sorted(_REGISTRY)
+
+
+def min_input_size(arch: str, skip_strides: int = 0) -> int:
+    """The smallest square input (pixels) ``arch`` runs on with ``skip_strides``."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
+    minimum = _REGISTRY[arch].min_input_size
+    if isinstance(minimum, int):
+        return minimum
+    return minimum[min(max(int(skip_strides), 0), len(minimum) - 1)]
+
+
+def check_input_size(arch: str, input_size, skip_strides: int = 0) -> None:
+    """ValueError (one line) when ``input_size`` (int or ``(H, W)``) is below ``arch``'s minimum."""
+    sizes = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)[-2:]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in sizes):
+        raise TypeError(f"input size must be an int, got {input_size!r}")
+    minimum = min_input_size(arch, skip_strides)
+    if min(sizes) < minimum:
+        raise ValueError(f"input size {min(sizes)} is too small for {arch} with skip_strides {skip_strides}: "
+                         f"it needs at least {minimum}x{minimum} pixels")
 
 
 def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Optional[int] = None, version: int = 2,

@@ -1,0 +1,132 @@
+"""The output rule every gpconv command that writes files follows (docs/training.md, "Output files").
+
+* Never delete or overwrite a file gpconv did not write in this run: a command first lists the
+  files it will write (:func:`claim_outputs`) and refuses, in one line, when one of them exists,
+  unless the user passed ``--overwrite``.
+* Every file is written atomically (:func:`atomic_write`): a temporary ``.NAME.XXXXXXXX.tmp`` in the
+  same folder, flushed and fsynced, given the user's umask, renamed over ``NAME``, then the folder
+  is fsynced so the rename survives a power cut. A failed write (disk full, unwritable folder)
+  raises :class:`OutputError` (one line) and leaves the previous ``NAME`` untouched.
+* Temporary files left by a killed write are removed the next time a command claims that folder
+  (:func:`remove_stale_temporaries`; only names of that exact pattern, for the files it writes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, List
+
+__all__ = ["OutputError", "atomic_write", "existing_outputs", "claim_outputs", "remove_stale_temporaries",
+           "check_writable"]
+
+_RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
+
+
+class OutputError(OSError):
+    """A file cannot be written, or writing it would replace a file gpconv did not write (one line)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows cannot open a folder
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # pragma: no cover - some file systems refuse to fsync a folder
+        pass
+    finally:
+        os.close(handle)
+
+
+def _reason(error: BaseException, folder: Path) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    try:
+        if shutil.disk_usage(folder).free < (1 << 20):
+            return "no space left on device"
+    except OSError:
+        pass
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def atomic_write(path, write: Callable) -> Path:
+    """Write ``path`` atomically: ``write(binary file)`` fills a temporary file in the same folder,
+    which is fsynced, given mode ``0o666 & ~umask``, renamed over ``path``; then the folder is fsynced.
+    :class:`OutputError` (one line, the old ``path`` untouched, no temporary left) when it fails."""
+    path = Path(path)
+    temporary = None
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+        with os.fdopen(handle, "wb") as out:
+            write(out)
+            out.flush()
+            os.fsync(out.fileno())
+            os.fchmod(out.fileno(), 0o666 & ~_umask())
+        os.replace(temporary, path)
+        temporary = None
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        raise OutputError(f"cannot write {path}: {_reason(error, path.parent)}") from None
+    finally:
+        if temporary is not None and os.path.exists(temporary):
+            os.unlink(temporary)
+    _fsync_folder(path.parent)
+    return path
+
+
+def existing_outputs(folder, names: Iterable[str]) -> List[str]:
+    """Those of ``names`` that already exist in ``folder``."""
+    folder = Path(folder)
+    return [name for name in names if os.path.lexists(folder / name)]
+
+
+def remove_stale_temporaries(folder, names: Iterable[str]) -> List[Path]:
+    """Remove the temporaries :func:`atomic_write` leaves when killed mid-write (``.NAME.XXXXXXXX.tmp``)
+    for ``names`` in ``folder``; returns what was removed."""
+    folder = Path(folder)
+    pattern = re.compile(r"^\.(" + "|".join(re.escape(name) for name in names) + r")\." + _RANDOM + r"\.tmp$")
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if pattern.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def check_writable(folder) -> Path:
+    """Create ``folder`` (and its parents) and check a file can be written there; OutputError otherwise."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to {folder}: {_reason(error, folder)}") from None
+    return folder
+
+
+def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, option: str = "--output") -> Path:
+    """Prepare ``folder`` for a command that writes ``names`` there: refuse (OutputError, one line) when
+    one of them exists and ``overwrite`` is false; create the folder, check it is writable and remove
+    stale temporaries of ``names``."""
+    folder, names = Path(folder), list(names)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder")
+    found = existing_outputs(folder, names)
+    if found and not overwrite:
+        raise OutputError(f"{folder} already holds {', '.join(found)}: gpconv does not replace files it did not "
+                          f"write in this run; pass --overwrite to replace them or choose another {option}")
+    check_writable(folder)
+    remove_stale_temporaries(folder, names)
+    return folder

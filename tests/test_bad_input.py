@@ -1,0 +1,317 @@
+"""Issue 13: bad input and faults end in one line, without a traceback, and no pre-existing file changes."""
+
+import json
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from gpconv.cli import main
+from gpconv.counting import count_computations
+from gpconv.data import DataError, load_dataset
+from gpconv.models import create_model, list_models, min_input_size
+from gpconv.models.registry import _REGISTRY
+from gpconv.outputs import atomic_write, remove_stale_temporaries
+from gpconv.training import load_checkpoint
+
+TINY = ["--arch", "efficientnet_b0", "--image-size", "16", "--dataset", "synthetic", "--synthetic-size", "60,20",
+        "--batch-size", "8", "--max-train-batches", "1", "--threads", "1", "--epochs", "1", "--no-augment"]
+
+
+def snapshot(folder):
+    """Every file under ``folder``: relative path -> (bytes, mode)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def refused(argv, capsys, folder, message, code=2):
+    """Run the CLI in-process; assert exit != 0, one line on stderr, and ``folder`` unchanged."""
+    before = snapshot(folder)
+    try:
+        status = main([str(a) for a in argv])
+    except SystemExit as error:  # argparse's one-line errors
+        status = error.code
+    assert status == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert snapshot(folder) == before
+    return err
+
+
+def gpconv(*argv, preexec_fn=None):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gpconv.cli", *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT, env=environment, timeout=300, preexec_fn=preexec_fn)
+
+
+def assert_one_line(result, message):
+    assert result.returncode not in (0, -signal.SIGKILL), result.stderr
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished tiny run, trained in-process."""
+    output = tmp_path_factory.mktemp("bad") / "run"
+    assert main(["train", *TINY, "--output", str(output)]) == 0
+    return output
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def test_train_refuses_a_folder_with_a_run_even_without_last_pt(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "history.csv", "best.pt", "metrics.json", "notes.txt"):
+        (other / name).write_bytes((run / name).read_bytes() if (run / name).exists() else b"mine")
+    refused(["train", *TINY, "--output", other], capsys, tmp_path, "already holds a run")
+    refused(["train", *TINY, "--output", other, "--resume"], capsys, tmp_path, "without last.pt")
+    refused(["train", *TINY, "--output", other, "--resume", "--overwrite"], capsys, tmp_path, "exclude each other")
+
+
+def test_overwrite_replaces_only_run_files(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text("old")
+    (folder / "notes.txt").write_text("mine")
+    assert main(["train", *TINY, "--output", str(folder), "--overwrite"]) == 0
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert json.loads((folder / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("flag,value", [("--seed", "1"), ("--lr", "0.002"), ("--batch-size", "4"),
+                                        ("--synthetic-size", "70,20"), ("--channels-per-group", "16")])
+def test_resume_with_another_setting_is_refused_and_names_it(run, flag, value, capsys):
+    name = flag.lstrip("-").replace("-", "_")
+    argv = [a for a in TINY] + [flag, value]
+    err = refused(["train", *argv, "--output", run, "--resume"], capsys, run.parent, "other settings")
+    assert name in err
+
+
+def test_demo_keeps_an_existing_folder(tmp_path, capsys):
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "mine.txt").write_text("keep")
+    refused(["demo", "--output", folder], capsys, tmp_path, "already holds a run")
+    assert capsys.readouterr().out == ""  # refused before the table
+
+
+def test_report_does_not_write_into_a_run_or_over_a_report(run, tmp_path, capsys):
+    refused(["report", run, "--output", run], capsys, run.parent, "is a run folder")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.md").write_text("my notes")
+    refused(["report", run, "--output", report], capsys, tmp_path, "already holds results.md")
+
+
+def test_evaluate_json_and_cam_do_not_replace_files(run, tmp_path, capsys):
+    (tmp_path / "eval.json").write_text("mine")
+    refused(["evaluate", "--checkpoint", run / "best.pt", "--json", tmp_path / "eval.json"], capsys, tmp_path,
+            "already holds eval.json")
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam" / "cam_grid.png").write_text("mine")
+    refused(["cam", "--checkpoint", run / "best.pt", "--images", "1", "--output", tmp_path / "cam"], capsys,
+            tmp_path, "already holds cam_grid.png")
+
+
+def test_sweep_refuses_a_run_folder_and_a_foreign_plan(run, tmp_path, capsys):
+    sweep = ["sweep", "--arch", "efficientnet_b0", "--variants", "baseline", "--dataset", "synthetic",
+             "--image-size", "16", "--epochs", "1", "--device", "cpu"]
+    refused([*sweep, "--output", run], capsys, run.parent, "not of a sweep")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text("[1, 2]")
+    refused([*sweep, "--output", tmp_path / "s"], capsys, tmp_path, "not a gpconv sweep plan")
+
+
+def test_output_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    refused(["train", *TINY, "--output", tmp_path / "file" / "run"], capsys, tmp_path, "cannot write to")
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+def test_atomic_write_uses_the_umask_and_leaves_nothing_on_failure(tmp_path):
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda out: out.write(b"x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+
+    def fail(out):
+        out.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:1] . file write failed")
+
+    with pytest.raises(OSError, match="cannot write .*a.txt"):
+        atomic_write(tmp_path / "a.txt", fail)
+    assert (tmp_path / "a.txt").read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_and_nothing_else(tmp_path):
+    for name in (".last.pt.ab12cd_9.tmp", ".last.pt.notes.tmp", "last.pt", ".mine.ab12cd34.tmp"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in remove_stale_temporaries(tmp_path, ["last.pt"])] == [".last.pt.ab12cd_9.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".last.pt.notes.tmp", ".mine.ab12cd34.tmp", "last.pt"]
+
+
+def test_full_disk_is_one_line_and_keeps_the_last_good_checkpoint(run, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("last.pt", "best.pt", "config.json", "history.csv"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    before = snapshot(folder)
+
+    def small_disk():  # writes past 1 MB fail (EFBIG), as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = gpconv("train", *TINY[:-3], "--epochs", "2", "--no-augment", "--output", folder, "--resume",
+                    preexec_fn=small_disk)
+    assert_one_line(result, "cannot write")
+    after = snapshot(folder)
+    assert after["last.pt"] == before["last.pt"]
+    assert not [name for name in after if name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["table", "--input-size", "0"], "too small for efficientnet_b0"),
+    (["table", "--arch", "inception_v3", "--input-size", "32", "--variants", "baseline"], "at least 75x75"),
+    (["summary", "mobilenet", "--input-size", "1"], "at least 32x32"),
+    (["train", *TINY, "--arch", "mobilenet", "--output", "OUT"], "too small for mobilenet"),
+    (["train", *TINY, "--device", "cuda:0", "--output", "OUT"], "device"),
+    (["train", *TINY, "--device", "tpu", "--output", "OUT"], "unknown device"),
+    (["train", *TINY, "--lr", "nan", "--output", "OUT"], "a number > 0"),
+    (["train", *TINY, "--lr", "-1", "--output", "OUT"], "a number > 0"),
+    (["train", *TINY, "--lr", "0", "--output", "OUT"], "a number > 0"),
+    (["train", *TINY, "--seed", "-1", "--output", "OUT"], "an integer >= 0"),
+])
+def test_bad_options_are_one_line(argv, message, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    if "cuda:0" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is usable here")
+    refused(argv, capsys, tmp_path, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_family_runs_at_its_minimum_input_size_and_not_below():
+    for arch in list_models():
+        for skip in range(_REGISTRY[arch].max_skip_strides + 1):
+            if arch.startswith("efficientnet_b") and arch != "efficientnet_b0" or (arch != "mobilenet" and skip > 1):
+                continue
+            size = min_input_size(arch, skip)
+            with torch.device("meta"):
+                model = create_model(arch, 10, skip_strides=skip).eval()
+            model(torch.empty(1, 3, size, size, device="meta"))
+            if size > 1:
+                with pytest.raises(RuntimeError):
+                    model(torch.empty(1, 3, size - 1, size - 1, device="meta"))
+
+
+def test_count_computations_of_a_too_small_input_is_a_value_error():
+    with torch.device("meta"):
+        model = create_model("mobilenet")
+    for size in (0, 1, (3,), "a"):
+        with pytest.raises(ValueError):
+            count_computations(model, size)
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("epochs: 0", "epochs in group 1"), ("lr: -1", "lr in group 1"), ("batch_size: 2.5", "batch_size"),
+    ("epochs: true", "epochs"), ("augment: 'no'", "augment"), ("channels_per_group: [0]", "channels_per_group"),
+    ("image_size: 8\narch: inception_v3", "at least 75x75"),
+])
+def test_sweep_yaml_numbers_follow_the_cli_rules(yaml_text, message, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("arch: efficientnet_b0\nvariants: [baseline, v2]\nchannels_per_group: [16]\n"
+                      "dataset: synthetic\n" + yaml_text + "\n")
+    if "arch: inception_v3" in yaml_text:
+        config.write_text(config.read_text().replace("arch: efficientnet_b0\n", ""))
+    refused(["sweep", "--config", config, "--output", tmp_path / "s"], capsys, tmp_path, message)
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class _Touch:
+    def __reduce__(self):
+        return (os.system, ("touch EXECUTED",))
+
+
+def _cifar_folder(root, batch=None):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    good = {b"data": np.zeros((20, 3072), np.uint8), b"labels": [i % 10 for i in range(20)]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(good if batch is None or name != "data_batch_1" else batch))
+    return folder
+
+
+@pytest.mark.parametrize("batch,message", [
+    ({b"data": _Touch(), b"labels": [0]}, "posix.system"),
+    ({b"labels": [0, 1]}, "has no data"),
+    ({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, "N x 3072"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, -1]}, "negative labels"),
+    ([1, 2, 3], "expected a mapping"),
+])
+def test_crafted_or_damaged_cifar_batches_are_refused_and_never_run(batch, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _cifar_folder(tmp_path, batch)
+    with pytest.raises(DataError, match=message.replace(".", r"\.")):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_cli_on_a_crafted_cifar_batch_is_one_line_and_runs_nothing(tmp_path):
+    _cifar_folder(tmp_path / "data", {b"data": _Touch(), b"labels": [0]})
+    result = gpconv("train", *TINY[:4], "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--output",
+                    tmp_path / "out")
+    assert_one_line(result, "which a data file may not")
+    assert not (ROOT / "EXECUTED").exists() and not (tmp_path / "EXECUTED").exists()
+
+
+def _images(folder, count):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (8, 8), (i * 20 % 255, 0, 0)).save(folder / f"{i}.png")
+
+
+@pytest.mark.parametrize("layout,message", [
+    ({"only": 30}, "classification needs at least 2"),
+    ({"a": 30, "b": 0}, "has no readable image"),
+    ({"a": 2, "b": 2}, "too small"),
+])
+def test_folder_datasets_need_two_classes_images_in_each_and_enough_for_the_splits(layout, message, tmp_path):
+    for name, count in layout.items():
+        _images(tmp_path / "data" / name, count)
+    with pytest.raises(DataError, match=message):
+        load_dataset("folder", tmp_path / "data", image_size=8)
+
+
+def test_damaged_checkpoints_are_one_line(run, tmp_path, capsys):
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    for key in ("rng", "model_config"):
+        damaged = {k: v for k, v in checkpoint.items() if k != key}
+        torch.save(damaged, tmp_path / f"no-{key}.pt")
+    refused(["evaluate", "--checkpoint", tmp_path / "no-model_config.pt"], capsys, tmp_path, "has no model_config")
+    folder = tmp_path / "resume"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes((tmp_path / "no-rng.pt").read_bytes())
+    refused(["train", *TINY, "--output", folder, "--resume"], capsys, tmp_path, "has no rng")
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
