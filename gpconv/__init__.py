@@ -3,6 +3,8 @@
 from .block import GroupedPointwiseConv2d, Grouping, pointwise_conv
 from .convert import convert, summarize
 from .counting import count_computations, count_macs, count_parameters
+from .export import export_onnx
+from .inference import prepare_for_inference
 from .models import create_model, list_models, register_model
 from .plan import PointwisePlan, make_plan
 
@@ -12,4 +14,5 @@ __all__ = [
     "GroupedPointwiseConv2d", "Grouping", "pointwise_conv", "PointwisePlan", "make_plan",
     "create_model", "list_models", "register_model",
     "count_parameters", "count_macs", "count_computations", "convert", "summarize",
+    "prepare_for_inference", "export_onnx",
 ]
