@@ -10,7 +10,9 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``prepare_for_inference``: gpconv's inference form, timed on the batch (channels_last);
 * ``ORT fp32``: ``gpconv.export_onnx`` (verified against torch) in ONNX Runtime;
 * ``ORT int8``: that file quantized by ``gpconv.export.quantize_onnx`` (static, calibrated), ONNX Runtime;
-* ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape.
+* ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape;
+* with ``--onnx-forms``, ``ORT fp32 FORM``: ONNX Runtime with the grouped blocks exported in each
+  other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
 All of them alternate round by round (so that drifts of the machine hit all alike), with the same
 thread count. Models get batch-norm statistics from synthetic images first (a fresh model's
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.data import ImageSet, make_synthetic, to_float  # noqa: E402
-from gpconv.export import onnx_session, quantize_onnx, require_deploy  # noqa: E402
+from gpconv.export import ONNX_FORMS, onnx_session, quantize_onnx, require_deploy  # noqa: E402
 from gpconv.training import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
@@ -69,6 +71,13 @@ def openvino_function(path: Path, x: torch.Tensor, threads: int):
     return lambda: request.infer([array])
 
 
+def export(model, path: Path, x, calibration, form: str = "rule") -> Path:
+    """``path``, exported (and verified) the first time it is asked for."""
+    if not path.exists():
+        gpconv.export_onnx(model, path, x[:2], verify_input=calibration[:16], form=form)
+    return path
+
+
 def runtime_functions(name, model, x, calibration, folder: Path, threads: int, runtimes):
     """{(runtime, model name): callable} for one model at one setting."""
     functions = {}
@@ -78,10 +87,13 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
         prepared = gpconv.prepare_for_inference(model, example_input=x)
         x_last = x.contiguous(memory_format=torch.channels_last)
         functions["prepare_for_inference"] = lambda: prepared(x_last)
-    fp32 = folder / f"{name}-{x.shape[-1]}.onnx"
-    if not fp32.exists():
-        gpconv.export_onnx(model, fp32, x[:2], verify_input=calibration[:16])
+    fp32 = export(model, folder / f"{name}-{x.shape[-1]}.onnx", x, calibration)
     array = x.numpy()
+    for runtime in runtimes:  # "ORT fp32 FORM" (--onnx-forms): the blocks exported in another form
+        if runtime.startswith("ORT fp32 "):
+            session_form = onnx_session(export(model, fp32.with_suffix(f".{runtime.split()[-1]}.onnx"), x,
+                                               calibration, runtime.split()[-1]), threads)
+            functions[runtime] = lambda session=session_form: session.run(None, {"images": array})
     if "ORT fp32" in runtimes:
         session = onnx_session(fp32, threads)
         functions["ORT fp32"] = lambda: session.run(None, {"images": array})
@@ -138,9 +150,14 @@ def main():
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of: " + ", ".join(RUNTIMES))
+    parser.add_argument("--onnx-forms", action="store_true",
+                        help="also time ONNX Runtime fp32 with the grouped blocks exported in each form of "
+                             "gpconv.export.ONNX_FORMS (the default export is 'rule')")
     parser.add_argument("--json", default=None, help="also write the timings (seconds) to this file")
     args = parser.parse_args()
     args.models, args.runtimes = args.models.split(","), args.runtimes.split(",")
+    if args.onnx_forms:
+        args.runtimes += [f"ORT fp32 {form}" for form in ONNX_FORMS if form != "rule"]
     torch.set_num_threads(args.threads)
     print(describe_machine(torch.device("cpu")) + f"; onnxruntime {require_deploy('onnxruntime').__version__}")
     results = {}

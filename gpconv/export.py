@@ -5,7 +5,7 @@ dynamic batch dimension, through PyTorch's ``torch.export``-based ONNX exporter 
 TorchScript exporter cannot export a convolution whose weight is computed in ``forward``). The
 exported graph is the inference form of :func:`~gpconv.inference.prepare_for_inference` (batch norms
 folded, grouped blocks merged, Keras padding without copies) in NCHW, each grouped block in the form
-that runs fastest in ONNX Runtime (:data:`ONNX_EXECUTION`). Before the file is written, ONNX Runtime
+chosen by :func:`onnx_form`. Before the file is written, ONNX Runtime
 runs it on real images and its outputs must equal the eval-mode torch model's within ``tolerance``.
 
 ``quantize_onnx`` makes a static int8 model (ONNX Runtime's post-training quantization, QDQ format,
@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,16 +36,17 @@ from torch import nn
 from .inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
-           "ONNX_EXECUTION", "require_deploy", "check_output"]
+           "ONNX_FORMS", "require_deploy", "check_output"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
 
-# The form of each grouped block in the exported graph, measured with ONNX Runtime 1.32 on a 2-core
-# CPU (benchmarks/runtimes.py --forms, docs/performance.md): "factored" where a block has it (the
-# projections: K grouped, then one dense 1x1 convolution), else "dense" where it has that, else
-# "grouped"; group factors 1 (ONNX Runtime's grouped convolutions do not gain from super-grouping).
-ONNX_EXECUTION = ("factored", "dense", "grouped")
+# The forms :func:`onnx_form` can give the grouped blocks: ``"rule"`` is prepare_for_inference's choice
+# without timing (dense for small blocks, else factored where there is one, super-grouped); the others
+# put every block in that execution where it has it ("dense" falls back to "factored"), group factor 1.
+# Timed in ONNX Runtime (benchmarks/runtimes.py --onnx-forms, docs/performance.md), none was clearly
+# faster than "rule", which is the default.
+ONNX_FORMS = ("rule", "grouped", "factored", "dense")
 
 
 class DeployError(ValueError):
@@ -61,18 +62,22 @@ def require_deploy(module: str):
                           "(pip install 'gpconv[deploy]')") from None
 
 
-def onnx_form(model: nn.Module, executions: Iterable[str] = ONNX_EXECUTION) -> nn.Module:
-    """The eval-mode, NCHW inference copy of ``model`` that :func:`export_onnx` exports: each grouped
-    block runs the first of ``executions`` it has, with group factor 1."""
-    form = prepare_for_inference(model, channels_last=False)
-    order = tuple(executions)
-    for block in form.modules():
+def onnx_form(model: nn.Module, form: str = "rule") -> nn.Module:
+    """The eval-mode, NCHW inference copy of ``model`` that :func:`export_onnx` exports, its grouped
+    blocks in ``form`` (one of :data:`ONNX_FORMS`)."""
+    if form not in ONNX_FORMS:
+        raise DeployError(f"unknown form {form!r}; expected one of: {', '.join(ONNX_FORMS)}")
+    prepared = prepare_for_inference(model, channels_last=False)
+    if form == "rule":
+        return prepared
+    for block in prepared.modules():
         if isinstance(block, FoldedGroupedPointwiseConv2d):
-            block.execution = next((e for e in order if e in block.executions), "grouped")
+            preference = (form, "factored") if form == "dense" else (form,)
+            block.execution = next((e for e in preference if e in block.executions), "grouped")
             for layer in (block.k, block.l):
                 if layer is not None:
                     layer.super_group(1)
-    return form
+    return prepared
 
 
 def onnx_session(model, threads: Optional[int] = None):
@@ -171,11 +176,11 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
                 tolerance: float = 1e-4, opset: Optional[int] = None,
-                executions: Iterable[str] = ONNX_EXECUTION) -> ExportResult:
+                form: str = "rule") -> ExportResult:
     """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
-    ``example_input``: a float batch of the input size (``(N, C, H, W)``). ``verify_input`` (default:
+    ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch of the input size (``(N, C, H, W)``). ``verify_input`` (default:
     ``example_input``) are the images ONNX Runtime runs before anything is written: the largest
     difference from the eval-mode torch model must be at most ``tolerance``, else :class:`DeployError`
     and no file. Use real images and a trained model: a fresh model's logits are near zero, which
@@ -185,7 +190,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     path = Path(path)
     check_output(path)
     reference = copy.deepcopy(model).eval()
-    proto = _export_proto(onnx_form(reference, executions), example_input, opset)
+    proto = _export_proto(onnx_form(reference, form), example_input, opset)
     serialized = proto.SerializeToString()
     images = example_input if verify_input is None else verify_input
     worst, scale = _verify(serialized, reference, images, tolerance)

@@ -9,7 +9,7 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["benchmark.py", "block_times.py", "training_profile.py"])
+@pytest.mark.parametrize("script", ["benchmark.py", "block_times.py", "training_profile.py", "runtimes.py"])
 def test_benchmark_script_starts(script):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                             timeout=120)
