@@ -34,7 +34,8 @@ def add_export_command(commands) -> None:
                         help="where the dataset is (default: the checkpoint's)")
     export.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8")
     export.add_argument("--verify-images", type=positive_int, default=128, help="test images to verify on")
-    export.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted |ONNX - torch| of an output")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted |ONNX - torch| of an output (times the largest |output| when > 1)")
     export.add_argument("--channels-per-group", type=positive_int, default=None, help="ARCH only; default: baseline")
     export.add_argument("--version", type=int, default=2, choices=(1, 2))
     export.add_argument("--no-l-layer", dest="l_layer", action="store_false")
