@@ -146,7 +146,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch, ONNX Runtime and OpenVINO threads (default 2)")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
-    parser.add_argument("--iterations", type=int, default=64, help="images per timed call (batches of N: N // batch)")
+    parser.add_argument("--iterations", type=int, default=16, help="images per timed call (batches of N: N // batch)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of: " + ", ".join(RUNTIMES))
