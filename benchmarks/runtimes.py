@@ -15,7 +15,8 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
   other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
 All of them alternate round by round (so that drifts of the machine hit all alike), with the same
-thread count. Models get batch-norm statistics from synthetic images first (a fresh model's
+thread count; ONNX Runtime's threads do not busy-wait between runs (they would slow down the next
+runtime). Models get batch-norm statistics from synthetic images first (a fresh model's
 activations shrink towards zero, which no deployment sees). It prints milliseconds per batch,
 baseline / k-model ratios per runtime, each model's fastest runtime, and the ratio of the fastest
 baseline to each model's fastest (> 1: the k-model is faster). Needs the deploy extra.
@@ -92,16 +93,16 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
     for runtime in runtimes:  # "ORT fp32 FORM" (--onnx-forms): the blocks exported in another form
         if runtime.startswith("ORT fp32 "):
             session_form = onnx_session(export(model, fp32.with_suffix(f".{runtime.split()[-1]}.onnx"), x,
-                                               calibration, runtime.split()[-1]), threads)
+                                               calibration, runtime.split()[-1]), threads, spinning=False)
             functions[runtime] = lambda session=session_form: session.run(None, {"images": array})
     if "ORT fp32" in runtimes:
-        session = onnx_session(fp32, threads)
+        session = onnx_session(fp32, threads, spinning=False)
         functions["ORT fp32"] = lambda: session.run(None, {"images": array})
     if "ORT int8" in runtimes:
         int8 = fp32.with_name(fp32.stem + ".int8.onnx")
         if not int8.exists():
             quantize_onnx(fp32, int8, calibration)
-        session8 = onnx_session(int8, threads)
+        session8 = onnx_session(int8, threads, spinning=False)
         functions["ORT int8"] = lambda: session8.run(None, {"images": array})
     if "OpenVINO" in runtimes:
         functions["OpenVINO"] = openvino_function(fp32, x, threads)

@@ -81,13 +81,17 @@ def onnx_form(model: nn.Module, form: str = "rule") -> nn.Module:
     return prepared
 
 
-def onnx_session(model, threads: Optional[int] = None):
+def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True):
     """An ONNX Runtime CPU session of ``model`` (a path or serialized bytes), all graph optimizations,
-    ``threads`` intra-op threads (default: ONNX Runtime's)."""
+    ``threads`` intra-op threads (default: ONNX Runtime's). ``spinning=False`` stops its idle threads
+    from busy-waiting after a run (they would take the CPU from whatever runs next, e.g. in a benchmark
+    that alternates runtimes)."""
     ort = require_deploy("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
