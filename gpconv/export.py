@@ -187,8 +187,8 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
-    ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch of the input size (``(N, C, H, W)``). ``verify_input`` (default:
-    ``example_input``) are the images ONNX Runtime runs before anything is written: the largest
+    ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch
+    of the input size (``(N, C, H, W)``). ``verify_input`` (default: ``example_input``) are the images ONNX Runtime runs before anything is written: the largest
     difference from the eval-mode torch model must be at most ``tolerance`` (times the largest output
     magnitude where that exceeds 1: float32 rounding grows with the values), else :class:`DeployError`
     and no file. Use real images and a trained model: a fresh model's logits are near zero, which
