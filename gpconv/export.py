@@ -193,7 +193,8 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     torch model must be at most ``tolerance`` (times the largest output magnitude where that exceeds
     1: float32 rounding grows with the values), else :class:`DeployError` and no file. Use real
     images and a trained model: a fresh model's logits are near zero, which any graph matches. The
-    file is written atomically; an existing file is replaced only if an earlier ``export_onnx`` wrote it. ``model`` itself is left unchanged.
+    file is written atomically; an existing file is replaced only if an earlier ``export_onnx``
+    wrote it. ``model`` itself is left unchanged.
     """
     path = Path(path)
     check_output(path)
