@@ -98,13 +98,18 @@ def onnx_accuracy(session, data, batch_size: int = 64) -> float:
     return correct / max(len(data), 1)
 
 
+def _int8_path(fp32_path: Path) -> Path:
+    return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+
+
 def _report_int8(args, model, fp32_path: Path, splits) -> None:
     from .data import to_float
     from .export import onnx_session, quantize_onnx
     from .training import evaluate_model
 
-    int8_path = fp32_path.with_name(fp32_path.stem + ".int8.onnx")  # checked by run_export
+    int8_path = _int8_path(fp32_path)  # checked by run_export
     calibration = to_float(splits.train.images[:args.calibration_images])
+    print(f"quantizing to int8 on {len(calibration)} images, then evaluating on {len(splits.test)} ...", flush=True)
     quantize_onnx(fp32_path, int8_path, calibration)
     torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
     fp32 = onnx_accuracy(onnx_session(fp32_path, args.threads), splits.test)
@@ -128,11 +133,12 @@ def run_export(args) -> None:
     output = _output_path(args)
     check_output(output)
     if args.int8:
-        check_output(output.with_name(output.stem + ".int8.onnx"))
+        check_output(_int8_path(output))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, config, splits = _model_and_data(args)
     images = to_float(splits.test.images[:args.verify_images])
+    print(f"exporting {config.arch} to {output} and checking it on {len(images)} images ...", flush=True)
     result = export_onnx(model, output, images[:2], verify_input=images, tolerance=args.tolerance)
     print(f"wrote {result.path} ({config.arch}, {config.image_size}x{config.image_size} input, dynamic batch); "
           f"ONNX Runtime vs torch on {result.images} {splits.name} test images: max |difference| "
