@@ -14,6 +14,7 @@ from .counting import count_computations, count_macs, count_parameters
 from .models import check_input_size, create_model, list_models
 from .plan import make_plan
 from .reporting import format_table, paper_table
+from .export_cli import add_export_command
 from .results_cli import add_results_commands
 from .train_cli import add_training_commands, demo_training
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_training_commands(commands)  # train, evaluate (gpconv/train_cli.py)
     add_results_commands(commands)  # sweep, report, cam (gpconv/results_cli.py)
+    add_export_command(commands)  # export (gpconv/export_cli.py)
     return parser
 
 

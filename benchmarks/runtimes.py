@@ -1,0 +1,174 @@
+"""EfficientNet-B0 vs kEffNet-B0 V2 16ch / 32ch in the runtimes a CPU deployment uses, side by side.
+
+Not a test: run it on a quiet machine, e.g.
+
+    nice -n 15 .venv/bin/python benchmarks/runtimes.py --threads 2
+
+For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``) every model runs in
+
+* ``torch eager``: the model in eval mode, NCHW, ``torch.inference_mode``;
+* ``prepare_for_inference``: gpconv's inference form, timed on the batch (channels_last);
+* ``ORT fp32``: ``gpconv.export_onnx`` (verified against torch) in ONNX Runtime;
+* ``ORT int8``: that file quantized by ``gpconv.export.quantize_onnx`` (static, calibrated), ONNX Runtime;
+* ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape;
+* with ``--onnx-forms``, ``ORT fp32 FORM``: ONNX Runtime with the grouped blocks exported in each
+  other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
+
+All of them alternate round by round (so that drifts of the machine hit all alike), with the same
+thread count; ONNX Runtime's threads do not busy-wait between runs (they would slow down the next
+runtime). Models get batch-norm statistics from synthetic images first (a fresh model's
+activations shrink towards zero, which no deployment sees). It prints milliseconds per batch,
+baseline / k-model ratios per runtime, each model's fastest runtime, and the ratio of the fastest
+baseline to each model's fastest (> 1: the k-model is faster). Needs the deploy extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpconv  # noqa: E402
+from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
+from gpconv.data import ImageSet, make_synthetic, to_float  # noqa: E402
+from gpconv.export import ONNX_FORMS, onnx_session, quantize_onnx, require_deploy  # noqa: E402
+from gpconv.training import recalibrate_batch_norm  # noqa: E402
+
+MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
+SETTINGS = {"224-b1": (224, 1, 0), "224-b16": (224, 16, 0), "32-b64": (32, 64, 3)}  # size, batch, skip_strides
+RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO")
+
+
+def images(count: int, size: int) -> torch.Tensor:
+    """Synthetic images (gpconv's built-in dataset) as floats at ``size``x``size``."""
+    batch = to_float(make_synthetic(count, seed=7).images)
+    return batch if size == 32 else F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def build(channels_per_group, size, skip, calibration):
+    torch.manual_seed(0)
+    model = gpconv.create_model("efficientnet_b0", 10, channels_per_group=channels_per_group, skip_strides=skip)
+    data = ImageSet((calibration * 255).round().to(torch.uint8), torch.zeros(len(calibration), dtype=torch.long))
+    recalibrate_batch_norm(model, data, batches=2, batch_size=32, device="cpu")
+    return model.eval()
+
+
+def openvino_function(path: Path, x: torch.Tensor, threads: int):
+    ov = require_deploy("openvino")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({model.inputs[0].any_name: list(x.shape)})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    array = x.numpy()
+    return lambda: request.infer([array])
+
+
+def export(model, path: Path, x, calibration, form: str = "rule") -> Path:
+    """``path``, exported (and verified) the first time it is asked for."""
+    if not path.exists():
+        gpconv.export_onnx(model, path, x[:2], verify_input=calibration[:16], form=form)
+    return path
+
+
+def runtime_functions(name, model, x, calibration, folder: Path, threads: int, runtimes):
+    """{(runtime, model name): callable} for one model at one setting."""
+    functions = {}
+    if "torch eager" in runtimes:
+        functions["torch eager"] = lambda: model(x)
+    if "prepare_for_inference" in runtimes:
+        prepared = gpconv.prepare_for_inference(model, example_input=x)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        functions["prepare_for_inference"] = lambda: prepared(x_last)
+    fp32 = export(model, folder / f"{name}-{x.shape[-1]}.onnx", x, calibration)
+    array = x.numpy()
+    for runtime in runtimes:  # "ORT fp32 FORM" (--onnx-forms): the blocks exported in another form
+        if runtime.startswith("ORT fp32 "):
+            session_form = onnx_session(export(model, fp32.with_suffix(f".{runtime.split()[-1]}.onnx"), x,
+                                               calibration, runtime.split()[-1]), threads, spinning=False)
+            functions[runtime] = lambda session=session_form: session.run(None, {"images": array})
+    if "ORT fp32" in runtimes:
+        session = onnx_session(fp32, threads, spinning=False)
+        functions["ORT fp32"] = lambda: session.run(None, {"images": array})
+    if "ORT int8" in runtimes:
+        int8 = fp32.with_name(fp32.stem + ".int8.onnx")
+        if not int8.exists():
+            quantize_onnx(fp32, int8, calibration)
+        session8 = onnx_session(int8, threads, spinning=False)
+        functions["ORT int8"] = lambda: session8.run(None, {"images": array})
+    if "OpenVINO" in runtimes:
+        functions["OpenVINO"] = openvino_function(fp32, x, threads)
+    return {(runtime, name): function for runtime, function in functions.items()}
+
+
+def measure(setting, args, folder):
+    size, batch, skip = SETTINGS[setting]
+    calibration = images(64, size)
+    x = images(batch, size)
+    functions = {}
+    for name in args.models:
+        model = build(MODELS[name], size, skip, calibration)
+        functions.update(runtime_functions(name, model, x, calibration, folder, args.threads, args.runtimes))
+    iterations = max(1, args.iterations // batch)
+    with torch.inference_mode():
+        timings = alternate(functions, torch.device("cpu"), args.rounds, iterations)
+    return {f"{runtime}|{name}": seconds for (runtime, name), seconds in timings.items()}
+
+
+def report(setting, timings, models, runtimes):
+    """Print milliseconds, ratios and each model's fastest runtime for one setting."""
+    size, batch, skip = SETTINGS[setting]
+    print(f"\n{size}x{size} batch {batch}" + (f" (skip_strides={skip})" if skip else "") + ": ms per batch")
+    width = max(len(r) for r in runtimes) + 2
+    print("".ljust(width) + "".join(m.rjust(22) for m in models) + "".join(f"  base/{MODELS[m]}ch" for m in models[1:]))
+    for runtime in runtimes:
+        ms = [timings[f"{runtime}|{m}"] * 1e3 for m in models]
+        ratios = [f"{ms[0] / value:.2f}x".rjust(11) for value in ms[1:]]
+        print(runtime.ljust(width) + "".join(f"{value:22.1f}" for value in ms) + "".join(ratios))
+    best = {m: min(runtimes, key=lambda r: timings[f"{r}|{m}"]) for m in models}
+    base = timings[f"{best[models[0]]}|{models[0]}"]
+    for m in models:
+        ratio = base / timings[f"{best[m]}|{m}"]
+        print(f"fastest for {m}: {best[m]} ({timings[f'{best[m]}|{m}'] * 1e3:.1f} ms)"
+              + ("" if m == models[0] else f"; fastest baseline / fastest {m}: {ratio:.2f}x"))
+
+
+def main():
+    if any(os.environ.get(k) != v for k, v in MALLOC_SETTINGS.items()):  # as benchmarks/benchmark.py
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_SETTINGS})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch, ONNX Runtime and OpenVINO threads (default 2)")
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds; the median is reported")
+    parser.add_argument("--iterations", type=int, default=16, help="images per timed call (batches of N: N // batch)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of: " + ", ".join(RUNTIMES))
+    parser.add_argument("--onnx-forms", action="store_true",
+                        help="also time ONNX Runtime fp32 with the grouped blocks exported in each form of "
+                             "gpconv.export.ONNX_FORMS (the default export is 'rule')")
+    parser.add_argument("--json", default=None, help="also write the timings (seconds) to this file")
+    args = parser.parse_args()
+    args.models, args.runtimes = args.models.split(","), args.runtimes.split(",")
+    if args.onnx_forms:
+        args.runtimes += [f"ORT fp32 {form}" for form in ONNX_FORMS if form != "rule"]
+    torch.set_num_threads(args.threads)
+    print(describe_machine(torch.device("cpu")) + f"; onnxruntime {require_deploy('onnxruntime').__version__}")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gpconv-runtimes-") as folder:
+        for setting in args.settings.split(","):
+            results[setting] = measure(setting, args, Path(folder))
+            report(setting, results[setting], args.models, args.runtimes)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

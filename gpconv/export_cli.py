@@ -1,0 +1,147 @@
+"""The ``export`` subcommand of ``gpconv`` (registered by :func:`add_export_command`).
+
+``gpconv export ARCH|--checkpoint RUN/best.pt --format onnx [--int8]`` writes a verified ONNX file
+(see :mod:`gpconv.export`). With ``--int8`` it also writes ``NAME.int8.onnx``, calibrated on training
+images, and prints the test accuracy of torch, ONNX Runtime fp32 and ONNX Runtime int8 side by side:
+that line is the int8 accuracy report, re-runnable on any checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import DATASETS
+from .models import list_models
+from .train_cli import positive_int
+
+__all__ = ["add_export_command", "run_export", "onnx_accuracy"]
+
+
+def add_export_command(commands) -> None:
+    """Add ``export`` to the ``gpconv`` subparsers ``commands``."""
+    export = commands.add_parser("export", help="export a model to ONNX (optionally int8), verified against torch")
+    export.add_argument("arch", nargs="?", default=None, choices=list_models(), metavar="ARCH",
+                        help="an untrained model (one of: " + ", ".join(list_models()) + "); or --checkpoint")
+    export.add_argument("--checkpoint", default=None, help="a trained gpconv checkpoint (RUN/best.pt)")
+    export.add_argument("--format", default="onnx", choices=("onnx",))
+    export.add_argument("--output", default=None,
+                        help="the .onnx file (default: beside the checkpoint, or ARCH[-VARIANT].onnx here)")
+    export.add_argument("--int8", action="store_true",
+                        help="also write NAME.int8.onnx (static post-training quantization) and compare accuracies")
+    export.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME",
+                        help="images to verify and calibrate on (default: the checkpoint's dataset, else synthetic)")
+    export.add_argument("--data-dir", "--calibration-data", dest="data_dir", default=None,
+                        help="where the dataset is (default: the checkpoint's)")
+    export.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8")
+    export.add_argument("--verify-images", type=positive_int, default=128, help="test images to verify on")
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted |ONNX - torch| of an output (times the largest |output| when > 1)")
+    export.add_argument("--channels-per-group", type=positive_int, default=None, help="ARCH only; default: baseline")
+    export.add_argument("--version", type=int, default=2, choices=(1, 2))
+    export.add_argument("--no-l-layer", dest="l_layer", action="store_false")
+    export.add_argument("--activation", default="swish")
+    export.add_argument("--skip-strides", type=int, default=0)
+    export.add_argument("--num-classes", type=positive_int, default=10)
+    export.add_argument("--image-size", type=positive_int, default=None,
+                        help="input size (default: the checkpoint's, else 224)")
+    export.add_argument("--threads", type=positive_int, default=None, help="torch and ONNX Runtime CPU threads")
+    export.set_defaults(run=run_export)
+
+
+def _output_path(args) -> Path:
+    """``--output``, else ``RUN/best.onnx`` beside the checkpoint, else ``ARCH-VARIANT.onnx`` here."""
+    from .cam import variant_label
+    from .training import ModelConfig
+
+    if args.output:
+        return Path(args.output)
+    if args.checkpoint:
+        return Path(args.checkpoint).with_suffix(".onnx")
+    config = ModelConfig(args.arch, channels_per_group=args.channels_per_group, version=args.version,
+                         l_layer=args.l_layer, activation=args.activation)
+    return Path(f"{args.arch}-{variant_label(config)}.onnx")
+
+
+def _model_and_data(args):
+    """(eval model, ModelConfig, dataset splits) for ``args``."""
+    from .cam import load_model_from_checkpoint
+    from .data import load_dataset
+    from .training import ModelConfig, recalibrate_batch_norm
+
+    if args.checkpoint:
+        model, config, checkpoint = load_model_from_checkpoint(args.checkpoint)
+        trained = checkpoint["train_config"]
+        dataset = args.dataset or trained["dataset"]
+        data_dir = args.data_dir if args.data_dir is not None else trained.get("data_dir")
+        config.image_size = args.image_size or config.image_size
+    else:
+        config = ModelConfig(args.arch, args.num_classes, args.channels_per_group, args.version, args.l_layer,
+                             args.activation, args.skip_strides, args.image_size or 224)
+        model, dataset, data_dir = config.build(), args.dataset or "synthetic", args.data_dir
+    splits = load_dataset(dataset, data_dir, image_size=config.image_size,
+                          synthetic_size=(max(args.calibration_images, 64), args.verify_images))
+    if splits.num_classes != config.num_classes:
+        raise ValueError(f"the model has {config.num_classes} classes, {dataset} has {splits.num_classes}")
+    if not args.checkpoint:  # untrained: give batch norm real statistics, so outputs (and the check) mean something
+        recalibrate_batch_norm(model, splits.train, batches=4, batch_size=32, device="cpu")
+    return model.eval(), config, splits
+
+
+def onnx_accuracy(session, data, batch_size: int = 64) -> float:
+    """Top-1 accuracy of an ONNX Runtime ``session`` (input ``images``) on an :class:`~gpconv.data.ImageSet`."""
+    from .data import to_float
+
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        logits = session.run(None, {"images": to_float(data.images[start:start + batch_size]).numpy()})[0]
+        correct += int((logits.argmax(1) == data.labels[start:start + batch_size].numpy()).sum())
+    return correct / max(len(data), 1)
+
+
+def _int8_path(fp32_path: Path) -> Path:
+    return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
+
+
+def _report_int8(args, model, fp32_path: Path, splits) -> None:
+    from .data import to_float
+    from .export import onnx_session, quantize_onnx
+    from .training import evaluate_model
+
+    int8_path = _int8_path(fp32_path)  # checked by run_export
+    calibration = to_float(splits.train.images[:args.calibration_images])
+    print(f"quantizing to int8 on {len(calibration)} images, then evaluating on {len(splits.test)} ...", flush=True)
+    quantize_onnx(fp32_path, int8_path, calibration)
+    torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
+    fp32 = onnx_accuracy(onnx_session(fp32_path, args.threads), splits.test)
+    int8 = onnx_accuracy(onnx_session(int8_path, args.threads), splits.test)
+    print(f"wrote {int8_path} (int8, calibrated on {len(calibration)} {splits.name} training images)")
+    print(f"test accuracy on {len(splits.test)} {splits.name} images: torch {torch_accuracy:.4f}  "
+          f"ONNX Runtime fp32 {fp32:.4f}  int8 {int8:.4f} ({100 * (int8 - fp32):+.2f} points)")
+
+
+def run_export(args) -> None:
+    """``gpconv export``."""
+    import torch
+
+    from .data import to_float
+    from .export import check_output, export_onnx, require_deploy
+
+    if (args.arch is None) == (args.checkpoint is None):
+        raise ValueError("export needs exactly one of ARCH or --checkpoint")
+    for module in ("onnx", "onnxscript", "onnxruntime"):  # fail before any work when the extra is missing
+        require_deploy(module)
+    output = _output_path(args)
+    check_output(output)
+    if args.int8:
+        check_output(_int8_path(output))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, config, splits = _model_and_data(args)
+    images = to_float(splits.test.images[:args.verify_images])
+    print(f"exporting {config.arch} to {output} and checking it on {len(images)} images ...", flush=True)
+    result = export_onnx(model, output, images[:2], verify_input=images, tolerance=args.tolerance)
+    print(f"wrote {result.path} ({config.arch}, {config.image_size}x{config.image_size} input, dynamic batch); "
+          f"ONNX Runtime vs torch on {result.images} {splits.name} test images: max |difference| "
+          f"{result.max_difference:.2g} (outputs up to {result.max_output:.3g})")
+    if args.int8:
+        _report_int8(args, model, result.path, splits)
