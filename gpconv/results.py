@@ -322,7 +322,7 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
 
     runs = collect_runs(paths)
     output = Path(output)
-    if existing_outputs(output, RUN_FILES):
+    if existing_outputs(output, [name for name in RUN_FILES if name not in REPORT_FILES]):
         raise OutputError(f"{output} is a run folder (its training_curves.png is the run's own): choose another "
                           "--output for the report")
     claim_outputs(output, REPORT_FILES, overwrite=overwrite)

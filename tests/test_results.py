@@ -301,3 +301,13 @@ def test_report_summarises_seeds_and_writes_one_csv_row_per_run(tmp_path):
     markdown = (output / "results.md").read_text()
     assert "| baseline | 2 | 1,000 | 100.0% |" in markdown and "0.5500 ± 0.0707" in markdown
     assert "| v2-16ch | 1 | 150 | 15.0% |" in markdown
+
+
+def test_a_report_can_replace_its_own_earlier_report(tmp_path):
+    _fake_run(tmp_path / "sweep" / "baseline", 1000, 5000, 0.5, tta=0.5)
+    output = tmp_path / "report"
+    assert main(["report", str(tmp_path / "sweep"), "--output", str(output)]) == 0
+    assert main(["report", str(tmp_path / "sweep"), "--output", str(output)]) == 2  # refused without --overwrite
+    assert main(["report", str(tmp_path / "sweep"), "--output", str(output), "--overwrite"]) == 0
+    assert main(["report", str(tmp_path / "sweep"), "--output", str(tmp_path / "sweep" / "baseline"),
+                 "--overwrite"]) == 2  # a run folder stays refused
