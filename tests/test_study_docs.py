@@ -1,0 +1,23 @@
+"""The accuracy figures quoted in README.md agree with the study's CSV (docs/results/cpu_cifar10_subset.csv)."""
+
+import csv
+import statistics
+
+from conftest import ROOT
+
+CSV = ROOT / "docs" / "results" / "cpu_cifar10_subset.csv"
+
+
+def test_readme_accuracy_table_matches_the_study_csv():
+    rows = list(csv.DictReader(CSV.open()))
+    readme = (ROOT / "README.md").read_text()
+    names = {"baseline": "EfficientNet-B0", "v2-16ch": "kEffNet-B0 V2 16ch", "v2-8ch": "kEffNet-B0 V2 8ch",
+             "v2-4ch": "kEffNet-B0 V2 4ch"}
+    for variant, label in names.items():
+        values = [float(row["test_accuracy"]) for row in rows if row["variant"] == variant]
+        line = next(line for line in readme.splitlines() if line.startswith(f"| {label} |"))
+        if len(values) > 1:
+            expected = f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        else:
+            expected = f"{values[0]:.3f} (1 seed)"
+        assert expected in line, (variant, expected, line)
