@@ -120,9 +120,9 @@ def check_output(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    from .training import _atomic_write  # the one atomic writer (temporary file, then os.replace)
+    from .outputs import atomic_write  # the one atomic writer (temporary file, then os.replace)
 
-    return _atomic_write(path, lambda out: out.write(data))
+    return atomic_write(path, lambda out: out.write(data))
 
 
 def _written_by_gpconv(path: Path) -> bool:
