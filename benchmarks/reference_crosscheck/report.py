@@ -84,6 +84,14 @@ def write_markdown(runs, path: Path, csv_name: str, figure_name: str) -> None:
         mean, std, low, high = summary[impl]
         lines.append(f"| {LABELS.get(impl, impl)} | {', '.join(str(r['seed']) for r in impl_runs)} | {mean:.4f} | "
                      f"{std:.4f} | {low:.4f} | {high:.4f} |")
+    lines += ["", "Per epoch, mean over the seeds (training figures are on augmented images, with dropout):", "",
+              "| epoch | " + " | ".join(f"{i}: {what}" for what in ("train loss", "train acc", "val acc")
+                                      for i in by_impl) + " |",
+              "|---" * (1 + 3 * len(by_impl)) + "|"]
+    for e in range(min(len(r["history"]) for r in runs)):
+        cells = [statistics.mean(r["history"][e][key] for r in by_impl[i])
+                 for key in ("train_loss", "train_accuracy", "val_accuracy") for i in by_impl]
+        lines.append(f"| {e + 1} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
     if "reference" in summary:
         lines += [""]
         ref_mean, ref_std, ref_low, ref_high = summary["reference"]
