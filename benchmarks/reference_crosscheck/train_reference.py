@@ -30,17 +30,24 @@ def cyclical_lr(epoch: int, cycle: int, base: float = 1e-3) -> float:
 
 
 class EpochRecorder(tf.keras.callbacks.Callback):
-    """Per-epoch time, and the weights of the best epoch by validation accuracy (strictly better)."""
+    """Writes history.csv after every epoch; keeps the weights of the best epoch by validation
+    accuracy (strictly better than all earlier epochs)."""
 
-    def __init__(self):
+    def __init__(self, output: str, cycle: int):
         super().__init__()
-        self.seconds, self.best_epoch, self.best_value, self.best_weights = [], None, -1.0, None
+        self.output, self.cycle, self.rows = output, cycle, []
+        self.best_epoch, self.best_value, self.best_weights = None, -1.0, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(round(time.perf_counter() - self.started, 2))
+        self.rows.append([epoch + 1, cyclical_lr(epoch, self.cycle), logs["loss"], logs["accuracy"],
+                          logs["val_loss"], logs["val_accuracy"], round(time.perf_counter() - self.started, 2)])
+        with open(os.path.join(self.output, "history.csv"), "w", newline="") as out:  # after every epoch
+            writer = csv.writer(out, lineterminator="\n")
+            writer.writerow(["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"])
+            writer.writerows(self.rows)
         if logs["val_accuracy"] > self.best_value:
             self.best_epoch, self.best_value = epoch + 1, float(logs["val_accuracy"])
             self.best_weights = self.model.get_weights()
@@ -80,7 +87,8 @@ def main() -> None:
     augment = cai.util.create_image_generator(rotation_range=20, width_shift_range=0.3, height_shift_range=0.3,
                                               channel_shift_range=0.0)
     flow = augment.flow(x["train"], y["train"], batch_size=args.batch_size, shuffle=True, seed=args.seed)
-    recorder = EpochRecorder()
+    os.makedirs(args.output, exist_ok=True)
+    recorder = EpochRecorder(args.output, cycle)
     started = time.perf_counter()
     fit = model.fit(flow, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                     validation_data=(x["val"], y["val"]), validation_batch_size=256, verbose=2,
@@ -88,14 +96,7 @@ def main() -> None:
                                recorder])
     train_seconds = time.perf_counter() - started
 
-    os.makedirs(args.output, exist_ok=True)
     h = fit.history
-    with open(os.path.join(args.output, "history.csv"), "w", newline="") as out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"])
-        for e in range(len(h["loss"])):
-            writer.writerow([e + 1, cyclical_lr(e, cycle), h["loss"][e], h["accuracy"][e], h["val_loss"][e],
-                             h["val_accuracy"][e], recorder.seconds[e]])
     last_loss, last_accuracy = model.evaluate(x["test"], y["test"], batch_size=256, verbose=0)
     model.set_weights(recorder.best_weights)
     test_loss, test_accuracy = model.evaluate(x["test"], y["test"], batch_size=256, verbose=0)
