@@ -125,7 +125,8 @@ def _checkpoint(tmp_path, images):
     model = config.build()
     recalibrate_batch_norm(model, ImageSet((images * 255).to(torch.uint8), torch.zeros(len(images))), 2, 16, "cpu")
     state = {"format": CHECKPOINT_FORMAT, "model_config": asdict(config), "model": model.state_dict(),
-             "train_config": {"dataset": "synthetic", "data_dir": None}, "epoch": 1}
+             "train_config": {"dataset": "synthetic", "data_dir": None}, "epoch": 1,
+             "class_names": [str(i) for i in range(10)]}
     return atomic_torch_save(state, tmp_path / "best.pt")
 
 
