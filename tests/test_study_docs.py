@@ -12,7 +12,7 @@ def test_readme_accuracy_table_matches_the_study_csv():
     rows = list(csv.DictReader(CSV.open()))
     readme = (ROOT / "README.md").read_text()
     names = {"baseline": "EfficientNet-B0", "v2-16ch": "kEffNet-B0 V2 16ch", "v2-8ch": "kEffNet-B0 V2 8ch",
-             "v2-4ch": "kEffNet-B0 V2 4ch"}
+             "v2-4ch": "kEffNet-B0 V2 4ch", "v2-32ch": "kEffNet-B0 V2 32ch"}
     for variant, label in names.items():
         values = [float(row["test_accuracy"]) for row in rows if row["variant"] == variant]
         line = next(line for line in readme.splitlines() if line.startswith(f"| {label} |"))
