@@ -200,54 +200,54 @@ def _efficientnet(arch: str, num_classes: int, grouping: Grouping, activation: A
 @register_model("efficientnet_b0", max_skip_strides=5)
 def efficientnet_b0(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B0 (width 1.0, depth 1.0) / kEffNet-B0, with the reference's kEfficientNet layout."""
+    """EfficientNet-B0 / kEffNet-B0 (scaling: ``CONFIGS["efficientnet_b0"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b0", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b1", max_skip_strides=5)
 def efficientnet_b1(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B1 (width 1.0, depth 1.1) / kEffNet-B1, with the reference's kEfficientNet layout."""
+    """EfficientNet-B1 / kEffNet-B1 (scaling: ``CONFIGS["efficientnet_b1"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b1", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b2", max_skip_strides=5)
 def efficientnet_b2(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B2 (width 1.1, depth 1.2) / kEffNet-B2, with the reference's kEfficientNet layout."""
+    """EfficientNet-B2 / kEffNet-B2 (scaling: ``CONFIGS["efficientnet_b2"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b2", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b3", max_skip_strides=5)
 def efficientnet_b3(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B3 (width 1.2, depth 1.4) / kEffNet-B3, with the reference's kEfficientNet layout."""
+    """EfficientNet-B3 / kEffNet-B3 (scaling: ``CONFIGS["efficientnet_b3"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b3", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b4", max_skip_strides=5)
 def efficientnet_b4(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B4 (width 1.4, depth 1.8) / kEffNet-B4, with the reference's kEfficientNet layout."""
+    """EfficientNet-B4 / kEffNet-B4 (scaling: ``CONFIGS["efficientnet_b4"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b4", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b5", max_skip_strides=5)
 def efficientnet_b5(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B5 (width 1.6, depth 2.2) / kEffNet-B5, with the reference's kEfficientNet layout."""
+    """EfficientNet-B5 / kEffNet-B5 (scaling: ``CONFIGS["efficientnet_b5"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b5", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b6", max_skip_strides=5)
 def efficientnet_b6(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B6 (width 1.8, depth 2.6) / kEffNet-B6, with the reference's kEfficientNet layout."""
+    """EfficientNet-B6 / kEffNet-B6 (scaling: ``CONFIGS["efficientnet_b6"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b6", num_classes, grouping, activation, skip_strides)
 
 
 @register_model("efficientnet_b7", max_skip_strides=5)
 def efficientnet_b7(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
                     skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B7 (width 2.0, depth 3.1) / kEffNet-B7, with the reference's kEfficientNet layout."""
+    """EfficientNet-B7 / kEffNet-B7 (scaling: ``CONFIGS["efficientnet_b7"]``), the reference's kEfficientNet layout."""
     return _efficientnet("efficientnet_b7", num_classes, grouping, activation, skip_strides)
