@@ -53,6 +53,17 @@ class EpochRecorder(tf.keras.callbacks.Callback):
             self.best_weights = self.model.get_weights()
 
 
+def set_torch_classifier_init(model, seed: int) -> None:
+    """Re-draw the last Dense layer as PyTorch's nn.Linear draws it: kernel and bias uniform in
+    +-1/sqrt(fan_in)."""
+    dense = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Dense)][-1]
+    kernel, bias = dense.get_weights()
+    bound = 1.0 / np.sqrt(kernel.shape[0])
+    rng = np.random.default_rng(seed)
+    dense.set_weights([rng.uniform(-bound, bound, kernel.shape).astype("float32"),
+                       rng.uniform(-bound, bound, bias.shape).astype("float32")])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", required=True, help=".npz from export_split.py")
@@ -63,6 +74,9 @@ def main() -> None:
     parser.add_argument("--skip-strides", type=int, default=1, help="K-CAI's skip_stride_cnt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="quick runs only")
+    parser.add_argument("--classifier-init", choices=("family", "torch"), default="family",
+                        help="family: K-CAI's own (Keras EfficientNet's); torch: uniform +-1/sqrt(fan_in) for "
+                             "the classifier's kernel and bias, as gpconv's --classifier-init torch")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     cycle = args.lr_cycle or args.epochs
@@ -77,6 +91,8 @@ def main() -> None:
 
     model = cai.efficientnet.kEfficientNetB0(include_top=True, skip_stride_cnt=args.skip_strides,
                                              input_shape=(32, 32, 3), classes=10, kType=cai.layers.D6v3_16ch())
+    if args.classifier_init == "torch":
+        set_torch_classifier_init(model, args.seed)
     model.compile(loss="categorical_crossentropy", optimizer=tf.keras.optimizers.RMSprop(), metrics=["accuracy"])
     trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     print(f"{model.name}: {trainable} trainable parameters; TF {tf.__version__}, "
@@ -105,7 +121,7 @@ def main() -> None:
                "best_epoch": recorder.best_epoch, "best_val_accuracy": recorder.best_value,
                "last_epoch_test_accuracy": float(last_accuracy), "last_epoch_test_loss": float(last_loss),
                "trainable_params": trainable, "epochs": len(h["loss"]), "lr_cycle": cycle,
-               "batch_size": args.batch_size, "skip_stride_cnt": args.skip_strides,
+               "batch_size": args.batch_size, "classifier_init": args.classifier_init, "skip_stride_cnt": args.skip_strides,
                "train_seconds": round(train_seconds, 1), "threads": args.threads, "tensorflow": tf.__version__}
     with open(os.path.join(args.output, "metrics.json"), "w") as out:
         json.dump(metrics, out, indent=2)
