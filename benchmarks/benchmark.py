@@ -35,8 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
-from gpconv.block import RECOMPUTE, set_recompute  # noqa: E402
-from gpconv.inference import prepare_for_inference  # noqa: E402
+from gpconv.core.block import RECOMPUTE, set_recompute  # noqa: E402
+from gpconv.core.inference import prepare_for_inference  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 INFERENCE = [(224, 1, 0), (224, 16, 0), (32, 64, 3)]  # (input size, batch, skip_strides)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch, time, gpconv, statistics, sys
-from gpconv.inference import prepare_for_inference
+from gpconv.core.inference import prepare_for_inference
 torch.set_num_threads(2)
 import torch._inductor.config as cfg
 cfg.freezing = True

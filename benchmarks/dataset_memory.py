@@ -1,5 +1,5 @@
 """Memory of one training epoch's batch reads: the memory-mapped cache of the named datasets
-(``gpconv.paper_datasets.MappedImages``) next to the same images held in RAM as a uint8 tensor.
+(``gpconv.experiments.paper_datasets.MappedImages``) next to the same images held in RAM as a uint8 tensor.
 Not a test:
 
     .venv/bin/python benchmarks/dataset_memory.py --images 3000 --size 224
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpconv.data import to_float  # noqa: E402
-from gpconv.paper_datasets import MappedImages  # noqa: E402
+from gpconv.experiments.data import to_float  # noqa: E402
+from gpconv.experiments.paper_datasets import MappedImages  # noqa: E402
 
 
 def rss_anon_mib() -> float:

@@ -1,13 +1,13 @@
 """gpconv: interleaved grouped pointwise convolutions (kEffNet) for PyTorch."""
 
-from .block import (GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping, pointwise_conv, set_execution,
+from .core.block import (GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping, pointwise_conv, set_execution,
                     set_recompute)
-from .convert import convert, summarize
-from .counting import count_computations, count_macs, count_parameters
+from .core.convert import convert, summarize
+from .core.counting import count_computations, count_macs, count_parameters
 from .export import export_onnx
-from .inference import prepare_for_inference
+from .core.inference import prepare_for_inference
 from .models import create_model, list_models, register_model
-from .plan import PointwisePlan, make_plan
+from .core.plan import PointwisePlan, make_plan
 
 __version__ = "0.1.0"
 

@@ -3,7 +3,7 @@
 ``export_onnx(model, path, example_input)`` exports any model gpconv builds or converts, with a
 dynamic batch dimension, through PyTorch's ``torch.export``-based ONNX exporter (the legacy
 TorchScript exporter cannot export a convolution whose weight is computed in ``forward``). The
-exported graph is the inference form of :func:`~gpconv.inference.prepare_for_inference` (batch norms
+exported graph is the inference form of :func:`~gpconv.core.inference.prepare_for_inference` (batch norms
 folded, grouped blocks merged, Keras padding without copies) in NCHW, each grouped block in the form
 chosen by :func:`onnx_form`. Before the file is written, ONNX Runtime
 runs it on real images and its outputs must equal the eval-mode torch model's within ``tolerance``
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
+from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output"]
@@ -120,7 +120,7 @@ def check_output(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    from .outputs import atomic_write  # the one atomic writer (temporary file, then os.replace)
+    from .io import atomic_write  # the one atomic writer (temporary file, then os.replace)
 
     return atomic_write(path, lambda out: out.write(data))
 
@@ -184,7 +184,7 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
                 tolerance: float = 1e-4, opset: Optional[int] = None,
                 form: str = "rule") -> ExportResult:
-    """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
+    """Export ``model`` (any gpconv model, or one put through :func:`gpconv.core.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
     ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch

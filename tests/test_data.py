@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpconv.data import (DataError, KerasAugment, add_flipped_copies, load_cifar, load_dataset, make_synthetic,
+from gpconv.experiments.data import (DataError, KerasAugment, add_flipped_copies, load_cifar, load_dataset, make_synthetic,
                          to_float)
 from conftest import SHARED
 

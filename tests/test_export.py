@@ -29,7 +29,7 @@ needs_deploy = pytest.mark.skipif(not _deploy_installed(), reason="the deploy ex
 
 def _real_images(count, size=16):
     """CIFAR-10 subset test images when present (real), else synthetic ones, as floats."""
-    from gpconv.data import load_dataset, to_float
+    from gpconv.experiments.data import load_dataset, to_float
 
     if (CIFAR_SUBSET / "cifar-10-batches-py").is_dir():
         splits = load_dataset("cifar10", CIFAR_SUBSET, image_size=size)
@@ -39,12 +39,12 @@ def _real_images(count, size=16):
 
 
 def _converted_model(images):
-    """A model of plain torch modules put through gpconv.convert, batch norms set on ``images``."""
+    """A model of plain torch modules put through gpconv.core.convert, batch norms set on ``images``."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                         nn.Conv2d(64, 128, 1), nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1),
                         nn.BatchNorm2d(64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    model = gpconv.convert(net, channels_per_group=16)
+    model = gpconv.core.convert(net, channels_per_group=16)
     model.train()
     with torch.no_grad():
         model(images)
@@ -118,8 +118,8 @@ def test_cli_exports_every_family(arch, size, tmp_path, capsys):
 
 def _checkpoint(tmp_path, images):
     """A gpconv checkpoint (synthetic dataset) of a small trained-looking k-model."""
-    from gpconv.training import CHECKPOINT_FORMAT, ModelConfig, atomic_torch_save, recalibrate_batch_norm
-    from gpconv.data import ImageSet
+    from gpconv.experiments.training import CHECKPOINT_FORMAT, ModelConfig, atomic_torch_save, recalibrate_batch_norm
+    from gpconv.experiments.data import ImageSet
 
     config = ModelConfig("mobilenet", channels_per_group=16, image_size=32)
     model = config.build()

@@ -8,7 +8,7 @@ from hypothesis import example, given, settings, strategies as st
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
-from gpconv.block import set_execution
+from gpconv.core.block import set_execution
 
 
 def forward_backward(model, x, weights):
@@ -22,7 +22,7 @@ def force_layers(model, layer_execution):
     """Fast execution with every grouped layer in ``layer_execution`` ("merged" or "dense")."""
     set_execution(model, "fast")
     for module in model.modules():
-        if isinstance(module, gpconv.block.GroupedConvLayer):
+        if isinstance(module, gpconv.core.block.GroupedConvLayer):
             module.execution = layer_execution
     return model
 
@@ -111,7 +111,7 @@ def test_recompute_keeps_less_and_changes_nothing_else():
     weights = torch.randn(2, 10, generator=generator)
     results = {}
     for mode in ("none", "l_layer", "all"):
-        trained = gpconv.block.set_recompute(copy.deepcopy(model), mode)
+        trained = gpconv.core.block.set_recompute(copy.deepcopy(model), mode)
         out, kept = saved_bytes(trained, x)
         (out * weights).sum().backward()
         results[mode] = (out.detach(), kept, {n: p.grad for n, p in trained.named_parameters()},

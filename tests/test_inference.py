@@ -7,7 +7,7 @@ from torch import nn
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
-from gpconv.inference import FoldedGroupedPointwiseConv2d, KerasSameConv2d, choose_executions, prepare_for_inference
+from gpconv.core.inference import FoldedGroupedPointwiseConv2d, KerasSameConv2d, choose_executions, prepare_for_inference
 from gpconv.layers import KerasPad2d
 
 

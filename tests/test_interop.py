@@ -1,4 +1,4 @@
-"""gpconv.convert on third-party networks: transformers' ResNet, MobileNetV2, EfficientNet and ConvNeXt
+"""gpconv.core.convert on third-party networks: transformers' ResNet, MobileNetV2, EfficientNet and ConvNeXt
 built from (small) configs, no weights downloaded. Skipped when transformers is absent (extra ``interop``)."""
 
 import pytest
@@ -7,8 +7,8 @@ from torch import nn
 
 import gpconv
 from conftest import SHARED
-from gpconv.convert import GROUPED_BLOCKS, is_plain_linear, is_plain_pointwise
-from gpconv.data import load_cifar, to_float
+from gpconv.core.convert import GROUPED_BLOCKS, is_plain_linear, is_plain_pointwise
+from gpconv.experiments.data import load_cifar, to_float
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +73,7 @@ def converted(name, seed=0):
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    return model, gpconv.convert(model, CHANNELS_PER_GROUP, exclude=["classifier"], **options)
+    return model, gpconv.core.convert(model, CHANNELS_PER_GROUP, exclude=["classifier"], **options)
 
 
 def logits(model, x):

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from gpconv.cli import main
-from gpconv.data import DataError, ImageSet, add_flipped_copies, load_dataset
-from gpconv.paper_datasets import PLANTDOC_COMMIT, SOURCES, MappedImages, stratified_split
+from gpconv.experiments.data import DataError, ImageSet, add_flipped_copies, load_dataset
+from gpconv.experiments.paper_datasets import PLANTDOC_COMMIT, SOURCES, MappedImages, stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16

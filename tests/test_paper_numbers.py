@@ -5,8 +5,8 @@ import json
 import pytest
 
 import gpconv
-from gpconv.reference import load_reference, parse_variant
-from gpconv.reporting import papers_input_setting
+from gpconv.experiments.paper_numbers import load_reference, parse_variant
+from gpconv.experiments.paper_tables import papers_input_setting
 
 from conftest import PAPER_NUMBERS, paper_rows, assert_matches_paper
 

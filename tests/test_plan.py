@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gpconv import make_plan
-from gpconv.plan import interleave_permutation
+from gpconv.core.plan import interleave_permutation
 
 # Entropy 2022, Table 1: Ic, F, Ch -> G_K1, Fg_K1, G_K2, G_L1, Fg_L1, G_L2, total weights.
 TABLE_1 = [

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED
-from gpconv.cam import cam, cam_layers
+from gpconv.experiments.cam import cam, cam_layers
 from gpconv.cli import main
-from gpconv.data import PAPER_DATASETS
+from gpconv.experiments.data import PAPER_DATASETS
 from gpconv.models import create_model, list_models
-from gpconv.reference import parse_variant
-from gpconv.results import collect_runs, pareto_front
-from gpconv.sweep import expand_runs, expand_variants, load_sweep_config
+from gpconv.experiments.paper_numbers import parse_variant
+from gpconv.experiments.results import collect_runs, pareto_front
+from gpconv.experiments.sweep import expand_runs, expand_variants, load_sweep_config
 
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED
-from gpconv.training import (CheckpointError, ModelConfig, TrainConfig, atomic_torch_save, classification_report,
+from gpconv.experiments.training import (CheckpointError, ModelConfig, TrainConfig, atomic_torch_save, classification_report,
                              cyclical_lr, evaluate_checkpoint, load_checkpoint, make_optimizer, train)
 
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
@@ -198,7 +198,7 @@ def test_lr_cycle_sets_the_schedule_length(tmp_path):
 def test_train_and_sweep_build_the_same_model_by_default():
     """One default per setting: without --activation, gpconv train uses the family's activation, as a sweep does."""
     from gpconv.cli import build_parser
-    from gpconv.sweep import expand_runs
+    from gpconv.experiments.sweep import expand_runs
 
     args = build_parser().parse_args(["train", "--arch", "mobilenet_v3_large", "--dataset", "synthetic", "--output", "x"])
     run, = expand_runs({"arch": "mobilenet_v3_large", "dataset": "synthetic", "variants": ["baseline"]})

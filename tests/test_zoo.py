@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import gpconv
-from gpconv.reference import NOTEBOOK_OPTIONS, reference_options
-from gpconv.block import GroupedPointwiseConv2d
+from gpconv.experiments.paper_numbers import NOTEBOOK_OPTIONS, reference_options
+from gpconv.core.block import GroupedPointwiseConv2d
 
 from conftest import paper_rows, assert_matches_paper
 

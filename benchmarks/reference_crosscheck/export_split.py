@@ -9,7 +9,7 @@ import argparse
 
 import numpy as np
 
-from gpconv.data import load_dataset
+from gpconv.experiments.data import load_dataset
 
 
 def main() -> None:

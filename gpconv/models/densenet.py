@@ -17,7 +17,7 @@ Both have a 3x3 stem convolution with bias (24 channels, no batch norm), end wit
 ReLU dense and swish grouped (the builders' defaults). ``transition_interleave=True`` permutes the
 channels before each transition as the reference's ``has_interleave_at_transition`` does
 (``InterleaveChannels(growth)``), so that every group of the transition sees channels of many
-dense layers. The notebooks' options per row are in :data:`gpconv.reference.NOTEBOOK_OPTIONS`.
+dense layers. The notebooks' options per row are in :data:`gpconv.experiments.paper_numbers.NOTEBOOK_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..block import Grouping, pointwise_conv
+from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, ChannelInterleave, make_activation, make_batch_norm
 from .registry import register_model
 

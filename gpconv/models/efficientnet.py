@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..block import GroupedPointwiseConv2d, Grouping, pointwise_conv
+from ..core.block import GroupedPointwiseConv2d, Grouping, pointwise_conv
 from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation
 from .registry import register_model
 

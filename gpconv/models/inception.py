@@ -17,7 +17,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..block import Grouping, pointwise_conv
+from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, ConvBnAct
 from .registry import register_model
 

@@ -23,7 +23,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..block import Grouping, pointwise_conv
+from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, make_activation, make_batch_norm
 from .registry import register_model
 

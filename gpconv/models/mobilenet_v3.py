@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..block import Grouping, pointwise_conv
+from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, make_activation, make_batch_norm
 from .registry import register_model
 

@@ -8,9 +8,9 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..block import Grouping
+from ..core.block import Grouping
 from ..layers import ActivationSpec, check_activation
-from ..plan import check_positive_int
+from ..core.plan import check_positive_int
 
 __all__ = ["register_model", "create_model", "list_models", "min_input_size", "check_input_size",
            "CLASSIFIER_INITS", "init_classifier"]
@@ -80,7 +80,7 @@ def create_model(arch: str, num_classes: int = 10, *, channels_per_group: Option
     """Build a registered architecture.
 
     ``channels_per_group=None`` gives the dense baseline; an int gives the k-variant whose pointwise
-    convolutions are :class:`~gpconv.block.GroupedPointwiseConv2d` (``version``, ``l_layer``).
+    convolutions are :class:`~gpconv.core.block.GroupedPointwiseConv2d` (``version``, ``l_layer``).
     ``skip_strides=N`` runs the first N strided layers (the stem first) with stride 1, for small
     inputs: ``skip_strides=3`` is the papers' 32x32 setting (the reference's ``skip_stride_cnt=3``).
     ``activation=None`` uses the reference's choice for the family (swish for EfficientNet; see each

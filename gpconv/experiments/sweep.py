@@ -14,7 +14,7 @@ or flags (``--channels-per-group`` etc.):
 ``dataset``, ``data_dir``, ``image_size``, ``skip_strides``, ``epochs``, ``batch_size``, ``lr``,
 ``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``, ``lr_cycle``,
 ``precise_bn_batches``, ``classifier_init``
-    the training options of :class:`gpconv.training.TrainConfig` / ``gpconv train``.
+    the training options of :class:`gpconv.experiments.training.TrainConfig` / ``gpconv train``.
 ``tag``
     optional word appended to the names of a group's runs (``baseline-keras-init``), for groups that
     run the same variants with other options.
@@ -32,7 +32,7 @@ accuracy and loss of the best weights with and without horizontal-flip test-time
 A run whose folder holds ``metrics.json`` and ``tta.json`` is finished and skipped when the sweep is
 run again; a run with ``last.pt`` but no ``metrics.json`` (interrupted) is resumed from ``last.pt``.
 Both are refused (one line) when a setting that shapes the result differs from the saved run's
-(:func:`gpconv.training.resume_differences`; ``epochs`` may grow). Numeric keys of a YAML config
+(:func:`gpconv.experiments.training.resume_differences`; ``epochs`` may grow). Numeric keys of a YAML config
 follow the rules of the ``gpconv sweep`` flags (:data:`OPTION_RULES`).
 """
 
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .data import DATASETS
-from .models import check_input_size, list_models
-from .reference import parse_variant
-from .train_cli import non_negative_int, positive_float, positive_int
+from ..models import check_input_size, list_models
+from .paper_numbers import parse_variant
+from ..cli.train import non_negative_int, positive_float, positive_int
 
 __all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE",
            "OPTION_RULES", "check_options"]
@@ -82,7 +82,7 @@ class RunSpec:
     tag: str = ""  # a group's ``tag``: appended to the run name (``baseline-keras-init``)
 
     def model_config(self, num_classes: int = 10):
-        """The :class:`~gpconv.training.ModelConfig` of this run (``activation`` None: the family's default)."""
+        """The :class:`~gpconv.experiments.training.ModelConfig` of this run (``activation`` None: the family's default)."""
         from .training import ModelConfig
 
         variant = parse_variant(self.variant)
@@ -102,7 +102,7 @@ class RunSpec:
 def expand_variants(variants: Sequence[str], channels_per_group: Sequence[int]) -> List[str]:
     """Full variant names: templates (``v2``, ``v2-noL``, ``v2-relu``) are expanded over
     ``channels_per_group`` (``v2-16ch``, ``v2-16ch-noL`` ...); full names are kept. Each name is
-    checked with :func:`~gpconv.reference.parse_variant` (ValueError on an unknown one)."""
+    checked with :func:`~gpconv.experiments.paper_numbers.parse_variant` (ValueError on an unknown one)."""
     names: List[str] = []
     for variant in variants:
         variant = str(variant).strip()
@@ -276,7 +276,7 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
     import torch
 
     from .data import load_dataset
-    from .outputs import OutputError, check_writable, existing_outputs
+    from ..io import OutputError, check_writable, existing_outputs
     from .training import RUN_FILES, TrainingDiverged, check_device, train
 
     if not specs:
@@ -355,7 +355,7 @@ def _check_finished(folder: Path, spec: RunSpec, device: str) -> None:
 def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
     """Write ``sweep.json``: the runs of this sweep, after those of an earlier ``sweep.json`` that it does
     not name (a sweep run with ``--only`` keeps the others). Refused when ``sweep.json`` is not gpconv's."""
-    from .outputs import OutputError
+    from ..io import OutputError
     from .training import atomic_write_text
 
     path = output / "sweep.json"

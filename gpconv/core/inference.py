@@ -5,7 +5,7 @@
 
 * every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
 * dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
-* every :class:`~gpconv.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`
+* every :class:`~gpconv.core.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`
   with up to three forms: ``grouped`` (per layer one gather and one grouped convolution with the batch
   norm folded in, the interleaving and reorders composed), ``factored`` (K grouped, then one dense
   convolution for L, the interleaving and the sum) and ``dense``; grouped layers may merge ``s``
@@ -27,7 +27,7 @@ from torch import nn
 
 from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, PointwiseConvAttributes, gather_channels
 from .convert import is_plain_pointwise
-from .layers import KerasPad2d
+from ..layers import KerasPad2d
 from .plan import PointwisePlan
 
 __all__ = ["prepare_for_inference", "choose_executions", "FoldedGroupedPointwiseConv2d", "KerasSameConv2d",

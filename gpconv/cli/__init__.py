@@ -9,14 +9,14 @@ from typing import List, Optional
 
 import torch
 
-from .convert import summarize
-from .counting import count_computations, count_macs, count_parameters
-from .models import check_input_size, create_model, list_models
-from .plan import make_plan
-from .reporting import format_table, paper_table
-from .export_cli import add_export_command
-from .results_cli import add_results_commands
-from .train_cli import add_training_commands, demo_training
+from ..core.convert import summarize
+from ..core.counting import count_computations, count_macs, count_parameters
+from ..models import check_input_size, create_model, list_models
+from ..core.plan import make_plan
+from ..experiments.paper_tables import format_table, paper_table
+from .export import add_export_command
+from .results import add_results_commands
+from .train import add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
 
@@ -48,7 +48,7 @@ def _demo(args) -> None:
     if args.train:  # refuse a folder that holds a run before the table, not after it
         from pathlib import Path
 
-        from .training import prepare_run_folder
+        from ..experiments.training import prepare_run_folder
 
         prepare_run_folder(Path(args.output), resume=False, overwrite=args.overwrite, main=False)
     print("kEffNet-B0 on 32x32 inputs (skip_strides=3), 10 classes: ours vs the authors' Keras figures\n")
@@ -145,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--compare", action="store_true", help="also count the dense baseline")
     summary.set_defaults(run=_summary)
 
-    add_training_commands(commands)  # train, evaluate (gpconv/train_cli.py)
-    add_results_commands(commands)  # sweep, report, cam (gpconv/results_cli.py)
-    add_export_command(commands)  # export (gpconv/export_cli.py)
+    add_training_commands(commands)  # train, evaluate (gpconv/cli/train.py)
+    add_results_commands(commands)  # sweep, report, cam (gpconv/cli/results.py)
+    add_export_command(commands)  # export (gpconv/cli/export.py)
     return parser
 
 
@@ -163,6 +163,3 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

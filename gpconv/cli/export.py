@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import DATASETS
-from .models import list_models
-from .train_cli import positive_int
+from ..experiments.data import DATASETS
+from ..models import list_models
+from .train import positive_int
 
 __all__ = ["add_export_command", "run_export", "onnx_accuracy"]
 
@@ -50,8 +50,8 @@ def add_export_command(commands) -> None:
 
 def _output_path(args) -> Path:
     """``--output``, else ``RUN/best.onnx`` beside the checkpoint, else ``ARCH-VARIANT.onnx`` here."""
-    from .cam import variant_label
-    from .training import ModelConfig
+    from ..experiments.cam import variant_label
+    from ..experiments.training import ModelConfig
 
     if args.output:
         return Path(args.output)
@@ -64,9 +64,9 @@ def _output_path(args) -> Path:
 
 def _model_and_data(args):
     """(eval model, ModelConfig, dataset splits) for ``args``."""
-    from .cam import load_model_from_checkpoint
-    from .data import load_dataset
-    from .training import ModelConfig, recalibrate_batch_norm
+    from ..experiments.cam import load_model_from_checkpoint
+    from ..experiments.data import load_dataset
+    from ..experiments.training import ModelConfig, recalibrate_batch_norm
 
     if args.checkpoint:
         model, config, checkpoint = load_model_from_checkpoint(args.checkpoint)
@@ -88,8 +88,8 @@ def _model_and_data(args):
 
 
 def onnx_accuracy(session, data, batch_size: int = 64) -> float:
-    """Top-1 accuracy of an ONNX Runtime ``session`` (input ``images``) on an :class:`~gpconv.data.ImageSet`."""
-    from .data import to_float
+    """Top-1 accuracy of an ONNX Runtime ``session`` (input ``images``) on an :class:`~gpconv.experiments.data.ImageSet`."""
+    from ..experiments.data import to_float
 
     correct = 0
     for start in range(0, len(data), batch_size):
@@ -103,9 +103,9 @@ def _int8_path(fp32_path: Path) -> Path:
 
 
 def _report_int8(args, model, fp32_path: Path, splits) -> None:
-    from .data import to_float
-    from .export import onnx_session, quantize_onnx
-    from .training import evaluate_model
+    from ..experiments.data import to_float
+    from ..export import onnx_session, quantize_onnx
+    from ..experiments.training import evaluate_model
 
     int8_path = _int8_path(fp32_path)  # checked by run_export
     calibration = to_float(splits.train.images[:args.calibration_images])
@@ -123,8 +123,8 @@ def run_export(args) -> None:
     """``gpconv export``."""
     import torch
 
-    from .data import to_float
-    from .export import check_output, export_onnx, require_deploy
+    from ..experiments.data import to_float
+    from ..export import check_output, export_onnx, require_deploy
 
     if (args.arch is None) == (args.checkpoint is None):
         raise ValueError("export needs exactly one of ARCH or --checkpoint")

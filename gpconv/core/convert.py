@@ -3,9 +3,9 @@
 ``convert`` applies the papers' recipe (Mendel 2022; Entropy 2022, Section 3) to a model gpconv did
 not build: every plain 1x1 ``nn.Conv2d`` (groups 1, no padding, no dilation, the same stride on both
 axes) whose plan is worth grouping (``make_plan(...).grouped``: small layers stay dense, by the rule
-the block itself uses) becomes a :class:`~gpconv.block.GroupedPointwiseConv2d` with the same input
+the block itself uses) becomes a :class:`~gpconv.core.block.GroupedPointwiseConv2d` with the same input
 and output channels, stride, bias, dtype and device; with ``linear=True`` every ``nn.Linear`` likewise
-becomes a :class:`~gpconv.block.GroupedPointwiseLinear`. Everything else is left as it is, and every
+becomes a :class:`~gpconv.core.block.GroupedPointwiseLinear`. Everything else is left as it is, and every
 1x1 convolution left dense is noted with the reason (``summarize`` lists them).
 ``summarize`` lists the grouped pointwise layers of a model with their parameters before and after.
 """
@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 from torch import nn
 
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
-from .layers import ActivationSpec, check_activation
+from ..layers import ActivationSpec, check_activation
 from .plan import make_plan
 
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
@@ -177,10 +177,10 @@ def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> Non
     plain pointwise convolutions (the user may have expected them grouped)."""
     for pattern in patterns:
         if pattern not in matched:
-            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
+            warnings.warn(f"gpconv.core.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
     unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in (EXCLUDED, TOO_SMALL)]
     if unusual:
-        warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
+        warnings.warn(f"gpconv.core.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
                       f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
 
 

@@ -2,7 +2,7 @@
 
 A :class:`PointwisePlan` describes how one dense 1x1 convolution (``in_channels`` -> ``out_channels``)
 is replaced by the papers' sub-architecture: a grouped layer K, an interleaving, a grouped layer L and
-a sum (``output = K + L(interleave(K))``). :class:`~gpconv.block.GroupedPointwiseConv2d` executes a
+a sum (``output = K + L(interleave(K))``). :class:`~gpconv.core.block.GroupedPointwiseConv2d` executes a
 plan; users can build and print plans without building any module::
 
     >>> from gpconv import make_plan

@@ -117,7 +117,7 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
     import matplotlib.pyplot as plt
 
     from .data import load_dataset, to_float
-    from .outputs import claim_outputs
+    from ..io import claim_outputs
     from .results import save_figure
 
     output = claim_outputs(output, [f"cam_{i:03d}.png" for i in range(images)] + ["cam_grid.png"],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .data import DATASETS
-from .models import list_models
-from .train_cli import non_negative_int, positive_int
+from ..experiments.data import DATASETS
+from ..models import list_models
+from .train import non_negative_int, positive_int
 
 __all__ = ["add_results_commands", "run_sweep_command", "run_report_command", "run_cam_command"]
 
@@ -82,7 +82,7 @@ def add_results_commands(commands) -> None:
 
 def run_sweep_command(args) -> None:
     """``gpconv sweep``."""
-    from .sweep import expand_runs, load_sweep_config, run_sweep
+    from ..experiments.sweep import expand_runs, load_sweep_config, run_sweep
 
     config = load_sweep_config(args.config) if args.config else {}
     if not args.config and (args.arch is None or args.variants is None or args.dataset is None):
@@ -113,7 +113,7 @@ def run_sweep_command(args) -> None:
 
 def run_report_command(args) -> None:
     """``gpconv report``."""
-    from .results import write_report
+    from ..experiments.results import write_report
 
     written = write_report(args.runs, args.output, baseline=args.baseline, title=args.title,
                            runs_csv_path=args.runs_csv, overwrite=args.overwrite)
@@ -123,7 +123,7 @@ def run_report_command(args) -> None:
 
 def run_cam_command(args) -> None:
     """``gpconv cam``."""
-    from .cam import write_cams
+    from ..experiments.cam import write_cams
 
     write_cams(args.checkpoint, args.output, dataset=args.dataset, data_dir=args.data_dir,
                          images=args.images, compare=args.compare, class_index=args.class_index, overwrite=args.overwrite,

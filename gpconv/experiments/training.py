@@ -3,7 +3,7 @@
 Protocol (the reference notebooks, e.g. ``raw/cifar10-50epochs/JP30I02_*.ipynb`` of kEffNetV2):
 RMSprop with Keras' defaults (lr 1e-3, rho 0.9, epsilon 1e-7), the cyclical schedule
 :func:`cyclical_lr` with a 25-epoch cycle, batch 64, Keras-style augmentation
-(:class:`~gpconv.data.KerasAugment`), 10% of the training set held out for validation, the best
+(:class:`~gpconv.experiments.data.KerasAugment`), 10% of the training set held out for validation, the best
 epoch by ``val_accuracy`` (or ``val_loss``) kept and tested.
 
 Run folder (``TrainConfig.output``): ``config.json``, ``history.csv``, ``metrics.json``,
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from .counting import count_computations, count_macs, count_parameters
+from ..core.counting import count_computations, count_macs, count_parameters
 from .data import DatasetSplits, ImageSet, KerasAugment, load_dataset, to_float
-from .models import CLASSIFIER_INITS, check_input_size, create_model, init_classifier
-from .outputs import OutputError, atomic_write, claim_outputs, existing_outputs
+from ..models import CLASSIFIER_INITS, check_input_size, create_model, init_classifier
+from ..io import OutputError, atomic_write, claim_outputs, existing_outputs
 
 __all__ = [
     "ModelConfig", "TrainConfig", "TrainingDiverged", "CheckpointError", "cyclical_lr", "make_optimizer",

@@ -82,7 +82,7 @@ class ReferenceRow:
 def load_reference(path: Union[str, Path, None] = None) -> List[ReferenceRow]:
     """Rows of ``paper_numbers.json`` (the copy shipped with gpconv unless ``path`` is given)."""
     if path is None:
-        text = resources.files("gpconv").joinpath("reference/paper_numbers.json").read_text()
+        text = resources.files("gpconv").joinpath("experiments/paper_numbers.json").read_text()
     else:
         text = Path(path).read_text()
     fields = ReferenceRow.__dataclass_fields__

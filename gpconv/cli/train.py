@@ -8,8 +8,8 @@ import math
 import sys
 from pathlib import Path
 
-from .data import DATASETS
-from .models import CLASSIFIER_INITS, list_models
+from ..experiments.data import DATASETS
+from ..models import CLASSIFIER_INITS, list_models
 
 __all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training", "positive_int", "non_negative_int",
            "positive_float"]
@@ -111,7 +111,7 @@ def run_train(args) -> None:
     """``gpconv train``."""
     import torch
 
-    from .training import ModelConfig, TrainConfig, TrainingDiverged, train
+    from ..experiments.training import ModelConfig, TrainConfig, TrainingDiverged, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,8 +139,8 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     """``gpconv evaluate``."""
-    from .outputs import claim_outputs
-    from .training import evaluate_checkpoint, atomic_write_text, format_report
+    from ..io import claim_outputs
+    from ..experiments.training import evaluate_checkpoint, atomic_write_text, format_report
 
     if args.json:  # refused before the (long) evaluation
         claim_outputs(Path(args.json).parent, [Path(args.json).name], overwrite=args.overwrite, option="--json")
@@ -160,7 +160,7 @@ def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, thr
     A run already in ``output`` is refused unless ``overwrite`` (its run files are replaced)."""
     import torch
 
-    from .training import ModelConfig, TrainConfig, train
+    from ..experiments.training import ModelConfig, TrainConfig, train
 
     torch.set_num_threads(threads)
     model_config = ModelConfig("efficientnet_b0", channels_per_group=16, skip_strides=3, image_size=32)

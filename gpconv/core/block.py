@@ -1,4 +1,4 @@
-"""The grouped pointwise convolution block: executes a :class:`~gpconv.plan.PointwisePlan`.
+"""The grouped pointwise convolution block: executes a :class:`~gpconv.core.plan.PointwisePlan`.
 
 This is the straightforward execution (one grouped convolution per path, explicit channel gathers,
 concatenation, interleaving by index): the reference that faster executions are tested against.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
+from ..layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
 __all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath",
@@ -249,14 +249,14 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         batch_norm_scale: False for a batch norm that learns a shift only (Keras ``scale=False``, as in
             the reference's Inception V3).
 
-    ``self.plan`` is the :class:`~gpconv.plan.PointwisePlan` being executed; ``print(block.plan)``
+    ``self.plan`` is the :class:`~gpconv.core.plan.PointwisePlan` being executed; ``print(block.plan)``
     shows it.
 
     Code written for the ``nn.Conv2d`` it replaces can read the convolution's attributes:
     ``in_channels``, ``out_channels``, ``kernel_size`` ``(1, 1)``, ``stride`` ``(s, s)``, ``padding``
     ``(0, 0)``, ``dilation`` ``(1, 1)``, ``padding_mode`` ``"zeros"``, and ``groups`` 1: the groups of
     the dense convolution the block stands for (K and L are grouped inside; their groups are in
-    ``plan``). Where the block is linear (no batch norm, no activation: what :func:`gpconv.convert`
+    ``plan``). Where the block is linear (no batch norm, no activation: what :func:`gpconv.core.convert`
     builds), ``weight`` and ``bias`` are those of the equivalent dense convolution (see
     :meth:`dense_equivalent`), computed on each read, so ``weight.dtype``/``weight.device``/``bias is
     None`` answer as for the convolution; writing to them changes nothing.

@@ -228,8 +228,8 @@ def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
 
 
 def save_figure(figure, path) -> Path:
-    """Save a matplotlib figure as PNG atomically (:func:`gpconv.outputs.atomic_write`)."""
-    from .outputs import atomic_write
+    """Save a matplotlib figure as PNG atomically (:func:`gpconv.io.atomic_write`)."""
+    from ..io import atomic_write
 
     return atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=100))
 
@@ -317,7 +317,7 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
     plots of the runs in ``paths`` to ``output`` (:data:`REPORT_FILES`). Runs of one variant with several
     seeds are also summarised as mean ± standard deviation, and the plots show those means. Refused (one
     line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false."""
-    from .outputs import OutputError, claim_outputs, existing_outputs
+    from ..io import OutputError, claim_outputs, existing_outputs
     from .training import RUN_FILES, atomic_write_text
 
     runs = collect_runs(paths)

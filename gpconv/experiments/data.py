@@ -19,7 +19,7 @@ Inputs are scaled to ``[0, 1]`` when batched (the reference notebooks use ``bipo
     Generated, seeded, 32x32, 10 classes, no download: see :func:`make_synthetic`.
 ``oxford_pets``, ``malaria``, ``colorectal_histology``, ``cropped_plantdoc``
     The papers' other datasets, downloaded from their official sources, checked, split as in the
-    papers and memory-mapped: see :mod:`gpconv.paper_datasets` and docs/datasets.md.
+    papers and memory-mapped: see :mod:`gpconv.experiments.paper_datasets` and docs/datasets.md.
 
 The validation set is 10% of the training set, held out with a seeded permutation.
 ``val_flips=True`` adds the horizontally, vertically and doubly flipped copies of every
@@ -570,7 +570,7 @@ def load_dataset(name: str, data_dir=None, *, image_size: Optional[int] = None, 
 
     ``image_size`` resizes every image (default: 32 for CIFAR and synthetic; required-ish for
     ``folder``, where it defaults to 32 too; 224 for :data:`PAPER_DATASETS`, which are split as
-    the papers, see :mod:`gpconv.paper_datasets`). ``val_fraction`` of the training images (seeded)
+    the papers, see :mod:`gpconv.experiments.paper_datasets`). ``val_fraction`` of the training images (seeded)
     become the validation set, except for folder datasets with their own ``val/`` folder.
     """
     if name not in DATASETS:

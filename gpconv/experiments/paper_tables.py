@@ -7,9 +7,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .counting import count_computations, count_parameters
-from .models import check_input_size, create_model
-from .reference import ReferenceRow, load_reference, reference_options
+from ..core.counting import count_computations, count_parameters
+from ..models import check_input_size, create_model
+from .paper_numbers import ReferenceRow, load_reference, reference_options
 
 __all__ = ["VariantFigures", "measure_variant", "paper_table", "format_table", "papers_input_setting"]
 
