@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     for name, (model, options) in models().items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            small = gpconv.core.convert(model, args.channels_per_group, exclude=["classifier"], **options)
+            small = gpconv.convert(model, args.channels_per_group, exclude=["classifier"], **options)
         counts = kinds(small)
         replaced = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if k.startswith("grouped"))
         kept = ", ".join(f"{n} {k[6:]}" for k, n in sorted(counts.items()) if k.startswith("kept")) or "none"

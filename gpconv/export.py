@@ -184,7 +184,7 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
                 tolerance: float = 1e-4, opset: Optional[int] = None,
                 form: str = "rule") -> ExportResult:
-    """Export ``model`` (any gpconv model, or one put through :func:`gpconv.core.convert`) to the ONNX file
+    """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
     ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch

@@ -1,4 +1,4 @@
-"""gpconv.core.convert / gpconv.summarize on networks gpconv did not build."""
+"""gpconv.convert / gpconv.summarize on networks gpconv did not build."""
 
 import warnings
 
@@ -57,7 +57,7 @@ def modules_by_name(model):
 def test_convert_replaces_pointwise_only(version, l_layer):
     torch.manual_seed(0)
     model = Branchy()
-    converted = gpconv.core.convert(model, 16, version=version, l_layer=l_layer)
+    converted = gpconv.convert(model, 16, version=version, l_layer=l_layer)
     modules = modules_by_name(converted)
     for name in ("expand", "branches.0", "branches.1.0"):
         assert isinstance(modules[name], GroupedPointwiseConv2d), name
@@ -76,7 +76,7 @@ def test_convert_replaces_pointwise_only(version, l_layer):
 def test_converted_model_runs_and_trains():
     torch.manual_seed(0)
     model = Branchy()
-    converted = gpconv.core.convert(model, 4)
+    converted = gpconv.convert(model, 4)
     assert isinstance(converted.tiny, GroupedPointwiseConv2d) and converted.branches[0].l is not None  # K and L
     x = torch.randn(2, 3, 16, 16)
     assert converted(x).shape == model(x).shape == (2, 5)
@@ -87,7 +87,7 @@ def test_converted_model_runs_and_trains():
 
 def test_convert_keeps_dtype_device_and_mode():
     model = Branchy().double().eval()
-    converted = gpconv.core.convert(model, 16)
+    converted = gpconv.convert(model, 16)
     block = modules_by_name(converted)["expand"]
     assert all(p.dtype == torch.float64 for p in block.parameters())
     assert not block.training
@@ -98,22 +98,22 @@ def test_exclude_patterns_keep_subtrees_dense_and_warn_when_unmatched():
     model = Branchy()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        converted = gpconv.core.convert(model, 16, exclude=["branches.*"])
+        converted = gpconv.convert(model, 16, exclude=["branches.*"])
     modules = modules_by_name(converted)
     assert isinstance(modules["expand"], GroupedPointwiseConv2d)
     assert type(modules["branches.0"]) is nn.Conv2d and type(modules["branches.1.0"]) is nn.Conv2d
     assert gpconv.count_parameters(converted) == expected_parameters(model, 16, skip=("branches.0", "branches.1.0"))
-    converted = gpconv.core.convert(model, 16, exclude="branches")  # a parent's name excludes its children
+    converted = gpconv.convert(model, 16, exclude="branches")  # a parent's name excludes its children
     assert type(modules_by_name(converted)["branches.1.0"]) is nn.Conv2d
-    with pytest.warns(UserWarning, match=r"^gpconv.core.convert: exclude pattern 'classifier\.\*' matches no module$"):
-        gpconv.core.convert(model, 16, exclude=("classifier.*",))
+    with pytest.warns(UserWarning, match=r"^gpconv.convert: exclude pattern 'classifier\.\*' matches no module$"):
+        gpconv.convert(model, 16, exclude=("classifier.*",))
 
 
 def test_existing_grouped_blocks_and_shared_convs():
     shared = nn.Conv2d(64, 64, 1)
     model = nn.Sequential(GroupedPointwiseConv2d(8, 8, 16), shared, nn.ReLU(), shared)
     model[0].l = None
-    converted = gpconv.core.convert(nn.Sequential(nn.Conv2d(3, 8, 1), model), 16)
+    converted = gpconv.convert(nn.Sequential(nn.Conv2d(3, 8, 1), model), 16)
     inner = converted[1][0]
     assert type(inner.k.paths[0].conv) is nn.Conv2d and inner.k.paths[0].conv.groups == 1  # not recursed into
     assert isinstance(converted[1][1], GroupedPointwiseConv2d) and converted[1][1] is converted[1][3]
@@ -121,7 +121,7 @@ def test_existing_grouped_blocks_and_shared_convs():
 
 def test_model_without_pointwise_convolutions():
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3, groups=16))
-    converted = gpconv.core.convert(model, 16)
+    converted = gpconv.convert(model, 16)
     assert str(converted) == str(model)
     summary = gpconv.summarize(converted)
     assert summary.rows == []
@@ -130,7 +130,7 @@ def test_model_without_pointwise_convolutions():
 
 def test_summarize_lists_replaced_layers():
     model = Branchy()
-    converted = gpconv.core.convert(model, 16)
+    converted = gpconv.convert(model, 16)
     summary = gpconv.summarize(converted)
     by_name = {row.name: row for row in summary.rows}
     assert set(by_name) == {"expand", "branches.0", "branches.1.0"}
@@ -163,13 +163,13 @@ def test_summarize_gpconv_model_counts_batch_norm_in_before():
 ])
 def test_bad_settings_raise_one_line_errors(kwargs, error, message):
     with pytest.raises(error, match=message) as info:
-        gpconv.core.convert(Branchy(), **kwargs)
+        gpconv.convert(Branchy(), **kwargs)
     assert "\n" not in str(info.value)
 
 
 def test_non_module_raises_type_error():
     with pytest.raises(TypeError, match="^convert expects an nn.Module, got list$"):
-        gpconv.core.convert([nn.Conv2d(3, 3, 1)])
+        gpconv.convert([nn.Conv2d(3, 3, 1)])
     with pytest.raises(TypeError, match="^summarize expects an nn.Module"):
         gpconv.summarize("resnet")
 
@@ -177,7 +177,7 @@ def test_non_module_raises_type_error():
 def test_torchvision_resnet():
     models = pytest.importorskip("torchvision.models")
     model = models.resnet18(num_classes=10)
-    converted = gpconv.core.convert(model, 16, exclude=["fc"])
+    converted = gpconv.convert(model, 16, exclude=["fc"])
     assert gpconv.count_parameters(converted) < gpconv.count_parameters(model)
     assert isinstance(converted.layer2[0].downsample[0], GroupedPointwiseConv2d)
     assert converted(torch.randn(1, 3, 64, 64)).shape == (1, 10)
@@ -186,7 +186,7 @@ def test_torchvision_resnet():
 def test_timm_mobilenetv3():
     timm = pytest.importorskip("timm")
     model = timm.create_model("mobilenetv3_large_100", num_classes=10)
-    converted = gpconv.core.convert(model, 16)
+    converted = gpconv.convert(model, 16)
     assert gpconv.summarize(converted).rows
     assert converted(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
@@ -262,7 +262,7 @@ class Mlp(nn.Module):
 def test_convert_linear_replaces_plain_linear_layers_only():
     torch.manual_seed(0)
     model = Mlp()
-    converted = gpconv.core.convert(model, 16, linear=True, exclude=["classifier"])
+    converted = gpconv.convert(model, 16, linear=True, exclude=["classifier"])
     assert isinstance(converted.pwconv1, gpconv.GroupedPointwiseLinear)
     assert isinstance(converted.pwconv2, gpconv.GroupedPointwiseLinear) and converted.pwconv2.bias is None
     assert type(converted.classifier) is nn.Linear
@@ -277,7 +277,7 @@ def test_convert_linear_replaces_plain_linear_layers_only():
     x = torch.randn(2, 4, 4, 64)
     converted(x).sum().backward()
     assert all(p.grad is not None for p in converted.parameters())
-    assert isinstance(gpconv.core.convert(model, 16).pwconv1, nn.Linear)  # linear=False by default
+    assert isinstance(gpconv.convert(model, 16).pwconv1, nn.Linear)  # linear=False by default
     converted.eval()
     with torch.no_grad():
         torch.testing.assert_close(gpconv.prepare_for_inference(converted)(x), converted(x), rtol=1e-4, atol=1e-4)
@@ -288,9 +288,9 @@ def test_convert_notes_every_pointwise_convolution_it_keeps_dense():
                           nn.Conv2d(64, 64, 1, padding=1), nn.Conv2d(64, 8, 1), nn.Conv2d(8, 8, 1),
                           nn.Sequential(nn.Conv2d(8, 64, 1)), nn.Conv2d(64, 64, 1))
     with pytest.warns(UserWarning) as record:
-        converted = gpconv.core.convert(model, 16, exclude=["6"])
+        converted = gpconv.convert(model, 16, exclude=["6"])
     assert [str(w.message) for w in record] == [
-        "gpconv.core.convert: 3 1x1 convolutions are not plain pointwise convolutions and stay dense: 1 (groups=4), "
+        "gpconv.convert: 3 1x1 convolutions are not plain pointwise convolutions and stay dense: 1 (groups=4), "
         "2 (dilation=(2, 2)), 3 (padding=(1, 1))"]
     assert isinstance(converted[4], GroupedPointwiseConv2d) and isinstance(converted[7], GroupedPointwiseConv2d)
     kept = {layer.name: layer.reason for layer in gpconv.summarize(converted).kept}
@@ -301,13 +301,13 @@ def test_convert_notes_every_pointwise_convolution_it_keeps_dense():
 
 def test_linear_option_must_be_a_bool():
     with pytest.raises(TypeError, match="^linear must be True or False, got 'yes'$"):
-        gpconv.core.convert(Mlp(), linear="yes")
+        gpconv.convert(Mlp(), linear="yes")
 
 
 def test_counting_sees_grouped_linear_layers():
     for cin, cout in ((64, 256), (256, 64)):
         dense = nn.Sequential(nn.Linear(cin, cout))
-        grouped = gpconv.core.convert(dense, 16, linear=True)
+        grouped = gpconv.convert(dense, 16, linear=True)
         plan = grouped[0].plan
         assert gpconv.count_macs(dense, (4, 4, cin)) == 16 * cin * cout
         assert gpconv.count_macs(grouped, (4, 4, cin)) == 16 * plan.weight_count

@@ -44,7 +44,7 @@ def _converted_model(images):
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                         nn.Conv2d(64, 128, 1), nn.BatchNorm2d(128), nn.ReLU(), nn.Conv2d(128, 64, 1),
                         nn.BatchNorm2d(64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    model = gpconv.core.convert(net, channels_per_group=16)
+    model = gpconv.convert(net, channels_per_group=16)
     model.train()
     with torch.no_grad():
         model(images)

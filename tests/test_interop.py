@@ -1,4 +1,4 @@
-"""gpconv.core.convert on third-party networks: transformers' ResNet, MobileNetV2, EfficientNet and ConvNeXt
+"""gpconv.convert on third-party networks: transformers' ResNet, MobileNetV2, EfficientNet and ConvNeXt
 built from (small) configs, no weights downloaded. Skipped when transformers is absent (extra ``interop``)."""
 
 import pytest
@@ -73,7 +73,7 @@ def converted(name, seed=0):
     for module in model.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
-    return model, gpconv.core.convert(model, CHANNELS_PER_GROUP, exclude=["classifier"], **options)
+    return model, gpconv.convert(model, CHANNELS_PER_GROUP, exclude=["classifier"], **options)
 
 
 def logits(model, x):

@@ -256,7 +256,7 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     ``in_channels``, ``out_channels``, ``kernel_size`` ``(1, 1)``, ``stride`` ``(s, s)``, ``padding``
     ``(0, 0)``, ``dilation`` ``(1, 1)``, ``padding_mode`` ``"zeros"``, and ``groups`` 1: the groups of
     the dense convolution the block stands for (K and L are grouped inside; their groups are in
-    ``plan``). Where the block is linear (no batch norm, no activation: what :func:`gpconv.core.convert`
+    ``plan``). Where the block is linear (no batch norm, no activation: what :func:`gpconv.convert`
     builds), ``weight`` and ``bias`` are those of the equivalent dense convolution (see
     :meth:`dense_equivalent`), computed on each read, so ``weight.dtype``/``weight.device``/``bias is
     None`` answer as for the convolution; writing to them changes nothing.

@@ -177,10 +177,10 @@ def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> Non
     plain pointwise convolutions (the user may have expected them grouped)."""
     for pattern in patterns:
         if pattern not in matched:
-            warnings.warn(f"gpconv.core.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
+            warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
     unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in (EXCLUDED, TOO_SMALL)]
     if unusual:
-        warnings.warn(f"gpconv.core.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
+        warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
                       f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
 
 
