@@ -240,3 +240,27 @@ def test_train_and_sweep_build_the_same_model_by_default():
     run, = expand_runs({"arch": "mobilenet_v3_large", "dataset": "synthetic", "variants": ["baseline"]})
     assert args.activation is None and run.model_config().activation is None
     assert ModelConfig("mobilenet_v3_large").activation is None
+
+
+def test_callbacks_see_every_loss_and_every_epoch_row(tmp_path):
+    from gpconv.experiments.training import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.rows = [], []
+
+        def on_loss(self, epoch, step, loss):
+            self.steps.append((epoch, step))
+            return loss
+
+        def on_epoch_end(self, epoch, row):
+            self.rows.append((epoch, row))
+
+    recorder = Recorder()
+    config = TrainConfig(dataset="synthetic", output=str(tmp_path / "run"), epochs=2, batch_size=8,
+                         max_train_batches=2, synthetic_size=[40, 20], augment=False)
+    train(config, ModelConfig("efficientnet_b0", image_size=16), callbacks=[recorder], log=lambda line: None)
+    assert recorder.steps == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [epoch for epoch, _ in recorder.rows] == [1, 2] and [row["epoch"] for _, row in recorder.rows] == [1, 2]
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]
+    assert [float(line.split(",")[2]) for line in history] == pytest.approx([row["train_loss"] for _, row in recorder.rows])
