@@ -1,0 +1,111 @@
+"""Every name the layout documents mention exists: in README.md and docs/architecture.md, each dotted
+name ``gpconv.x.y`` resolves (the longest importable module, then attributes), each repository path
+(``gpconv/...``, ``docs/...``, ``benchmarks/...``, ``configs/...``, ``tests/...``) exists, and each
+relative Markdown link points at a file (and at a heading of it, for ``#anchor`` links)."""
+
+import importlib
+import re
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from conftest import ROOT
+
+DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "architecture.md"]
+DOTTED_NAME = re.compile(r"(?<![\w.])gpconv(?:\.[A-Za-z_]\w*)+")
+REPO_PATH = re.compile(r"(?<![\w./-])(?:gpconv|docs|benchmarks|configs|tests)/[\w./-]*")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.MULTILINE)
+
+
+def resolve(dotted: str) -> object:
+    """The object ``dotted`` names: the longest prefix that imports as a module, then getattr on the
+    rest. Raises ImportError / AttributeError when it does not exist."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:end])
+        try:
+            found = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and module_name.startswith(error.name):
+                continue  # this prefix is not a module: try a shorter one
+            raise  # the module exists but needs a package that is missing
+        for attribute in parts[end:]:
+            found = getattr(found, attribute)
+        return found
+    raise ImportError(f"no module in {dotted!r}")
+
+
+def heading_anchors(document: Path) -> set:
+    """GitHub's anchors of the document's headings: lower case, punctuation dropped, spaces -> '-'."""
+    return {re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            for title in HEADING.findall(document.read_text())}
+
+
+def missing_names(document: Path) -> List[str]:
+    """The dotted names, paths and links of ``document`` that do not exist, each with the reason."""
+    text = document.read_text()
+    problems = []
+    for name in sorted(set(DOTTED_NAME.findall(text))):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as error:
+            problems.append(f"{name}: {type(error).__name__}: {error}")
+    for path in sorted({match.rstrip(".") for match in REPO_PATH.findall(text)}):
+        if not (ROOT / path).exists():
+            problems.append(f"{path}: no such file or folder in the repository")
+    for target in sorted(set(LINK.findall(text))):
+        if re.match(r"^[a-z]+:", target):
+            continue  # a URL
+        file_part, _, anchor = target.partition("#")
+        linked = (document.parent / file_part) if file_part else document
+        if not linked.exists():
+            problems.append(f"link {target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+            problems.append(f"link {target}: no heading with that anchor")
+    return problems
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[str(d.relative_to(ROOT)) for d in DOCUMENTS])
+def test_every_name_in_the_document_exists(document):
+    problems = missing_names(document)
+    assert not problems, f"{document.relative_to(ROOT)} names what does not exist:\n" + "\n".join(problems)
+
+
+def test_documents_mention_names_and_paths():
+    """The check has something to check: the documents do name modules, objects and paths."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    names, paths = set(DOTTED_NAME.findall(text)), set(REPO_PATH.findall(text))
+    assert {"gpconv.core.block.GroupedPointwiseConv2d", "gpconv.models.register_model"} <= names
+    assert {"gpconv/core/plan.py", "gpconv/experiments/data.py", "configs/"} <= paths
+    assert "docs/architecture.md" in (ROOT / "README.md").read_text()
+
+
+def test_wrong_names_are_reported(tmp_path):
+    document = tmp_path / "doc.md"
+    document.write_text(
+        "# Title here\n"
+        "`gpconv.core.block.GroupedPointwiseConv2d` and `gpconv.core.plan.make_plan(1, 2)` exist,\n"
+        "`gpconv.core.block.NoSuchBlock`, `gpconv.core.no_such_module.make_plan` and\n"
+        "`gpconv.models.create_model.no_attribute` do not; gpconv/core/plan.py and gpconv/models/ exist,\n"
+        "gpconv/no_such_file.py and docs/no_such_page.md do not. [ok](#title-here) [bad](#no-heading)\n"
+        f"[ok]({ROOT / 'docs' / 'training.md'}) [bad](missing.md)\n")
+    problems = "\n".join(missing_names(document))
+    for wrong in ("gpconv.core.block.NoSuchBlock", "gpconv.core.no_such_module.make_plan",
+                  "gpconv.models.create_model.no_attribute", "gpconv/no_such_file.py", "docs/no_such_page.md",
+                  "link #no-heading", "link missing.md"):
+        assert wrong in problems
+    assert len(missing_names(document)) == 7, problems
+
+
+def test_resolve_follows_modules_then_attributes():
+    import gpconv
+    from gpconv.core import block
+
+    assert resolve("gpconv") is gpconv
+    assert resolve("gpconv.core.block") is block
+    assert resolve("gpconv.core.block.GroupedPointwiseConv2d") is block.GroupedPointwiseConv2d
+    assert resolve("gpconv.convert") is gpconv.convert  # the function, not the module gpconv.core.convert
+    with pytest.raises(AttributeError):
+        resolve("gpconv.core.block.GroupedPointwiseConv2d.no_such_attribute")
