@@ -1,7 +1,8 @@
-"""Every name the layout documents mention exists: in README.md and docs/architecture.md, each dotted
-name ``gpconv.x.y`` resolves (the longest importable module, then attributes), each repository path
-(``gpconv/...``, ``docs/...``, ``benchmarks/...``, ``configs/...``, ``tests/...``) exists, and each
-relative Markdown link points at a file (and at a heading of it, for ``#anchor`` links)."""
+"""Every name the documentation mentions exists: in README.md, docs/architecture.md and the other
+Markdown documents (docs/*.md, configs/, benchmarks/), each dotted name ``gpconv.x.y`` resolves (the
+longest importable module, then attributes), each repository path (``gpconv/...``, ``docs/...``,
+``benchmarks/...``, ``configs/...``, ``tests/...``) exists, and each relative Markdown link points at
+a file (and at a heading of it, for ``#anchor`` links)."""
 
 import importlib
 import re
@@ -12,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 
-DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "architecture.md"]
+DOCUMENTS = ([ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "configs").glob("*.md"))
+             + sorted((ROOT / "benchmarks").rglob("*.md")))
 DOTTED_NAME = re.compile(r"(?<![\w.])gpconv(?:\.[A-Za-z_]\w*)+")
 REPO_PATH = re.compile(r"(?<![\w./-])(?:gpconv|docs|benchmarks|configs|tests)/[\w./-]*")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
