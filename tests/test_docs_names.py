@@ -17,6 +17,8 @@ DOCUMENTS = ([ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) + sorte
              + sorted((ROOT / "benchmarks").rglob("*.md")))
 DOTTED_NAME = re.compile(r"(?<![\w.])gpconv(?:\.[A-Za-z_]\w*)+")
 REPO_PATH = re.compile(r"(?<![\w./-])(?:gpconv|docs|benchmarks|configs|tests)/[\w./-]*")
+# the package's folders named without "gpconv/" (as in the data-flow diagram of docs/architecture.md)
+PACKAGE_PATH = re.compile(r"(?<![\w./-])(?:core|models|experiments|cli)/[\w./-]*")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.MULTILINE)
 
@@ -57,6 +59,9 @@ def missing_names(document: Path) -> List[str]:
     for path in sorted({match.rstrip(".") for match in REPO_PATH.findall(text)}):
         if not (ROOT / path).exists():
             problems.append(f"{path}: no such file or folder in the repository")
+    for path in sorted({match.rstrip(".") for match in PACKAGE_PATH.findall(text)}):
+        if not (ROOT / "gpconv" / path).exists():
+            problems.append(f"{path}: no such file or folder in gpconv/")
     for target in sorted(set(LINK.findall(text))):
         if re.match(r"^[a-z]+:", target):
             continue  # a URL
@@ -91,14 +96,15 @@ def test_wrong_names_are_reported(tmp_path):
         "`gpconv.core.block.GroupedPointwiseConv2d` and `gpconv.core.plan.make_plan(1, 2)` exist,\n"
         "`gpconv.core.block.NoSuchBlock`, `gpconv.core.no_such_module.make_plan` and\n"
         "`gpconv.models.create_model.no_attribute` do not; gpconv/core/plan.py and gpconv/models/ exist,\n"
-        "gpconv/no_such_file.py and docs/no_such_page.md do not. [ok](#title-here) [bad](#no-heading)\n"
+        "gpconv/no_such_file.py and docs/no_such_page.md do not, core/block.py does, core/nothing.py not.\n"
+        "[ok](#title-here) [bad](#no-heading)\n"
         f"[ok]({ROOT / 'docs' / 'training.md'}) [bad](missing.md)\n")
     problems = "\n".join(missing_names(document))
     for wrong in ("gpconv.core.block.NoSuchBlock", "gpconv.core.no_such_module.make_plan",
                   "gpconv.models.create_model.no_attribute", "gpconv/no_such_file.py", "docs/no_such_page.md",
-                  "link #no-heading", "link missing.md"):
+                  "core/nothing.py", "link #no-heading", "link missing.md"):
         assert wrong in problems
-    assert len(missing_names(document)) == 7, problems
+    assert len(missing_names(document)) == 8, problems
 
 
 def test_resolve_follows_modules_then_attributes():
