@@ -2,8 +2,10 @@
 Markdown documents (docs/*.md, configs/, benchmarks/), each dotted name ``gpconv.x.y`` resolves (the
 longest importable module, then attributes), each repository path (``gpconv/...``, ``docs/...``,
 ``benchmarks/...``, ``configs/...``, ``tests/...``) exists, and each relative Markdown link points at
-a file (and at a heading of it, for ``#anchor`` links)."""
+a file (and at a heading of it, for ``#anchor`` links). And the package's imports follow the layers
+docs/architecture.md describes."""
 
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -117,3 +119,72 @@ def test_resolve_follows_modules_then_attributes():
     assert resolve("gpconv.convert") is gpconv.convert  # the function, not the module gpconv.core.convert
     with pytest.raises(AttributeError):
         resolve("gpconv.core.block.GroupedPointwiseConv2d.no_such_attribute")
+
+
+# The layers of docs/architecture.md ("Layers and their dependencies") and the layers each may import.
+ALLOWED_IMPORTS = {
+    "io": {"io"},
+    "core": {"core"},
+    "models": {"core", "models"},
+    "export": {"core", "io", "export"},
+    "experiments": {"core", "models", "io", "experiments"},
+    "cli": {"core", "models", "io", "export", "experiments", "cli", "api"},
+}
+# Imports that go up a layer today and are being removed (issue 14): delete an entry once it is gone.
+KNOWN_UPWARD_IMPORTS = {("gpconv.experiments.sweep", "gpconv.cli.train")}
+
+
+def layer_of(module: str) -> str:
+    """The layer of a module of the package (``gpconv.layers`` is part of the core)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "api"
+    if parts[1] in ("core", "layers"):
+        return "core"
+    if parts[1] == "__main__":
+        return "cli"
+    return parts[1]
+
+
+def gpconv_imports(path: Path) -> set:
+    """The ``gpconv`` modules (or module attributes) that the file at ``path`` imports, absolute names."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module[: -len(".__init__")]
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names if alias.name.split(".")[0] == "gpconv")
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            if name.split(".")[0] == "gpconv":
+                imported.add(name)
+    return imported
+
+
+def upward_imports() -> set:
+    """``(module, imported)`` pairs of the package where a layer imports one it may not."""
+    found = set()
+    for path in sorted((ROOT / "gpconv").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).replace(".__init__", "")
+        if module == "gpconv":
+            continue  # the public API imports core, models and export's entry point
+        for name in gpconv_imports(path):
+            if layer_of(name) not in ALLOWED_IMPORTS[layer_of(module)]:
+                found.add((module, name))
+    return found
+
+
+def test_imports_follow_the_layers():
+    found = upward_imports()
+    unexpected, fixed = found - KNOWN_UPWARD_IMPORTS, KNOWN_UPWARD_IMPORTS - found
+    assert not unexpected, "imports against docs/architecture.md's layers: " + ", ".join(
+        f"{module} imports {name}" for module, name in sorted(unexpected))
+    assert not fixed, f"no longer imported, remove from KNOWN_UPWARD_IMPORTS: {sorted(fixed)}"
+
+
+def test_upward_imports_are_found():
+    assert gpconv_imports(ROOT / "gpconv" / "core" / "block.py") >= {"gpconv.layers", "gpconv.core.plan"}
+    assert "gpconv.models" in gpconv_imports(ROOT / "gpconv" / "models" / "__init__.py")
+    assert layer_of("gpconv.layers") == layer_of("gpconv.core.plan") == "core"
+    assert "core" not in ALLOWED_IMPORTS["io"] and "experiments" not in ALLOWED_IMPORTS["core"]
