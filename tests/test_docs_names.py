@@ -8,6 +8,7 @@ docs/architecture.md describes."""
 import ast
 import importlib
 import re
+import types
 from pathlib import Path
 from typing import List
 
@@ -26,21 +27,21 @@ HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$", re.MULTILINE)
 
 
 def resolve(dotted: str) -> object:
-    """The object ``dotted`` names: the longest prefix that imports as a module, then getattr on the
-    rest. Raises ImportError / AttributeError when it does not exist."""
+    """The object ``dotted`` names, read as Python reads it: an attribute where the object has one
+    (``gpconv.convert`` is the function), else a submodule of this repository's package. Raises
+    ImportError / AttributeError when it does not exist."""
     parts = dotted.split(".")
-    for end in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:end])
-        try:
-            found = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name is not None and module_name.startswith(error.name):
-                continue  # this prefix is not a module: try a shorter one
-            raise  # the module exists but needs a package that is missing
-        for attribute in parts[end:]:
-            found = getattr(found, attribute)
-        return found
-    raise ImportError(f"no module in {dotted!r}")
+    found = importlib.import_module(parts[0])
+    for depth, part in enumerate(parts[1:], start=2):
+        if hasattr(found, part):
+            found = getattr(found, part)
+            continue
+        if not isinstance(found, types.ModuleType):
+            raise AttributeError(f"{'.'.join(parts[:depth - 1])} has no attribute {part!r}")
+        found = importlib.import_module(".".join(parts[:depth]))
+        if not Path(found.__file__).resolve().is_relative_to(ROOT / "gpconv"):
+            raise ImportError(f"{found.__name__} is not in this repository ({found.__file__})")
+    return found
 
 
 def heading_anchors(document: Path) -> set:
@@ -117,6 +118,9 @@ def test_resolve_follows_modules_then_attributes():
     assert resolve("gpconv.core.block") is block
     assert resolve("gpconv.core.block.GroupedPointwiseConv2d") is block.GroupedPointwiseConv2d
     assert resolve("gpconv.convert") is gpconv.convert  # the function, not the module gpconv.core.convert
+    assert callable(gpconv.convert)
+    with pytest.raises(ImportError):
+        resolve("gpconv.core.no_such_module")
     with pytest.raises(AttributeError):
         resolve("gpconv.core.block.GroupedPointwiseConv2d.no_such_attribute")
 
