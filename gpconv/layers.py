@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.plan import interleave_permutation
+
 __all__ = ["ACTIVATIONS", "make_activation", "make_batch_norm", "ShiftOnlyBatchNorm2d", "KerasPad2d", "StochasticDepth",
-           "ConvBnAct", "SqueezeExcite", "ChannelInterleave"]
+           "ConvBnAct", "SqueezeExcite", "ChannelInterleave", "make_divisible"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -35,6 +37,14 @@ def check_activation(activation: ActivationSpec) -> None:
             raise ValueError(f"unknown activation {activation!r}; expected None, {allowed} or an nn.Module")
         return
     raise TypeError(f"activation must be None, a name or an nn.Module, got {type(activation).__name__}")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round ``value`` to the nearest multiple of ``divisor`` (at least ``divisor``), one ``divisor``
+    more when that would be more than 10% down: Keras' EfficientNet ``round_filters`` and the
+    reference's MobileNet V3 ``_depth`` (the same rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return int(rounded + divisor if rounded < 0.9 * value else rounded)
 
 
 def make_activation(activation: ActivationSpec) -> nn.Module:
@@ -134,21 +144,15 @@ class SqueezeExcite(nn.Module):
         return x * self.expand(self.reduce(self.pool(x)))
 
 
-def interleave_order(channels: int, step: int) -> list:
-    """Channel order of the reference's ``InterleaveChannels(step)``: channels 0, step, 2*step, ...,
-    then 1, 1+step, ...: ``[c for s in range(step) for c in range(s, channels, step)]``."""
-    return [c for s in range(step) for c in range(s, channels, step)]
-
-
 class ChannelInterleave(nn.Module):
     """Parameter-free channel permutation (the reference's ``InterleaveChannels``): output channel
-    ``i`` is input channel ``interleave_order(channels, step)[i]``."""
+    ``i`` is input channel ``interleave_permutation(channels, step)[i]`` (the identity for ``step < 2``)."""
 
     def __init__(self, channels: int, step: int):
         super().__init__()
         self.channels, self.step = channels, step
-        self.register_buffer("order", torch.tensor(interleave_order(channels, step), dtype=torch.long),
-                             persistent=False)
+        order = interleave_permutation(channels, step) or range(channels)
+        self.register_buffer("order", torch.tensor(list(order), dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.order)

@@ -117,3 +117,28 @@ def test_k_variant_pointwise_convolutions_are_glorot_uniform_as_the_reference():
     # the dense baseline keeps Keras' EfficientNet rule, normal(0, sqrt(2 / fan_out))
     dense = create_model("efficientnet_b0", 10).features[-1][0]
     assert dense.weight.std().item() == pytest.approx(math.sqrt(2 / 1280), rel=0.05)
+
+
+@pytest.mark.parametrize("arch", gpconv.list_models())
+def test_every_family_implements_the_model_interface(arch):
+    """forward == forward_head(forward_features) exactly; pool, classifier, num_features, linear_head
+    as documented in gpconv.models.base.ImageClassifier (what gpconv.experiments.cam relies on)."""
+    from gpconv.models import ImageClassifier, min_input_size
+
+    torch.manual_seed(0)
+    model = create_model(arch, 5, channels_per_group=16).eval()
+    assert isinstance(model, ImageClassifier)
+    assert isinstance(model.pool, nn.AdaptiveAvgPool2d) and model.pool.output_size in (1, (1, 1))
+    size = max(min_input_size(arch), 32)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        logits = model.forward_head(features)
+        assert torch.equal(model(x), logits)
+        assert features.dim() == 4 and features.shape[:2] == (2, model.num_features)
+        assert logits.shape == (2, 5)
+        assert model.linear_head == (arch != "mobilenet_v3_large")
+        if model.linear_head:  # nothing but the pool and the final linear layer (dropout: eval) after the maps
+            linear = list(model.classifier.modules())[-1]
+            assert isinstance(linear, nn.Linear) and linear.in_features == model.num_features
+            assert torch.allclose(logits, linear(features.mean((2, 3))), atol=1e-5)

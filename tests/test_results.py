@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED
-from gpconv.experiments.cam import cam, cam_layers
+from gpconv.experiments.cam import cam, cam_linear
 from gpconv.cli import main
 from gpconv.experiments.data import PAPER_DATASETS
 from gpconv.models import create_model, list_models
@@ -59,7 +59,8 @@ def test_cam_has_the_image_shape_is_normalised_and_depends_on_the_class(tiny_unt
 
 def test_cam_is_the_class_weighted_sum_of_the_last_feature_maps(tiny_untrained):
     image = torch.rand(3, 32, 32)
-    pool, linear = cam_layers(tiny_untrained)
+    linear = cam_linear(tiny_untrained)
+    assert linear is tiny_untrained.classifier[-1]
     with torch.no_grad():
         maps = tiny_untrained.features(image[None])[0]
     raw = torch.einsum("c,chw->hw", linear.weight[3], maps)
@@ -75,7 +76,9 @@ def test_cam_rejects_a_bad_class_and_a_model_with_a_head(tiny_untrained):
     with torch.device("meta"):
         v3 = create_model("mobilenet_v3_large", 10)
     with pytest.raises(ValueError, match="CAM needs"):
-        cam_layers(v3)
+        cam_linear(v3)
+    with pytest.raises(ValueError, match="CAM needs"):
+        cam_linear(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(1)))
 
 
 # ---------------------------------------------------------------------------------------------- sweep config

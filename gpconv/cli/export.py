@@ -64,16 +64,14 @@ def _output_path(args) -> Path:
 
 def _model_and_data(args):
     """(eval model, ModelConfig, dataset splits) for ``args``."""
-    from ..experiments.cam import load_model_from_checkpoint
+    from ..experiments.cam import checkpoint_dataset, load_model_from_checkpoint
     from ..experiments.data import load_dataset
     from ..experiments.config import ModelConfig
     from ..experiments.metrics import recalibrate_batch_norm
 
     if args.checkpoint:
         model, config, checkpoint = load_model_from_checkpoint(args.checkpoint)
-        trained = checkpoint["train_config"]
-        dataset = args.dataset or trained["dataset"]
-        data_dir = args.data_dir if args.data_dir is not None else trained.get("data_dir")
+        dataset, data_dir = checkpoint_dataset(args.checkpoint, checkpoint, args.dataset, args.data_dir)
         config.image_size = args.image_size or config.image_size
     else:
         config = ModelConfig(args.arch, args.num_classes, args.channels_per_group, args.version, args.l_layer,

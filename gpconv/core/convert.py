@@ -101,6 +101,7 @@ class _Settings:
     l_layer: bool
     activation: ActivationSpec
     patterns: Tuple[str, ...]
+    linear: bool
 
 
 def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2, l_layer: bool = True,
@@ -138,38 +139,46 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
-    Grouping(channels_per_group, version, l_layer)  # one-line errors for bad grouping settings
-    check_activation(activation)
-    if not isinstance(linear, bool):
-        raise TypeError(f"linear must be True or False, got {linear!r}")
-    settings = _Settings(channels_per_group, version, l_layer, activation, _patterns(exclude))
+    settings = _settings(channels_per_group, version, l_layer, activation, exclude, linear)
     converted = copy.deepcopy(model)
     matched: set = set()
     for name, _ in converted.named_modules():
         if name:
             _excluded(name, settings.patterns, matched)
-    replacements: Dict[int, nn.Module] = {}
     kept: List[KeptLayer] = []
-
-    def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent._modules.items()):  # named_children() would skip shared modules
-            name = f"{prefix}{child_name}"
-            if child is None or isinstance(child, GROUPED_BLOCKS):
-                continue
-            if is_plain_pointwise(child) or (linear and is_plain_linear(child)):
-                if id(child) not in replacements:
-                    replacements[id(child)] = _replacement(child, name, settings, kept)
-                setattr(parent, child_name, replacements[id(child)])
-                continue
-            reason = _structural_reason(child)
-            if reason is not None:
-                kept.append(KeptLayer(name, reason))
-            visit(child, name + ".")
-
-    visit(converted, "")
+    _replace_children(converted, "", settings, {}, kept)
     _warn(settings.patterns, matched, kept)
     object.__setattr__(converted, KEPT_ATTRIBUTE, tuple(kept))
     return converted
+
+
+def _settings(channels_per_group: int, version: int, l_layer: bool, activation: ActivationSpec,
+              exclude: Union[str, Iterable[str]], linear: bool) -> _Settings:
+    """``convert``'s arguments checked (one-line errors) and gathered."""
+    Grouping(channels_per_group, version, l_layer)  # one-line errors for bad grouping settings
+    check_activation(activation)
+    if not isinstance(linear, bool):
+        raise TypeError(f"linear must be True or False, got {linear!r}")
+    return _Settings(channels_per_group, version, l_layer, activation, _patterns(exclude), linear)
+
+
+def _replace_children(parent: nn.Module, prefix: str, settings: _Settings, replacements: Dict[int, nn.Module],
+                      kept: List[KeptLayer]) -> None:
+    """Replace, depth first, the plain pointwise layers under ``parent`` (in place). ``replacements``
+    maps a replaced layer's ``id`` to its block, so a layer shared by several parents stays shared."""
+    for child_name, child in list(parent._modules.items()):  # named_children() would skip shared modules
+        name = f"{prefix}{child_name}"
+        if child is None or isinstance(child, GROUPED_BLOCKS):
+            continue
+        if is_plain_pointwise(child) or (settings.linear and is_plain_linear(child)):
+            if id(child) not in replacements:
+                replacements[id(child)] = _replacement(child, name, settings, kept)
+            setattr(parent, child_name, replacements[id(child)])
+            continue
+        reason = _structural_reason(child)
+        if reason is not None:
+            kept.append(KeptLayer(name, reason))
+        _replace_children(child, name + ".", settings, replacements, kept)
 
 
 def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> None:

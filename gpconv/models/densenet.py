@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, ChannelInterleave, make_activation, make_batch_norm
+from .base import ImageClassifier
 from .registry import register_model
 
 EPS = 1.001e-5
@@ -69,8 +70,9 @@ class Transition(nn.Sequential):
         super().__init__(*layers)
 
 
-class DenseNet(nn.Module):
-    """Three dense blocks with two transitions, for 32x32 inputs."""
+class DenseNet(ImageClassifier):
+    """Three dense blocks with two transitions, for 32x32 inputs (the
+    :class:`~gpconv.models.base.ImageClassifier` interface; ``features`` ends with BN -> activation)."""
 
     def __init__(self, num_classes: int, grouping: Grouping, activation: ActivationSpec, *, layers_per_block: int = 16,
                  growth: int = 12, bottleneck: int = 48, compression: float = 0.5, stem_channels: int = 24,
@@ -91,9 +93,10 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(channels, num_classes)
+        self.num_features = channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 @register_model("densenet_bc_100", max_skip_strides=0, min_input_size=4)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..core.block import GroupedPointwiseConv2d, Grouping, pointwise_conv
-from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation
+from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation, make_divisible
+from .base import ImageClassifier
 from .registry import register_model
 
 
@@ -65,11 +66,7 @@ class EfficientNetConfig:
 
     def channels(self, channels: int) -> int:
         """Width scaling rounded to a multiple of ``divisor`` (never more than 10% down)."""
-        scaled = channels * self.width
-        rounded = max(self.divisor, int(scaled + self.divisor / 2) // self.divisor * self.divisor)
-        if rounded < 0.9 * scaled:
-            rounded += self.divisor
-        return int(rounded)
+        return make_divisible(channels * self.width, self.divisor)
 
     def repeats(self, repeats: int) -> int:
         return int(math.ceil(self.depth * repeats))
@@ -118,9 +115,10 @@ class MBConv(nn.Module):
         return self.drop(out) + x if self.residual else out
 
 
-class EfficientNet(nn.Module):
-    """EfficientNet / kEffNet. ``features`` ends with the top 1x1 convolution; ``classifier`` is
-    dropout + linear on the globally averaged features (logits; no softmax)."""
+class EfficientNet(ImageClassifier):
+    """EfficientNet / kEffNet (the :class:`~gpconv.models.base.ImageClassifier` interface). ``features``
+    ends with the top 1x1 convolution; ``classifier`` is dropout + linear on the globally averaged
+    features (logits; no softmax)."""
 
     def __init__(self, config: EfficientNetConfig, num_classes: int, grouping: Grouping,
                  activation: ActivationSpec = "swish", skip_strides: int = 0,
@@ -153,11 +151,11 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(head, num_classes))
-        self.feature_channels = head
+        self.num_features = head
         _init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 def _init_weights(model: nn.Module) -> None:

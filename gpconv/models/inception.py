@@ -19,6 +19,7 @@ from torch import nn
 
 from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, ConvBnAct
+from .base import ImageClassifier
 from .registry import register_model
 
 Kernel = Union[int, Tuple[int, int]]
@@ -57,8 +58,9 @@ class SplitPair(nn.Module):
         return torch.cat([self.conv_1x3(x), self.conv_3x1(x)], dim=1)
 
 
-class InceptionV3(nn.Module):
-    """Inception V3 / kInceptionV3 (logits; 299x299 or 224x224 inputs)."""
+class InceptionV3(ImageClassifier):
+    """Inception V3 / kInceptionV3 (logits; 299x299 or 224x224 inputs; the
+    :class:`~gpconv.models.base.ImageClassifier` interface, features = ``mixed(stem(x))``)."""
 
     def __init__(self, num_classes: int, grouping: Grouping, activation: ActivationSpec = "relu",
                  reference_dense_quirks: bool = True):
@@ -75,6 +77,7 @@ class InceptionV3(nn.Module):
         self.mixed = nn.Sequential(*mixed)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(2048, num_classes)
+        self.num_features = 2048
 
     def _pointwise(self, in_channels: int, out_channels: int, block: str = "", branch: str = "") -> nn.Module:
         grouping = self.grouping
@@ -132,8 +135,8 @@ class InceptionV3(nn.Module):
             self._avg_pool_branch(name, in_channels, 192),
         ], ("1x1", "3x3", "double3x3", "pool"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.mixed(self.stem(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixed(self.stem(x))
 
 
 @register_model("inception_v3", max_skip_strides=0, min_input_size=75)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, make_activation, make_batch_norm
+from .base import ImageClassifier
 from .registry import register_model
 
 # (pointwise output channels, stride) of the 13 depthwise-separable blocks.
@@ -51,8 +52,8 @@ class DepthwiseSeparable(nn.Sequential):
         self.pointwise = pointwise_conv(in_channels, out_channels, grouping, activation=activation)
 
 
-class MobileNet(nn.Module):
-    """MobileNet V1 / kMobileNet. ``features`` ends with the last block; ``classifier`` is dropout +
+class MobileNet(ImageClassifier):
+    """MobileNet V1 / kMobileNet (the :class:`~gpconv.models.base.ImageClassifier` interface). ``features`` ends with the last block; ``classifier`` is dropout +
     linear on the globally averaged features (logits)."""
 
     def __init__(self, num_classes: int, grouping: Grouping, activation: ActivationSpec,
@@ -74,9 +75,10 @@ class MobileNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_channels, num_classes))
+        self.num_features = in_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
 
 
 @register_model("mobilenet", max_skip_strides=5, min_input_size=(32, 17, 9, 5, 3, 2))

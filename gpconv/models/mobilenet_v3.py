@@ -20,14 +20,9 @@ import torch
 from torch import nn
 
 from ..core.block import Grouping, pointwise_conv
-from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, make_activation, make_batch_norm
+from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, make_activation, make_batch_norm, make_divisible
+from .base import ImageClassifier
 from .registry import register_model
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """Round to the nearest multiple of ``divisor``, never more than 10% down (the reference's ``_depth``)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return int(rounded + divisor if rounded < 0.9 * value else rounded)
 
 
 @dataclass(frozen=True)
@@ -94,9 +89,13 @@ class InvertedResidual(nn.Module):
         return out + x if self.residual else out
 
 
-class MobileNetV3(nn.Module):
-    """MobileNet V3 / kMobileNetV3. ``features`` ends with the 960-channel 1x1 convolution; ``head``
-    is the 1x1 convolution on the pooled features; ``classifier`` is dropout + linear (logits)."""
+class MobileNetV3(ImageClassifier):
+    """MobileNet V3 / kMobileNetV3 (the :class:`~gpconv.models.base.ImageClassifier` interface).
+    ``features`` ends with the 960-channel 1x1 convolution; ``head`` is the 1x1 convolution on the
+    pooled features; ``classifier`` is dropout + linear (logits). The head is not linear, so
+    ``linear_head`` is False (no class activation maps)."""
+
+    linear_head = False
 
     def __init__(self, num_classes: int, grouping: Grouping, activation: ActivationSpec = "hard_swish",
                  blocks: Tuple[BlockConfig, ...] = LARGE_BLOCKS, head_channels: int = 1280, dropout: float = 0.2):
@@ -114,9 +113,13 @@ class MobileNetV3(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = pointwise_conv(last, head_channels, grouping, activation=activation, batch_norm=False, bias=True)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(head_channels, num_classes))
+        self.num_features = last
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.head(self.pool(self.features(x))), 1))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.head(self.pool(features)), 1))
 
 
 @register_model("mobilenet_v3_large", max_skip_strides=0)
