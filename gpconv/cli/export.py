@@ -64,7 +64,7 @@ def _output_path(args) -> Path:
 
 def _model_and_data(args):
     """(eval model, ModelConfig, dataset splits) for ``args``."""
-    from ..experiments.cam import checkpoint_dataset, load_model_from_checkpoint
+    from ..experiments.checkpoint import checkpoint_dataset, load_model_from_checkpoint
     from ..experiments.data import load_dataset
     from ..experiments.config import ModelConfig
     from ..experiments.metrics import recalibrate_batch_norm

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import ImageClassifier
+from .checkpoint import checkpoint_test_split, load_model_from_checkpoint
 
-__all__ = ["cam_linear", "cam", "load_model_from_checkpoint", "checkpoint_dataset", "write_cams", "variant_label"]
+__all__ = ["cam_linear", "cam", "write_cams", "variant_label"]
 
 
 def cam_linear(model: nn.Module) -> nn.Linear:
@@ -84,31 +85,6 @@ def variant_label(model_config) -> str:
     return label
 
 
-def load_model_from_checkpoint(path):
-    """``(model in eval mode, ModelConfig, checkpoint dict)`` from a gpconv checkpoint (``weights_only``)."""
-    from .checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint
-    from .config import ModelConfig
-
-    checkpoint = load_checkpoint(path, require=MODEL_KEYS)
-    model_config = ModelConfig.from_dict(checkpoint["model_config"])
-    model = model_config.build()
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError) as error:
-        raise CheckpointError(f"{path} does not fit {model_config.arch}: {str(error).splitlines()[0]}") from None
-    return model.eval(), model_config, checkpoint
-
-
-def checkpoint_dataset(path, checkpoint: dict, dataset: Optional[str] = None,
-                       data_dir: Optional[str] = None) -> Tuple[str, Optional[str]]:
-    """``(dataset, data_dir)``: the ones given, else those the checkpoint at ``path`` was trained with."""
-    trained = checkpoint["train_config"]
-    dataset = dataset or trained.get("dataset")
-    if not dataset:
-        raise ValueError(f"{path} does not say which dataset it was trained on: pass --dataset")
-    return dataset, data_dir if data_dir is not None else trained.get("data_dir")
-
-
 def _load_models(paths) -> list:
     """``[(model, ModelConfig, checkpoint)]`` of ``paths``, refused when their classes or image sizes differ."""
     loaded = [load_model_from_checkpoint(path) for path in paths]
@@ -118,19 +94,6 @@ def _load_models(paths) -> list:
             raise ValueError(f"{path} ({config.num_classes} classes, {config.image_size}px) does not match "
                              f"{paths[0]} ({first.num_classes} classes, {first.image_size}px)")
     return loaded
-
-
-def _test_split(path, checkpoint: dict, config, dataset: Optional[str], data_dir: Optional[str]):
-    """``(dataset name, its splits)`` the first checkpoint is shown on (its own dataset and seed by default)."""
-    from .data import load_dataset
-
-    dataset, data_dir = checkpoint_dataset(path, checkpoint, dataset, data_dir)
-    trained = checkpoint["train_config"]
-    splits = load_dataset(dataset, data_dir, image_size=config.image_size, seed=trained.get("seed", 0),
-                          synthetic_size=tuple(trained.get("synthetic_size", (2000, 500))))
-    if splits.num_classes != config.num_classes:
-        raise ValueError(f"{path} has {config.num_classes} classes, {dataset} has {splits.num_classes}")
-    return dataset, splits
 
 
 def _labels(loaded: list, paths) -> List[str]:
@@ -227,7 +190,7 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
                            overwrite=overwrite)
     paths = [checkpoint] + ([compare] if compare else [])
     loaded = _load_models(paths)
-    dataset, splits = _test_split(checkpoint, loaded[0][2], loaded[0][1], dataset, data_dir)
+    dataset, splits = checkpoint_test_split(checkpoint, loaded[0][2], loaded[0][1], dataset, data_dir)
     count = min(images, len(splits.test))
     labels = _labels(loaded, paths)
     log(f"CAM of {', '.join(labels)} on {count} {dataset} test images -> {output}")

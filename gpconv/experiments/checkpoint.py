@@ -8,7 +8,7 @@ import json
 import random
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from .config import ModelConfig, TrainConfig, field_default
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "MODEL_KEYS", "RESUME_KEYS", "RESUMABLE_CHANGES",
            "atomic_torch_save", "load_checkpoint", "model_checkpoint", "capture_rng_state", "restore_rng_state",
-           "resume_differences", "resume_from"]
+           "resume_differences", "resume_from",
+           "load_model_from_checkpoint", "checkpoint_dataset", "checkpoint_test_split"]
 
 CHECKPOINT_FORMAT = "gpconv-checkpoint-v1"
 # what a checkpoint must hold to rebuild its model, and to resume training from it
@@ -138,3 +139,41 @@ def resume_from(path: Path, config: TrainConfig, model_config: ModelConfig, clas
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path} cannot be resumed: {message}") from None
     return checkpoint
+
+
+def load_model_from_checkpoint(path, map_location="cpu"):
+    """``(model in eval mode, ModelConfig, checkpoint dict)`` from a gpconv checkpoint (``weights_only``)."""
+    checkpoint = load_checkpoint(path, map_location=map_location, require=MODEL_KEYS)
+    model_config = ModelConfig.from_dict(checkpoint["model_config"])
+    model = model_config.build()
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path} does not fit {model_config.arch}: {str(error).splitlines()[0]}") from None
+    return model.eval(), model_config, checkpoint
+
+
+def checkpoint_dataset(path, checkpoint: dict, dataset: Optional[str] = None,
+                       data_dir: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """``(dataset, data_dir)``: the ones given, else those the checkpoint at ``path`` was trained with."""
+    trained = checkpoint["train_config"]
+    dataset = dataset or trained.get("dataset")
+    if not dataset:
+        raise CheckpointError(f"{path} does not say which dataset it was trained on: pass --dataset")
+    return dataset, data_dir if data_dir is not None else trained.get("data_dir")
+
+
+def checkpoint_test_split(path, checkpoint: dict, model_config, dataset: Optional[str] = None,
+                          data_dir: Optional[str] = None, seed: Optional[int] = None):
+    """``(dataset name, its splits)`` to evaluate the checkpoint at ``path`` on: the given dataset, data
+    folder and seed, else those it was trained with; refused when the class counts differ."""
+    from .data import load_dataset
+
+    dataset, data_dir = checkpoint_dataset(path, checkpoint, dataset, data_dir)
+    trained = checkpoint["train_config"]
+    splits = load_dataset(dataset, data_dir, image_size=model_config.image_size,
+                          seed=trained.get("seed", 0) if seed is None else seed,
+                          synthetic_size=tuple(trained.get("synthetic_size", (2000, 500))))
+    if splits.num_classes != model_config.num_classes:
+        raise CheckpointError(f"{path} has {model_config.num_classes} classes, {dataset} has {splits.num_classes}")
+    return dataset, splits

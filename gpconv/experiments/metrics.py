@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint
-from .config import ModelConfig
-from .data import ImageSet, load_dataset, to_float
+from .checkpoint import checkpoint_test_split, load_model_from_checkpoint
+from .data import ImageSet, to_float
 from .distributed import DistributedContext, setup_distributed
 
 __all__ = ["EvalResult", "evaluate_model", "classification_report", "format_report", "recalibrate_batch_norm",
@@ -138,25 +137,8 @@ def evaluate_checkpoint(checkpoint_path, dataset: Optional[str] = None, data_dir
     ``dataset``, ``data_dir`` and ``seed`` default to those the checkpoint was trained with.
     """
     context = setup_distributed(device)
-    checkpoint = load_checkpoint(checkpoint_path, map_location=context.device, require=MODEL_KEYS)
-    model_config = ModelConfig.from_dict(checkpoint["model_config"])
-    train_config = checkpoint["train_config"]
-    dataset = dataset or train_config.get("dataset")
-    if not dataset:
-        raise CheckpointError(f"{checkpoint_path} does not say which dataset it was trained on: pass --dataset")
-    data_dir = data_dir if data_dir is not None else train_config.get("data_dir")
-    seed = train_config.get("seed", 0) if seed is None else seed
-    splits = load_dataset(dataset, data_dir, image_size=model_config.image_size, seed=seed,
-                          synthetic_size=tuple(train_config.get("synthetic_size", (2000, 500))))
-    if splits.num_classes != model_config.num_classes:
-        raise CheckpointError(f"{checkpoint_path} has {model_config.num_classes} classes, {dataset} has "
-                              f"{splits.num_classes}")
-    model = model_config.build()
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError) as error:
-        raise CheckpointError(f"{checkpoint_path} does not fit {model_config.arch}: "
-                              f"{str(error).splitlines()[0]}") from None
+    model, model_config, checkpoint = load_model_from_checkpoint(checkpoint_path, map_location=context.device)
+    dataset, splits = checkpoint_test_split(checkpoint_path, checkpoint, model_config, dataset, data_dir, seed)
     model = model.to(context.device)
     test = evaluate_model(model, splits.test, splits.num_classes, batch_size=batch_size, hflip_tta=hflip_tta,
                           context=context)
