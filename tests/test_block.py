@@ -79,7 +79,7 @@ def test_eval_block_equals_composed_dense_conv(in_channels, out_channels, channe
     matrix, offset = block_as_affine(block)
     x = torch.randn(2, in_channels, 3, 2, generator=generator, dtype=torch.float64)
     expected = torch.einsum("oi,nihw->nohw", matrix, x) + offset[None, :, None, None]
-    for execution in ("reference", "fast"):
+    for execution in ("straightforward", "fast"):
         block.execution = execution
         assert torch.allclose(block(x), expected, atol=1e-9, rtol=1e-9), execution
 
