@@ -6,9 +6,10 @@ from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 from gpconv import GroupedPointwiseConv2d
+from gpconv.core.plan import PLAN_VERSIONS
 
 shapes = dict(in_channels=st.integers(1, 48), out_channels=st.integers(1, 48), channels_per_group=st.integers(1, 12),
-              version=st.sampled_from([1, 2]), l_layer=st.booleans())
+              version=st.sampled_from(PLAN_VERSIONS), l_layer=st.booleans())
 
 
 def conv_weight_count(block):

@@ -9,6 +9,7 @@ from hypothesis import example, given, settings, strategies as st
 import gpconv
 from gpconv import GroupedPointwiseConv2d
 from gpconv.core.block import set_execution
+from gpconv.core.plan import PLAN_VERSIONS
 
 
 def forward_backward(model, x, weights):
@@ -41,7 +42,7 @@ def assert_same(model, x, generator, layer_form=None, weight_scale=1.0, out_tole
 
 @settings(max_examples=40, deadline=None)
 @given(in_channels=st.integers(1, 64), out_channels=st.integers(1, 64), channels_per_group=st.integers(1, 12),
-       version=st.sampled_from([1, 2]), l_layer=st.booleans(), bias=st.booleans(),
+       version=st.sampled_from(PLAN_VERSIONS), l_layer=st.booleans(), bias=st.booleans(),
        activation=st.sampled_from([None, "swish", "relu"]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 999))
 @example(14, 10, 4, 2, True, True, "swish", 1, 0)
 def test_fast_block_equals_straightforward(in_channels, out_channels, channels_per_group, version, l_layer, bias,

@@ -7,6 +7,7 @@ from torch import nn
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
+from gpconv.core.plan import PLAN_VERSIONS
 from gpconv.core.inference import FoldedGroupedPointwiseConv2d, KerasSameConv2d, choose_executions, prepare_for_inference
 from gpconv.layers import KerasPad2d
 
@@ -24,7 +25,7 @@ def randomize_batch_norms(model, generator):
 
 @settings(max_examples=40, deadline=None)
 @given(in_channels=st.integers(1, 64), out_channels=st.integers(1, 64), channels_per_group=st.integers(1, 12),
-       version=st.sampled_from([1, 2]), l_layer=st.booleans(), bias=st.booleans(),
+       version=st.sampled_from(PLAN_VERSIONS), l_layer=st.booleans(), bias=st.booleans(),
        activation=st.sampled_from([None, "swish", "sigmoid"]), size=st.sampled_from([1, 5]),
        channels_last=st.booleans(), seed=st.integers(0, 999))
 def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_group, version, l_layer, bias,
