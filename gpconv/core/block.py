@@ -109,9 +109,9 @@ class GroupedConvLayer(nn.Module):
         self.bn = make_batch_norm(layer.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
         self.register_buffer("merged_order", _index_buffer(merged_to_canonical(layer)), persistent=False)
-        rows, columns = _dense_positions(layer, column_map)
-        self.register_buffer("dense_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("dense_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        rows, columns = _scattered_positions(layer, column_map)
+        self.register_buffer("scattered_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("scattered_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         dense_macs = layer.out_channels * layer.in_channels
         self.fast_form = "scattered" if dense_macs <= LAYER_SCATTERED_MAC_RATIO * layer.weight_count else "merged"
         self.form = self.fast_form
@@ -125,11 +125,12 @@ class GroupedConvLayer(nn.Module):
     def form(self, form: str) -> None:
         self._form = check_word("layer form", form, LAYER_FORMS)
 
-    def dense_weight(self):
-        """Weight ``(out, in, 1, 1)`` and bias of the equivalent dense convolution (differentiable)."""
+    def scattered_weight(self):
+        """Weight ``(out, in, 1, 1)`` and bias of the ``"scattered"`` form: the layer's weights scattered
+        into one dense matrix, gathers folded in (differentiable)."""
         values = torch.cat([path.conv.weight.reshape(-1) for path in self.paths])
         dense = values.new_zeros(self.layer.out_channels, self.layer.in_channels)
-        dense = dense.index_put((self.dense_rows, self.dense_columns), values, accumulate=True)
+        dense = dense.index_put((self.scattered_rows, self.scattered_columns), values, accumulate=True)
         bias = None
         if self.paths[0].conv.bias is not None:
             bias = torch.cat([path.conv.bias for path in self.paths])
@@ -179,7 +180,7 @@ class GroupedConvLayer(nn.Module):
     def conv_output(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated path outputs (before batch norm), in the layer's channel order."""
         if self.form == "scattered":
-            weight, bias = self.dense_weight()
+            weight, bias = self.scattered_weight()
             return F.conv2d(x, weight, bias, self.stride)
         if self.form == "paths":
             outputs = [path(x) for path in self.paths]
@@ -240,7 +241,7 @@ def _batch_statistics_frozen(module: nn.Module):
                 norm.num_batches_tracked.copy_(tracked)
 
 
-def _dense_positions(layer: LayerPlan, column_map: Optional[Index]):
+def _scattered_positions(layer: LayerPlan, column_map: Optional[Index]):
     """Row and column in the dense ``(out, in)`` matrix of every weight of the layer's paths, in the
     order of the paths' flattened weights."""
     rows, columns = [], []
@@ -409,14 +410,14 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         columns (Eq. 26). None when the block is not linear (batch norm or activation inside)."""
         if any(not (isinstance(layer.bn, nn.Identity) and isinstance(layer.act, nn.Identity)) for layer in self.layers):
             return None
-        k_weight, k_bias = self.k.dense_weight()
+        k_weight, k_bias = self.k.scattered_weight()
         k_weight = k_weight[:, :, 0, 0]
         if self.l is None:
             if self.output_index is None:
                 return k_weight[:, :, None, None], k_bias
             order = self.output_index
             return k_weight[order][:, :, None, None], None if k_bias is None else k_bias[order]
-        l_weight, l_bias = self.l.dense_weight()  # columns already in K's order (interleaving folded in)
+        l_weight, l_bias = self.l.scattered_weight()  # columns already in K's order (interleaving folded in)
         l_weight = l_weight[:, :, 0, 0]
         weight = k_weight + l_weight @ k_weight
         bias = None if k_bias is None else k_bias + l_weight @ k_bias + l_bias

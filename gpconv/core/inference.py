@@ -67,8 +67,9 @@ class _FoldedLayer(nn.Module):
         self.group_factor = factor
         self.conv_weight = None if factor == 1 else _super_grouped(self.weight, self.groups, factor)
 
-    def dense_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
-        """The layer as one dense ``(outputs, in_channels)`` matrix, its input gather folded in."""
+    def scattered_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
+        """The layer scattered into one dense ``(outputs, in_channels)`` matrix, its input gather folded
+        in (the ``"scattered"`` layer form, here for 1x1 maps)."""
         outputs, per_group = self.weight.shape[0], self.weight.shape[1]
         filters_per_group = outputs // self.groups
         rows = torch.arange(outputs, device=self.weight.device).repeat_interleave(per_group)
@@ -141,10 +142,10 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         else:
             self.register_buffer("k_output_index", _buffer(_compose(plan.output_order, k.order, -1), device))
         # On 1x1 maps (squeeze-excitation) a grouped convolution call costs far more than the work:
-        # there each layer runs as one small dense matrix product with its gather folded in.
-        self.register_buffer("k_dense", self.k.dense_weight(self.input_index, self.in_channels))
-        self.register_buffer("l_dense", None if self.l is None else
-                             self.l.dense_weight(self.l_input_index, self.k.weight.shape[0]))
+        # there each layer runs scattered: one small dense matrix product with its gather folded in.
+        self.register_buffer("k_scattered", self.k.scattered_weight(self.input_index, self.in_channels))
+        self.register_buffer("l_scattered", None if self.l is None else
+                             self.l.scattered_weight(self.l_input_index, self.k.weight.shape[0]))
         # Where the block is linear up to one final activation (no L, or no activation inside), it
         # also has a dense form: one plain 1x1 convolution. For small layers the dense kernels beat
         # the grouped ones despite the extra multiply-adds; ``prepare_for_inference`` picks per block.
@@ -167,13 +168,13 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     def _dense_form(self):
         """(weight, bias, activation) of the equivalent dense 1x1 convolution, or None when the block
         has a nonlinearity between K and the output other than one final activation."""
-        k_weight, k_bias = self.k_dense, self.k.bias
+        k_weight, k_bias = self.k_scattered, self.k.bias
         if self.l is None:
             return (self._rows(k_weight, self.k_output_index)[:, :, None, None],
                     self._rows(k_bias, self.k_output_index), self.k.act)
         if not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
             return None
-        l_weight = self._rows(self.l_dense, self.l_output_index)
+        l_weight = self._rows(self.l_scattered, self.l_output_index)
         weight = l_weight @ k_weight + self._rows(k_weight, self.k_output_index)
         bias = l_weight @ k_bias + self._rows(self.l.bias, self.l_output_index) + self._rows(k_bias,
                                                                                              self.k_output_index)
@@ -185,8 +186,8 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         if self.l is None or not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
             return None
         k_merged = self.k.weight.shape[0]
-        identity = torch.eye(k_merged, dtype=self.k_dense.dtype, device=self.k_dense.device)
-        weight = self._rows(self.l_dense, self.l_output_index) + self._rows(identity, self.k_output_index)
+        identity = torch.eye(k_merged, dtype=self.k_scattered.dtype, device=self.k_scattered.device)
+        weight = self._rows(self.l_scattered, self.l_output_index) + self._rows(identity, self.k_output_index)
         return weight[:, :, None, None], self._rows(self.l.bias, self.l_output_index)
 
     @property
@@ -237,10 +238,10 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         return self.execution
 
     def _forward_1x1(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.k.act(F.linear(x.flatten(1), self.k_dense, self.k.bias))
+        k = self.k.act(F.linear(x.flatten(1), self.k_scattered, self.k.bias))
         k_out = k if self.k_output_index is None else k.index_select(1, self.k_output_index)
         if self.l is not None:
-            l = self.l.act(F.linear(k, self.l_dense, self.l.bias))
+            l = self.l.act(F.linear(k, self.l_scattered, self.l.bias))
             k_out = (l if self.l_output_index is None else l.index_select(1, self.l_output_index)) + k_out
         return k_out.reshape(x.shape[0], -1, 1, 1)
 
