@@ -40,7 +40,7 @@ import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.experiments.data import ImageSet, make_synthetic, to_float  # noqa: E402
 from gpconv.export import ONNX_FORMS, onnx_session, quantize_onnx, require_deploy  # noqa: E402
-from gpconv.experiments.training import recalibrate_batch_norm  # noqa: E402
+from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 SETTINGS = {"224-b1": (224, 1, 0), "224-b16": (224, 16, 0), "32-b64": (32, 64, 3)}  # size, batch, skip_strides

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, List
 
-__all__ = ["OutputError", "atomic_write", "existing_outputs", "claim_outputs", "remove_stale_temporaries",
+__all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs", "remove_stale_temporaries",
            "check_writable"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
@@ -83,6 +83,11 @@ def atomic_write(path, write: Callable) -> Path:
             os.unlink(temporary)
     _fsync_folder(path.parent)
     return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write`."""
+    return atomic_write(Path(path), lambda out: out.write(text.encode("utf-8")))
 
 
 def existing_outputs(folder, names: Iterable[str]) -> List[str]:

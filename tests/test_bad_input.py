@@ -19,7 +19,7 @@ from gpconv.experiments.data import DataError, load_dataset
 from gpconv.models import create_model, list_models, min_input_size
 from gpconv.models.registry import _REGISTRY
 from gpconv.io import atomic_write, remove_stale_temporaries
-from gpconv.experiments.training import load_checkpoint
+from gpconv.experiments.checkpoint import load_checkpoint
 
 TINY = ["--arch", "efficientnet_b0", "--image-size", "16", "--dataset", "synthetic", "--synthetic-size", "60,20",
         "--batch-size", "8", "--max-train-batches", "1", "--threads", "1", "--epochs", "1", "--no-augment"]

@@ -118,7 +118,9 @@ def test_cli_exports_every_family(arch, size, tmp_path, capsys):
 
 def _checkpoint(tmp_path, images):
     """A gpconv checkpoint (synthetic dataset) of a small trained-looking k-model."""
-    from gpconv.experiments.training import CHECKPOINT_FORMAT, ModelConfig, atomic_torch_save, recalibrate_batch_norm
+    from gpconv.experiments.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save
+    from gpconv.experiments.config import ModelConfig
+    from gpconv.experiments.metrics import recalibrate_batch_norm
     from gpconv.experiments.data import ImageSet
 
     config = ModelConfig("mobilenet", channels_per_group=16, image_size=32)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED
-from gpconv.experiments.training import (CheckpointError, ModelConfig, TrainConfig, atomic_torch_save, classification_report,
-                             cyclical_lr, evaluate_checkpoint, load_checkpoint, make_optimizer, train)
+from gpconv.experiments.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint
+from gpconv.experiments.config import ModelConfig, TrainConfig
+from gpconv.experiments.metrics import classification_report, evaluate_checkpoint
+from gpconv.experiments.training import cyclical_lr, make_optimizer, train
 
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
 # a tiny run: EfficientNet-B0 at 16x16 on 200 + 100 synthetic images, 2 batches of 8 per epoch
@@ -24,6 +26,40 @@ def gpconv(*argv, env=None, **kwargs):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True, cwd=ROOT,
                           env=environment, timeout=300, **kwargs)
+
+
+# `gpconv train` with a Callback of gpconv.experiments.training (argv[1], e.g. "KillAfterEpoch(1)") in a fresh process
+TRAIN_WITH_CALLBACK = """
+import os, signal, sys
+from gpconv.cli import build_parser
+from gpconv.cli.train import run_train
+from gpconv.experiments.training import Callback
+
+class KillAfterEpoch(Callback):  # SIGKILL this process right after epoch N's checkpoint
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, row):
+        if epoch == self.epoch:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+class NanLossAtEpoch(Callback):  # the loss becomes NaN during epoch N
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_loss(self, epoch, step, loss):
+        return loss * float("nan") if epoch == self.epoch else loss
+
+callback = {"KillAfterEpoch": KillAfterEpoch, "NanLossAtEpoch": NanLossAtEpoch}[sys.argv[1]](int(sys.argv[2]))
+run_train(build_parser().parse_args(sys.argv[3:]), callbacks=[callback])
+"""
+
+
+def gpconv_train_with(callback, epoch, *argv):
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", TRAIN_WITH_CALLBACK, callback, str(epoch), "train", *argv],
+                          capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300)
 
 
 def assert_one_line_error(result, message, code=2):
@@ -105,8 +141,8 @@ def test_evaluate_rebuilds_the_model_from_the_checkpoint(tiny_run, tmp_path):
 def test_resume_after_sigkill_reaches_the_same_metrics(tiny_run, tmp_path):
     full, _ = tiny_run
     output = tmp_path / "killed"
-    killed = gpconv("train", *TINY, "--epochs", "2", "--seed", "1", "--hflip-tta", "--output", str(output),
-                    "--stop-after-epochs", "1")
+    killed = gpconv_train_with("KillAfterEpoch", 1, *TINY, "--epochs", "2", "--seed", "1", "--hflip-tta", "--output",
+                               str(output))
     assert killed.returncode == -signal.SIGKILL
     assert (output / "last.pt").exists() and not (output / "metrics.json").exists()
     assert load_checkpoint(output / "last.pt")["epoch"] == 1
@@ -127,7 +163,7 @@ def test_resume_after_sigkill_reaches_the_same_metrics(tiny_run, tmp_path):
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     output = tmp_path / "nan"
-    result = gpconv("train", *TINY, "--epochs", "3", "--output", str(output), "--inject-nan-at-epoch", "2")
+    result = gpconv_train_with("NanLossAtEpoch", 2, *TINY, "--epochs", "3", "--output", str(output))
     assert_one_line_error(result, "loss became nan at epoch 2", code=3)
     assert load_checkpoint(output / "last.pt")["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in load_checkpoint(output / "last.pt")["model"].values()
@@ -204,3 +240,27 @@ def test_train_and_sweep_build_the_same_model_by_default():
     run, = expand_runs({"arch": "mobilenet_v3_large", "dataset": "synthetic", "variants": ["baseline"]})
     assert args.activation is None and run.model_config().activation is None
     assert ModelConfig("mobilenet_v3_large").activation is None
+
+
+def test_callbacks_see_every_loss_and_every_epoch_row(tmp_path):
+    from gpconv.experiments.training import Callback
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.steps, self.rows = [], []
+
+        def on_loss(self, epoch, step, loss):
+            self.steps.append((epoch, step))
+            return loss
+
+        def on_epoch_end(self, epoch, row):
+            self.rows.append((epoch, row))
+
+    recorder = Recorder()
+    config = TrainConfig(dataset="synthetic", output=str(tmp_path / "run"), epochs=2, batch_size=8,
+                         max_train_batches=2, synthetic_size=[40, 20], augment=False)
+    train(config, ModelConfig("efficientnet_b0", image_size=16), callbacks=[recorder], log=lambda line: None)
+    assert recorder.steps == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert [epoch for epoch, _ in recorder.rows] == [1, 2] and [row["epoch"] for _, row in recorder.rows] == [1, 2]
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]
+    assert [float(line.split(",")[2]) for line in history] == pytest.approx([row["train_loss"] for _, row in recorder.rows])

@@ -48,7 +48,7 @@ def _demo(args) -> None:
     if args.train:  # refuse a folder that holds a run before the table, not after it
         from pathlib import Path
 
-        from ..experiments.training import prepare_run_folder
+        from ..experiments.run_folder import prepare_run_folder
 
         prepare_run_folder(Path(args.output), resume=False, overwrite=args.overwrite, main=False)
     print("kEffNet-B0 on 32x32 inputs (skip_strides=3), 10 classes: ours vs the authors' Keras figures\n")

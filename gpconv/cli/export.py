@@ -13,7 +13,7 @@ from pathlib import Path
 from ..core.plan import PLAN_VERSIONS
 from ..experiments.data import DATASETS
 from ..models import list_models
-from .train import positive_int
+from ..experiments.config import positive_int
 
 __all__ = ["add_export_command", "run_export", "onnx_accuracy"]
 
@@ -52,7 +52,7 @@ def add_export_command(commands) -> None:
 def _output_path(args) -> Path:
     """``--output``, else ``RUN/best.onnx`` beside the checkpoint, else ``ARCH-VARIANT.onnx`` here."""
     from ..experiments.cam import variant_label
-    from ..experiments.training import ModelConfig
+    from ..experiments.config import ModelConfig
 
     if args.output:
         return Path(args.output)
@@ -67,7 +67,8 @@ def _model_and_data(args):
     """(eval model, ModelConfig, dataset splits) for ``args``."""
     from ..experiments.cam import load_model_from_checkpoint
     from ..experiments.data import load_dataset
-    from ..experiments.training import ModelConfig, recalibrate_batch_norm
+    from ..experiments.config import ModelConfig
+    from ..experiments.metrics import recalibrate_batch_norm
 
     if args.checkpoint:
         model, config, checkpoint = load_model_from_checkpoint(args.checkpoint)
@@ -106,7 +107,7 @@ def _int8_path(fp32_path: Path) -> Path:
 def _report_int8(args, model, fp32_path: Path, splits) -> None:
     from ..experiments.data import to_float
     from ..export import onnx_session, quantize_onnx
-    from ..experiments.training import evaluate_model
+    from ..experiments.metrics import evaluate_model
 
     int8_path = _int8_path(fp32_path)  # checked by run_export
     calibration = to_float(splits.train.images[:args.calibration_images])

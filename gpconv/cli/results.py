@@ -6,7 +6,7 @@ import argparse
 
 from ..experiments.data import DATASETS
 from ..models import list_models
-from .train import non_negative_int, positive_int
+from ..experiments.config import non_negative_int, positive_int
 
 __all__ = ["add_results_commands", "run_sweep_command", "run_report_command", "run_cam_command"]
 

@@ -4,41 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from ..core.plan import PLAN_VERSIONS
+from ..experiments.config import non_negative_int, positive_float, positive_int
 from ..experiments.data import DATASETS
 from ..models import CLASSIFIER_INITS, list_models
 
-__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training", "positive_int", "non_negative_int",
-           "positive_float"]
-
-
-def _number(text: str, kind, minimum, description: str, strict: bool = False):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An int >= 1 (argparse type; ArgumentTypeError otherwise)."""
-    return _number(text, int, 1, "an integer >= 1")
-
-
-def non_negative_int(text: str) -> int:
-    """An int >= 0 (argparse type)."""
-    return _number(text, int, 0, "an integer >= 0")
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (argparse type)."""
-    return _number(text, float, 0, "a number > 0", strict=True)
+__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
 
 
 def _pair(text: str):
@@ -91,8 +66,6 @@ def add_training_commands(commands) -> None:
     train.add_argument("--output", required=True, help="run folder")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run files of a run already in --output (other files are kept)")
-    train.add_argument("--stop-after-epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
-    train.add_argument("--inject-nan-at-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on a test split")
@@ -108,11 +81,12 @@ def add_training_commands(commands) -> None:
     evaluate.set_defaults(run=run_evaluate)
 
 
-def run_train(args) -> None:
-    """``gpconv train``."""
+def run_train(args, callbacks: Sequence = ()) -> None:
+    """``gpconv train``; ``callbacks``: :class:`~gpconv.experiments.training.Callback` hooks (tests)."""
     import torch
 
-    from ..experiments.training import ModelConfig, TrainConfig, TrainingDiverged, train
+    from ..experiments.config import ModelConfig, TrainConfig
+    from ..experiments.training import TrainingDiverged, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,8 +100,8 @@ def run_train(args) -> None:
                          augment=args.augment, seed=args.seed, device=args.device,
                          precise_bn_batches=args.precise_bn_batches, synthetic_size=args.synthetic_size)
     try:
-        train(config, model_config, resume=args.resume, overwrite=args.overwrite, stop_after_epochs=args.stop_after_epochs,
-              inject_nan_at_epoch=args.inject_nan_at_epoch, log=lambda line: print(line, flush=True))
+        train(config, model_config, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks,
+              log=lambda line: print(line, flush=True))
     except TrainingDiverged as error:
         print(f"gpconv: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
@@ -140,8 +114,8 @@ def run_train(args) -> None:
 
 def run_evaluate(args) -> None:
     """``gpconv evaluate``."""
-    from ..io import claim_outputs
-    from ..experiments.training import evaluate_checkpoint, atomic_write_text, format_report
+    from ..io import atomic_write_text, claim_outputs
+    from ..experiments.metrics import evaluate_checkpoint, format_report
 
     if args.json:  # refused before the (long) evaluation
         claim_outputs(Path(args.json).parent, [Path(args.json).name], overwrite=args.overwrite, option="--json")
@@ -161,7 +135,8 @@ def demo_training(output: str, epochs: int = 1, max_train_batches: int = 16, thr
     A run already in ``output`` is refused unless ``overwrite`` (its run files are replaced)."""
     import torch
 
-    from ..experiments.training import ModelConfig, TrainConfig, train
+    from ..experiments.config import ModelConfig, TrainConfig
+    from ..experiments.training import train
 
     torch.set_num_threads(threads)
     model_config = ModelConfig("efficientnet_b0", channels_per_group=16, skip_strides=3, image_size=32)

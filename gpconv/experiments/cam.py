@@ -84,7 +84,8 @@ def variant_label(model_config) -> str:
 
 def load_model_from_checkpoint(path):
     """``(model in eval mode, ModelConfig, checkpoint dict)`` from a gpconv checkpoint (``weights_only``)."""
-    from .training import MODEL_KEYS, CheckpointError, ModelConfig, load_checkpoint
+    from .checkpoint import MODEL_KEYS, CheckpointError, load_checkpoint
+    from .config import ModelConfig
 
     checkpoint = load_checkpoint(path, require=MODEL_KEYS)
     model_config = ModelConfig.from_dict(checkpoint["model_config"])

@@ -318,7 +318,8 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
     seeds are also summarised as mean ± standard deviation, and the plots show those means. Refused (one
     line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false."""
     from ..io import OutputError, claim_outputs, existing_outputs
-    from .training import RUN_FILES, atomic_write_text
+    from ..io import atomic_write_text
+    from .run_folder import RUN_FILES
 
     runs = collect_runs(paths)
     output = Path(output)

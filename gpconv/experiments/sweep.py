@@ -14,7 +14,7 @@ or flags (``--channels-per-group`` etc.):
 ``dataset``, ``data_dir``, ``image_size``, ``skip_strides``, ``epochs``, ``batch_size``, ``lr``,
 ``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``, ``lr_cycle``,
 ``precise_bn_batches``, ``classifier_init``
-    the training options of :class:`gpconv.experiments.training.TrainConfig` / ``gpconv train``.
+    the training options of :class:`gpconv.experiments.config.TrainConfig` / ``gpconv train``.
 ``tag``
     optional word appended to the names of a group's runs (``baseline-keras-init``), for groups that
     run the same variants with other options.
@@ -32,7 +32,7 @@ accuracy and loss of the best weights with and without horizontal-flip test-time
 A run whose folder holds ``metrics.json`` and ``tta.json`` is finished and skipped when the sweep is
 run again; a run with ``last.pt`` but no ``metrics.json`` (interrupted) is resumed from ``last.pt``.
 Both are refused (one line) when a setting that shapes the result differs from the saved run's
-(:func:`gpconv.experiments.training.resume_differences`; ``epochs`` may grow). Numeric keys of a YAML config
+(:func:`gpconv.experiments.checkpoint.resume_differences`; ``epochs`` may grow). Numeric keys of a YAML config
 follow the rules of the ``gpconv sweep`` flags (:data:`OPTION_RULES`).
 """
 
@@ -41,25 +41,35 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from .data import DATASETS
 from ..models import check_input_size, list_models
 from .paper_numbers import VERSION_PATTERN, parse_variant
-from ..cli.train import non_negative_int, positive_float, positive_int
+from .config import ModelConfig, TrainConfig, field_default, non_negative_int, positive_float, positive_int
 
 __all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE",
            "OPTION_RULES", "check_options"]
 
 TTA_FILE = "tta.json"
-# keys of a sweep config that are options of one training run, with their defaults (the papers' protocol)
-TRAIN_KEYS: Dict[str, object] = {
-    "dataset": None, "data_dir": None, "image_size": 32, "skip_strides": 0, "epochs": 50, "batch_size": 64,
-    "lr": 1e-3, "max_train_batches": None, "val_flips": False, "augment": True, "monitor": "val_accuracy",
-    "seed": 0, "precise_bn_batches": 0, "lr_cycle": 25, "classifier_init": "family",
-}
+# the options of one training run a sweep config sets: these TrainConfig fields, and the ModelConfig
+# fields its variant name does not give
+_TRAIN_CONFIG_KEYS = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
+                      "monitor", "seed", "precise_bn_batches", "lr_cycle")
+_MODEL_CONFIG_KEYS = ("image_size", "skip_strides", "classifier_init")
+
+
+def _defaults(kind, names: Sequence[str]) -> Dict[str, object]:
+    by_name = {item.name: item for item in fields(kind)}
+    return {name: field_default(by_name[name]) for name in names}
+
+
+# keys of a sweep config that are options of one training run, with their defaults (the dataclasses':
+# the papers' protocol; None for the required dataset)
+TRAIN_KEYS: Dict[str, object] = {**_defaults(TrainConfig, _TRAIN_CONFIG_KEYS),
+                                 **_defaults(ModelConfig, _MODEL_CONFIG_KEYS)}
 SWEEP_KEYS = set(TRAIN_KEYS) | {"seeds", "tag", "arch", "variants", "channels_per_group", "groups", "table", "description",
                                 "notes"}
 # the argparse types of the matching ``gpconv sweep`` / ``gpconv train`` flags; YAML values pass through them too
@@ -82,9 +92,7 @@ class RunSpec:
     tag: str = ""  # a group's ``tag``: appended to the run name (``baseline-keras-init``)
 
     def model_config(self, num_classes: int = 10):
-        """The :class:`~gpconv.experiments.training.ModelConfig` of this run (``activation`` None: the family's default)."""
-        from .training import ModelConfig
-
+        """The :class:`~gpconv.experiments.config.ModelConfig` of this run (``activation`` None: the family's default)."""
         variant = parse_variant(self.variant)
         return ModelConfig(self.arch, num_classes=num_classes, channels_per_group=variant.channels_per_group,
                            version=variant.version, l_layer=variant.l_layer, activation=variant.activation,
@@ -92,11 +100,7 @@ class RunSpec:
                            classifier_init=str(self.options["classifier_init"]))
 
     def train_config(self, output: Path):
-        from .training import TrainConfig
-
-        names = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
-                 "monitor", "seed", "precise_bn_batches", "lr_cycle")
-        return TrainConfig(output=str(output), **{k: self.options[k] for k in names})
+        return TrainConfig(output=str(output), **{k: self.options[k] for k in _TRAIN_CONFIG_KEYS})
 
 
 def expand_variants(variants: Sequence[str], channels_per_group: Sequence[int]) -> List[str]:
@@ -252,7 +256,10 @@ def run_is_finished(folder: Path) -> bool:
 def write_tta(folder: Path, splits, model_config, batch_size: int = 64, device: str = "cpu") -> dict:
     """Evaluate ``folder/best.pt`` on the test split with and without horizontal-flip TTA and write
     ``folder/tta.json`` (atomically)."""
-    from .training import atomic_write_text, evaluate_model, load_checkpoint, setup_distributed
+    from ..io import atomic_write_text
+    from .checkpoint import load_checkpoint
+    from .distributed import setup_distributed
+    from .metrics import evaluate_model
 
     context = setup_distributed(device)
     checkpoint = load_checkpoint(Path(folder) / "best.pt", map_location=context.device)
@@ -277,7 +284,9 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
 
     from .data import load_dataset
     from ..io import OutputError, check_writable, existing_outputs
-    from .training import RUN_FILES, TrainingDiverged, check_device, train
+    from .distributed import check_device
+    from .run_folder import RUN_FILES
+    from .training import TrainingDiverged, train
 
     if not specs:
         raise ValueError("the sweep has no runs")
@@ -336,7 +345,7 @@ def _read_json(path: Path) -> dict:
 
 def _check_finished(folder: Path, spec: RunSpec, device: str) -> None:
     """Refuse (one line) to skip a finished run whose saved settings differ from ``spec``'s."""
-    from .training import resume_differences
+    from .checkpoint import resume_differences
 
     saved = _read_json(folder / "config.json")
     if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
@@ -355,8 +364,7 @@ def _check_finished(folder: Path, spec: RunSpec, device: str) -> None:
 def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
     """Write ``sweep.json``: the runs of this sweep, after those of an earlier ``sweep.json`` that it does
     not name (a sweep run with ``--only`` keeps the others). Refused when ``sweep.json`` is not gpconv's."""
-    from ..io import OutputError
-    from .training import atomic_write_text
+    from ..io import OutputError, atomic_write_text
 
     path = output / "sweep.json"
     earlier = _read_json(path) if path.exists() else {"runs": []}
