@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     # the largest per-step difference over the first 10 steps (later, float rounding differences grow
     # as in any two runs of a chaotic optimisation; the final losses are compared instead)
     gap = max(abs(a - b) for a, b in zip(losses[:10], fast_losses[:10]))
-    rows.append(summary_row("execution", "v2-16ch straightforward execution, no recompute", straightforward, losses, splits,
-                            args.batch_size, gap))
+    rows.append(summary_row("execution", "v2-16ch straightforward execution, no recompute", straightforward, losses,
+                            splits, args.batch_size, gap))
     print(rows[-2:], flush=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")
