@@ -4,7 +4,7 @@
 dynamic batch dimension, through PyTorch's ``torch.export``-based ONNX exporter (the legacy
 TorchScript exporter cannot export a convolution whose weight is computed in ``forward``). The
 exported graph is the inference form of :func:`~gpconv.core.inference.prepare_for_inference` (batch norms
-folded, grouped blocks merged, Keras padding without copies) in NCHW, each grouped block in the form
+folded, grouped blocks folded, Keras padding without copies) in NCHW, each grouped block in the form
 chosen by :func:`onnx_form`. Before the file is written, ONNX Runtime
 runs it on real images and its outputs must equal the eval-mode torch model's within ``tolerance``
 (relative to the largest output where that exceeds 1).

@@ -1,4 +1,4 @@
-"""prepare_for_inference: folded batch norms and merged grouped blocks equal the eval model."""
+"""prepare_for_inference: folded batch norms and folded grouped blocks equal the eval model."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Inference form of a model: batch norms folded, grouped blocks merged, channels_last.
+"""Inference form of a model: batch norms folded, grouped blocks folded (block.fold()), channels_last.
 
 ``prepare_for_inference(model)`` returns an eval-mode copy whose outputs equal ``model.eval()``'s
 (within float rounding) and that runs fewer passes over memory:
@@ -426,7 +426,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
 
 def prepare_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                           channels_last: bool = True, compile: bool = False) -> nn.Module:
-    """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks merged
+    """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks folded
     (:class:`FoldedGroupedPointwiseConv2d`), ``channels_last`` weights, optionally ``torch.compile``.
 
     ``example_input`` (a batch like the ones to come) lets each grouped block be timed in each of its
