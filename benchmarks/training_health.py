@@ -7,7 +7,7 @@ Keras' defaults, lr 1e-3, batch 64) and starts from the same seed. Three experim
   (``channels*k*k``, what gpconv did before) or Keras' (``k*k``), and the classifier by Keras' rule
   (uniform ±1/sqrt(classes)) or PyTorch's ``nn.Linear`` default (±1/sqrt(features)).
 * ``execution``: kEffNet-B0 V2 16ch from identical weights, trained with the fast execution (default) and
-  with the straightforward one (``set_execution(model, "reference")``, no recomputation), plus the
+  with the straightforward one (``set_execution(model, "straightforward")``, no recomputation), plus the
   dense baseline as a plain ``nn.Conv2d`` model: the per-step losses of the two k executions must agree
   over the first steps (later, float rounding differences grow as between any two runs) and end close.
 * ``batchnorm``: after each ``init`` run, validation accuracy in eval mode with the running batch-norm
@@ -126,13 +126,13 @@ def main(argv=None) -> int:
     fast = build(16, "keras", "torch")
     fast_losses = train_steps(fast, splits, args.steps, args.batch_size)
     rows.append(summary_row("execution", "v2-16ch fast execution", fast, fast_losses, splits, args.batch_size, 0.0))
-    straightforward = set_recompute(set_execution(build(16, "keras", "torch"), "reference"), "none")
+    straightforward = set_recompute(set_execution(build(16, "keras", "torch"), "straightforward"), "none")
     losses = train_steps(straightforward, splits, args.steps, args.batch_size)
     # the largest per-step difference over the first 10 steps (later, float rounding differences grow
     # as in any two runs of a chaotic optimisation; the final losses are compared instead)
     gap = max(abs(a - b) for a, b in zip(losses[:10], fast_losses[:10]))
-    rows.append(summary_row("execution", "v2-16ch reference execution, no recompute", straightforward, losses, splits,
-                            args.batch_size, gap))
+    rows.append(summary_row("execution", "v2-16ch straightforward execution, no recompute", straightforward, losses,
+                            splits, args.batch_size, gap))
     print(rows[-2:], flush=True)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS, lineterminator="\n")

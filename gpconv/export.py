@@ -4,7 +4,7 @@
 dynamic batch dimension, through PyTorch's ``torch.export``-based ONNX exporter (the legacy
 TorchScript exporter cannot export a convolution whose weight is computed in ``forward``). The
 exported graph is the inference form of :func:`~gpconv.core.inference.prepare_for_inference` (batch norms
-folded, grouped blocks merged, Keras padding without copies) in NCHW, each grouped block in the form
+folded, grouped blocks folded, Keras padding without copies) in NCHW, each grouped block in the form
 chosen by :func:`onnx_form`. Before the file is written, ONNX Runtime
 runs it on real images and its outputs must equal the eval-mode torch model's within ``tolerance``
 (relative to the largest output where that exceeds 1).
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core.executions import FOLDED_EXECUTIONS
 from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
@@ -44,10 +45,11 @@ GPCONV_MARK = "gpconv.export"
 
 # The forms :func:`onnx_form` can give the grouped blocks: ``"rule"`` is prepare_for_inference's choice
 # without timing (dense for small blocks, else factored where there is one, super-grouped); the others
-# put every block in that execution where it has it ("dense" falls back to "factored"), group factor 1.
+# are the folded executions (gpconv.core.executions): every block in that execution where it has it
+# ("dense" falls back to "factored"), group factor 1.
 # Timed in ONNX Runtime (benchmarks/runtimes.py --onnx-forms, docs/performance.md), none was clearly
 # faster than "rule", which is the default.
-ONNX_FORMS = ("rule", "grouped", "factored", "dense")
+ONNX_FORMS = ("rule",) + FOLDED_EXECUTIONS
 
 
 class DeployError(ValueError):
@@ -75,9 +77,8 @@ def onnx_form(model: nn.Module, form: str = "rule") -> nn.Module:
         if isinstance(block, FoldedGroupedPointwiseConv2d):
             preference = (form, "factored") if form == "dense" else (form,)
             block.execution = next((e for e in preference if e in block.executions), "grouped")
-            for layer in (block.k, block.l):
-                if layer is not None:
-                    layer.super_group(1)
+            for layer in block.layers:
+                layer.super_group(1)
     return prepared
 
 

@@ -1,4 +1,4 @@
-"""The fast execution equals the straightforward (reference) one."""
+"""The fast execution equals the straightforward one."""
 
 import copy
 
@@ -9,6 +9,7 @@ from hypothesis import example, given, settings, strategies as st
 import gpconv
 from gpconv import GroupedPointwiseConv2d
 from gpconv.core.block import set_execution
+from gpconv.core.plan import PLAN_VERSIONS
 
 
 def forward_backward(model, x, weights):
@@ -18,43 +19,43 @@ def forward_backward(model, x, weights):
     return out.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def force_layers(model, layer_execution):
-    """Fast execution with every grouped layer in ``layer_execution`` ("merged" or "dense")."""
+def force_layers(model, layer_form):
+    """Fast execution with every grouped layer in ``layer_form`` ("merged" or "scattered")."""
     set_execution(model, "fast")
     for module in model.modules():
         if isinstance(module, gpconv.core.block.GroupedConvLayer):
-            module.execution = layer_execution
+            module.form = layer_form
     return model
 
 
-def assert_same(model, x, generator, layer_execution=None, weight_scale=1.0, out_tolerance=1e-5, grad_tolerance=1e-4):
-    fast = set_execution(model, "fast") if layer_execution is None else force_layers(model, layer_execution)
-    reference = set_execution(copy.deepcopy(model), "reference")
+def assert_same(model, x, generator, layer_form=None, weight_scale=1.0, out_tolerance=1e-5, grad_tolerance=1e-4):
+    fast = set_execution(model, "fast") if layer_form is None else force_layers(model, layer_form)
+    straightforward = set_execution(copy.deepcopy(model), "straightforward")
     weights = torch.randn(fast(x).shape, generator=generator, dtype=x.dtype) * weight_scale
     out_fast, grads_fast = forward_backward(fast, x, weights)
-    out_ref, grads_ref = forward_backward(reference, x, weights)
-    assert torch.allclose(out_fast, out_ref, atol=out_tolerance, rtol=out_tolerance)
-    assert grads_fast.keys() == grads_ref.keys()
-    for name in grads_ref:
-        assert torch.allclose(grads_fast[name], grads_ref[name], atol=grad_tolerance, rtol=grad_tolerance), name
+    out_straight, grads_straight = forward_backward(straightforward, x, weights)
+    assert torch.allclose(out_fast, out_straight, atol=out_tolerance, rtol=out_tolerance)
+    assert grads_fast.keys() == grads_straight.keys()
+    for name in grads_straight:
+        assert torch.allclose(grads_fast[name], grads_straight[name], atol=grad_tolerance, rtol=grad_tolerance), name
 
 
 @settings(max_examples=40, deadline=None)
 @given(in_channels=st.integers(1, 64), out_channels=st.integers(1, 64), channels_per_group=st.integers(1, 12),
-       version=st.sampled_from([1, 2]), l_layer=st.booleans(), bias=st.booleans(),
+       version=st.sampled_from(PLAN_VERSIONS), l_layer=st.booleans(), bias=st.booleans(),
        activation=st.sampled_from([None, "swish", "relu"]), stride=st.sampled_from([1, 2]), seed=st.integers(0, 999))
 @example(14, 10, 4, 2, True, True, "swish", 1, 0)
-def test_fast_block_equals_reference(in_channels, out_channels, channels_per_group, version, l_layer, bias,
+def test_fast_block_equals_straightforward(in_channels, out_channels, channels_per_group, version, l_layer, bias,
                                      activation, stride, seed):
     generator = torch.Generator().manual_seed(seed)
     block = GroupedPointwiseConv2d(in_channels, out_channels, channels_per_group, version=version, l_layer=l_layer,
                                    bias=bias, activation=activation, stride=stride)
     x = torch.randn(3, in_channels, 5, 4, generator=generator)
-    for layer_execution in (None, "merged", "dense"):  # the fast default, and each layer form forced
-        assert_same(block, x, generator, layer_execution)
+    for layer_form in (None, "merged", "scattered"):  # the fast default, and each layer form forced
+        assert_same(block, x, generator, layer_form)
 
 
-def test_fast_kefficientnet_b0_equals_reference():
+def test_fast_kefficientnet_b0_equals_straightforward():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     model = gpconv.create_model("efficientnet_b0", 10, channels_per_group=16, skip_strides=3)
@@ -71,17 +72,38 @@ def test_fast_kefficientnet_b0_equals_reference():
     model.eval()
     x = torch.randn(2, 3, 32, 32, generator=generator)
     with torch.no_grad():
-        assert torch.allclose(set_execution(model, "fast")(x), set_execution(model, "reference")(x), atol=1e-5)
+        assert torch.allclose(set_execution(model, "fast")(x), set_execution(model, "straightforward")(x), atol=1e-5)
 
 
 def test_execution_names_are_checked():
     block = GroupedPointwiseConv2d(32, 32, 8)
-    try:
+    with pytest.raises(ValueError) as error:
         block.execution = "turbo"
-    except ValueError as error:
-        assert "execution must be one of fast, reference" in str(error)
-    else:
-        raise AssertionError("no error")
+    assert str(error.value) == "execution must be one of fast, straightforward, got 'turbo'"
+    # the old word is refused too, also by set_execution on a model with no grouped block at all
+    with pytest.raises(ValueError) as error:
+        set_execution(torch.nn.Conv2d(3, 3, 1), "reference")
+    assert str(error.value) == "execution must be one of fast, straightforward, got 'reference'"
+    with pytest.raises(ValueError) as error:
+        block.k.form = "dense"  # a folded block's word, not a layer's
+    assert str(error.value) == "layer form must be one of paths, merged, scattered, got 'dense'"
+    assert block.execution == "fast" and block.k.form == block.k.fast_form
+
+
+def test_executions_set_layer_forms():
+    """"straightforward" runs every layer as paths; "fast" puts each back in its fast form: scattered
+    where the dense matrix has at most LAYER_SCATTERED_MAC_RATIO (2.5) times the layer's weights."""
+    assert gpconv.core.executions.LAYER_SCATTERED_MAC_RATIO == 2.5
+    cases = {(32, 32, 8): ["merged", "merged"],  # 4 groups: 4x the weights
+             (32, 32, 16): ["scattered"],  # 2 groups: 2x (and no L)
+             (14, 10, 4): ["merged", "scattered"]}  # Entropy 2022 Figure 1: K 140 of 40 weights, L 100 of 40
+    for shape, forms in cases.items():
+        block = GroupedPointwiseConv2d(*shape)
+        assert [layer.fast_form for layer in block.layers] == forms, shape
+        set_execution(block, "straightforward")
+        assert [layer.form for layer in block.layers] == ["paths"] * len(forms)
+        set_execution(block, "fast")
+        assert [layer.form for layer in block.layers] == forms
 
 
 def saved_bytes(model, x):

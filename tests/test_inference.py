@@ -1,4 +1,4 @@
-"""prepare_for_inference: folded batch norms and merged grouped blocks equal the eval model."""
+"""prepare_for_inference: folded batch norms and folded grouped blocks equal the eval model."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 import gpconv
 from gpconv import GroupedPointwiseConv2d
+from gpconv.core.plan import PLAN_VERSIONS
 from gpconv.core.inference import FoldedGroupedPointwiseConv2d, KerasSameConv2d, choose_executions, prepare_for_inference
 from gpconv.layers import KerasPad2d
 
@@ -24,7 +25,7 @@ def randomize_batch_norms(model, generator):
 
 @settings(max_examples=40, deadline=None)
 @given(in_channels=st.integers(1, 64), out_channels=st.integers(1, 64), channels_per_group=st.integers(1, 12),
-       version=st.sampled_from([1, 2]), l_layer=st.booleans(), bias=st.booleans(),
+       version=st.sampled_from(PLAN_VERSIONS), l_layer=st.booleans(), bias=st.booleans(),
        activation=st.sampled_from([None, "swish", "sigmoid"]), size=st.sampled_from([1, 5]),
        channels_last=st.booleans(), seed=st.integers(0, 999))
 def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_group, version, l_layer, bias,
@@ -47,10 +48,36 @@ def test_folded_block_equals_eval_block(in_channels, out_channels, channels_per_
     with torch.no_grad():
         for execution in prepared.executions:
             prepared.execution = execution
-            for layer in (prepared.k, prepared.l):  # every group factor of each layer gives the same outputs
-                for factor in (layer.group_factors() if layer is not None else ()):
+            for layer in prepared.layers:  # every group factor of each layer gives the same outputs
+                for factor in layer.group_factors():
                     layer.super_group(factor)
                     assert torch.allclose(prepared(x), expected, atol=1e-4, rtol=1e-4), (execution, factor)
+
+
+def test_block_folds_itself():
+    """``block.fold()`` is the module prepare_for_inference puts in the block's place (same numbers, bit for
+    bit, before any execution is chosen), folds the running statistics even in training mode, and leaves
+    the block as it was."""
+    generator = torch.Generator().manual_seed(7)
+    for shape, activation in (((14, 10, 4), "swish"), ((24, 48, 4), None), ((32, 32, 16), "relu")):
+        block = GroupedPointwiseConv2d(*shape, version=1 if shape == (24, 48, 4) else 2, activation=activation)
+        randomize_batch_norms(block, generator)
+        before = {name: tensor.clone() for name, tensor in block.state_dict().items()}
+        folded = block.fold()
+        assert isinstance(folded, FoldedGroupedPointwiseConv2d) and folded.execution == "grouped"
+        assert len(folded.layers) == len(block.layers) == len(block.plan.layers)
+        assert block.training and all(torch.equal(before[n], t) for n, t in block.state_dict().items())
+        assert not any(p.requires_grad for p in folded.parameters())
+        prepared = prepare_for_inference(block, channels_last=False)
+        prepared.execution = "grouped"
+        for layer in prepared.layers:
+            layer.super_group(1)
+        x = torch.randn(2, shape[0], 4, 4, generator=generator)
+        with torch.no_grad():
+            assert torch.equal(folded(x), prepared(x))
+            assert torch.allclose(folded(x), block.eval()(x), atol=1e-5, rtol=1e-5), shape
+    with pytest.raises(ValueError, match="needs a folded L exactly when the plan has an L layer"):
+        FoldedGroupedPointwiseConv2d(block.plan, block.k.folded(), block.k.folded())
 
 
 def test_prepared_kefficientnet_equals_eval_model():

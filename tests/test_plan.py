@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gpconv import make_plan
-from gpconv.core.plan import interleave_permutation
+from gpconv.core.plan import PLAN_VERSIONS, interleave_permutation
 
 # Entropy 2022, Table 1: Ic, F, Ch -> G_K1, Fg_K1, G_K2, G_L1, Fg_L1, G_L2, total weights.
 TABLE_1 = [
@@ -61,7 +61,7 @@ def test_version_1_uses_largest_common_divisor():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 40), st.sampled_from([1, 2]), st.booleans())
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(1, 40), st.sampled_from(PLAN_VERSIONS), st.booleans())
 def test_plan_invariants(ic, f, ch, version, l_layer):
     plan = make_plan(ic, f, ch, version=version, l_layer=l_layer)
     for layer in (plan.k, plan.l):
@@ -97,3 +97,29 @@ def test_bad_channel_counts(ic, f, name):
 def test_bad_version():
     with pytest.raises(ValueError, match="version must be 1 or 2"):
         make_plan(64, 64, 8, version=3)
+
+
+def test_plan_versions_are_every_version_choice():
+    """PLAN_VERSIONS is the one list of versions: make_plan, the CLI's --version, variant names and
+    sweep templates accept exactly these."""
+    from gpconv.cli import build_parser
+    from gpconv.experiments.paper_numbers import parse_variant
+    from gpconv.experiments.sweep import expand_variants
+
+    assert PLAN_VERSIONS == (1, 2)
+    for version in PLAN_VERSIONS:
+        assert make_plan(64, 64, 8, version=version).version == version
+        assert parse_variant(f"v{version}-16ch-noL").version == version
+        assert expand_variants([f"v{version}-relu"], [8]) == [f"v{version}-8ch-relu"]
+        assert build_parser().parse_args(["plan", "64", "64", "--channels-per-group", "8",
+                                          "--version", str(version)]).version == version
+    with pytest.raises(ValueError, match="unknown variant 'v3-16ch'"):
+        parse_variant("v3-16ch")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["plan", "64", "64", "--channels-per-group", "8", "--version", "3"])
+
+
+def test_plan_layers_are_k_then_l():
+    for plan in (make_plan(14, 10, 4), make_plan(32, 192, 16), make_plan(64, 64, 8, l_layer=False)):
+        assert plan.layers == ((plan.k,) if plan.l is None else (plan.k, plan.l))
+        assert plan.weight_count == sum(layer.weight_count for layer in plan.layers)

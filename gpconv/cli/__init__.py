@@ -12,7 +12,7 @@ import torch
 from ..core.convert import summarize
 from ..core.counting import count_computations, count_macs, count_parameters
 from ..models import check_input_size, create_model, list_models
-from ..core.plan import make_plan
+from ..core.plan import PLAN_VERSIONS, make_plan
 from ..experiments.paper_tables import format_table, paper_table
 from .export import add_export_command
 from .results import add_results_commands
@@ -129,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("in_channels", type=int)
     plan.add_argument("out_channels", type=int)
     plan.add_argument("--channels-per-group", type=int, required=True)
-    plan.add_argument("--version", type=int, default=2, choices=(1, 2))
+    plan.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
     plan.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     plan.set_defaults(run=_plan)
 
     summary = commands.add_parser("summary", help="per-layer table of the grouped pointwise convolutions and totals")
     summary.add_argument("arch", choices=list_models(), metavar="ARCH", help="one of: " + ", ".join(list_models()))
     summary.add_argument("--channels-per-group", type=int, default=None, help="omit for the dense baseline")
-    summary.add_argument("--version", type=int, default=2, choices=(1, 2))
+    summary.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
     summary.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     summary.add_argument("--activation", default=None, help="default: the family's reference activation")
     summary.add_argument("--skip-strides", type=int, default=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.plan import PLAN_VERSIONS
 from ..experiments.data import DATASETS
 from ..models import list_models
 from ..experiments.config import positive_int
@@ -37,7 +38,7 @@ def add_export_command(commands) -> None:
     export.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted |ONNX - torch| of an output (times the largest |output| when > 1)")
     export.add_argument("--channels-per-group", type=positive_int, default=None, help="ARCH only; default: baseline")
-    export.add_argument("--version", type=int, default=2, choices=(1, 2))
+    export.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
     export.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     export.add_argument("--activation", default="swish")
     export.add_argument("--skip-strides", type=int, default=0)

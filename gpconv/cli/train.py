@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..core.plan import PLAN_VERSIONS
 from ..experiments.config import non_negative_int, positive_float, positive_int
 from ..experiments.data import DATASETS
 from ..models import CLASSIFIER_INITS, list_models
@@ -32,7 +33,7 @@ def add_training_commands(commands) -> None:
                        help="one of: " + ", ".join(list_models()))
     train.add_argument("--channels-per-group", type=positive_int, default=None,
                        help="k-variant with this many channels per group (default: the dense baseline)")
-    train.add_argument("--version", type=int, default=2, choices=(1, 2))
+    train.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
     train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
     train.add_argument("--activation", default=None,
                        help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")

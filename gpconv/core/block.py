@@ -1,12 +1,14 @@
 """The grouped pointwise convolution block: executes a :class:`~gpconv.core.plan.PointwisePlan`.
 
-This is the straightforward execution (one grouped convolution per path, explicit channel gathers,
-concatenation, interleaving by index): the reference that faster executions are tested against.
+Its ``"straightforward"`` execution (one gather and one grouped convolution per path, concatenation,
+interleaving by index) is what the ``"fast"`` one is tested against; :meth:`GroupedPointwiseConv2d.fold`
+gives its inference form. The words are defined in :mod:`gpconv.core.executions`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,18 +18,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
+from .executions import EXECUTIONS, LAYER_FORMS, LAYER_SCATTERED_MAC_RATIO, check_word
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
 __all__ = ["GroupedPointwiseConv2d", "GroupedPointwiseLinear", "PointwiseConvAttributes", "GroupedConvPath",
-           "GroupedConvLayer", "Grouping", "pointwise_conv", "set_execution", "set_recompute"]
+           "GroupedConvLayer", "LayerFolding", "Grouping", "pointwise_conv", "set_execution", "set_recompute"]
 
 
-EXECUTIONS = ("fast", "reference")
 RECOMPUTE = ("all", "l_layer", "none")
-# A layer runs dense in the fast execution when that costs at most this many times its grouped
-# multiply-adds: oneDNN's grouped kernels reach a fraction of its dense kernels' speed per multiply-add
-# on small layers, and the dense form needs no gathers (measured by benchmarks/benchmark.py).
-DENSE_MAC_RATIO = 2.5
 
 
 def _set_on_blocks(model: nn.Module, attribute: str, mode: str) -> nn.Module:
@@ -38,13 +36,14 @@ def _set_on_blocks(model: nn.Module, attribute: str, mode: str) -> nn.Module:
 
 
 def set_execution(model: nn.Module, mode: str) -> nn.Module:
-    """Select the execution of every :class:`GroupedPointwiseConv2d` in ``model``; returns ``model``."""
-    return _set_on_blocks(model, "execution", mode)
+    """Select the execution (``"fast"`` or ``"straightforward"``, see :mod:`gpconv.core.executions`) of
+    every :class:`GroupedPointwiseConv2d` in ``model``; returns ``model``."""
+    return _set_on_blocks(model, "execution", check_word("execution", mode, EXECUTIONS))
 
 
 def set_recompute(model: nn.Module, mode: str) -> nn.Module:
     """Set :attr:`GroupedPointwiseConv2d.recompute` of every block in ``model``; returns ``model``."""
-    return _set_on_blocks(model, "recompute", mode)
+    return _set_on_blocks(model, "recompute", check_word("recompute", mode, RECOMPUTE))
 
 
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -57,12 +56,6 @@ def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         gathered = rows.index_select(1, index)  # on 2-D: a 4-D inner-dim index_select is ~20x slower
         return gathered.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
     return x.index_select(1, index)
-
-
-def _checked(name: str, mode: str, allowed) -> str:
-    if mode not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {mode!r}")
-    return mode
 
 
 def _index_buffer(index) -> Optional[torch.Tensor]:
@@ -90,19 +83,19 @@ class GroupedConvLayer(nn.Module):
     batch norm and activation. One batch norm over the concatenation is the reference's per-path
     batch norms (batch norm works channel by channel), with the same parameters.
 
-    Two executions with the same parameters and math:
+    Three forms (``form``, see :mod:`gpconv.core.executions`) with the same parameters and math:
 
-    * ``"reference"``: one gather and one grouped convolution per path, then a concatenation;
+    * ``"paths"``: one gather and one grouped convolution per path, then a concatenation;
     * ``"merged"``: the paths merged into one grouped convolution over one gather. The second path's
       one-filter groups read the first groups' channels (Eq. 14), so they become an extra filter of
       those groups; the other groups get an all-zero extra filter, dropped by the final reorder;
-    * ``"dense"``: one plain convolution whose weight is the layer's weights scattered into a dense
+    * ``"scattered"``: one plain convolution whose weight is the layer's weights scattered into a dense
       ``(out, in)`` matrix, gathers and replication folded in (``column_map`` also folds a permutation
       of the input, e.g. the interleaving before L). More multiply-adds, no index operations, and
       oneDNN's dense kernels: faster for small layers.
 
-    ``fast_execution`` is the one a block's ``"fast"`` execution uses: ``"dense"`` when the dense form
-    costs at most ``DENSE_MAC_RATIO`` times the grouped multiply-adds, else ``"merged"``.
+    ``fast_form`` is the one a block's ``"fast"`` execution uses: ``"scattered"`` when the dense matrix
+    costs at most ``LAYER_SCATTERED_MAC_RATIO`` times the grouped multiply-adds, else ``"merged"``.
     """
 
     def __init__(self, layer: LayerPlan, *, stride: int = 1, bias: bool = False, batch_norm: bool = True,
@@ -116,18 +109,28 @@ class GroupedConvLayer(nn.Module):
         self.bn = make_batch_norm(layer.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
         self.register_buffer("merged_order", _index_buffer(merged_to_canonical(layer)), persistent=False)
-        rows, columns = _dense_positions(layer, column_map)
-        self.register_buffer("dense_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("dense_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        rows, columns = _scattered_positions(layer, column_map)
+        self.register_buffer("scattered_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        self.register_buffer("scattered_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         dense_macs = layer.out_channels * layer.in_channels
-        self.fast_execution = "dense" if dense_macs <= DENSE_MAC_RATIO * layer.weight_count else "merged"
-        self.execution = self.fast_execution
+        self.fast_form = "scattered" if dense_macs <= LAYER_SCATTERED_MAC_RATIO * layer.weight_count else "merged"
+        self.form = self.fast_form
 
-    def dense_weight(self):
-        """Weight ``(out, in, 1, 1)`` and bias of the equivalent dense convolution (differentiable)."""
+    @property
+    def form(self) -> str:
+        """How this layer runs: ``"paths"``, ``"merged"`` or ``"scattered"`` (see the class docstring)."""
+        return self._form
+
+    @form.setter
+    def form(self, form: str) -> None:
+        self._form = check_word("layer form", form, LAYER_FORMS)
+
+    def scattered_weight(self):
+        """Weight ``(out, in, 1, 1)`` and bias of the ``"scattered"`` form: the layer's weights scattered
+        into one dense matrix, gathers folded in (differentiable)."""
         values = torch.cat([path.conv.weight.reshape(-1) for path in self.paths])
         dense = values.new_zeros(self.layer.out_channels, self.layer.in_channels)
-        dense = dense.index_put((self.dense_rows, self.dense_columns), values, accumulate=True)
+        dense = dense.index_put((self.scattered_rows, self.scattered_columns), values, accumulate=True)
         bias = None
         if self.paths[0].conv.bias is not None:
             bias = torch.cat([path.conv.bias for path in self.paths])
@@ -155,12 +158,31 @@ class GroupedConvLayer(nn.Module):
                               F.pad(extra.bias.reshape(-1, 1), (0, 0, 0, missing))], 1).reshape(-1)
         return weight, bias
 
+    def folded(self) -> "LayerFolding":
+        """The merged convolution with the batch norm folded in (eval-mode statistics): what the
+        inference form of the layer runs (:meth:`GroupedPointwiseConv2d.fold`)."""
+        with torch.no_grad():
+            weight, bias = self.merged_weight()
+            outputs = weight.shape[0]
+            scale, shift = batch_norm_scale_shift(self.bn, self.layer.out_channels, weight)
+            merged_scale = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
+            merged_shift = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
+            order = self.merged_order if self.merged_order is not None else torch.arange(outputs, device=weight.device)
+            merged_scale[order] = scale
+            merged_shift[order] = shift
+            bias = merged_shift if bias is None else bias * merged_scale + merged_shift
+            weight = weight * merged_scale[:, None, None, None]
+        main = self.paths[0]
+        return LayerFolding(weight, bias.clone(), self.merged_groups, self.stride, copy.deepcopy(self.act),
+                            None if main.input_index is None else main.path.input_index,
+                            merged_to_canonical(self.layer))
+
     def conv_output(self, x: torch.Tensor) -> torch.Tensor:
         """The concatenated path outputs (before batch norm), in the layer's channel order."""
-        if self.execution == "dense":
-            weight, bias = self.dense_weight()
+        if self.form == "scattered":
+            weight, bias = self.scattered_weight()
             return F.conv2d(x, weight, bias, self.stride)
-        if self.execution == "reference":
+        if self.form == "paths":
             outputs = [path(x) for path in self.paths]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         main = self.paths[0]
@@ -172,6 +194,34 @@ class GroupedConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv_output(x)))
+
+
+@dataclass(frozen=True)
+class LayerFolding:
+    """A :class:`GroupedConvLayer` folded for inference (:meth:`GroupedConvLayer.folded`): its merged
+    grouped convolution with the batch norm folded into ``weight`` and ``bias``, output channels in
+    merged order."""
+
+    weight: torch.Tensor  # (merged outputs, channels per group, 1, 1)
+    bias: torch.Tensor  # (merged outputs,)
+    groups: int
+    stride: int
+    activation: nn.Module  # a copy of the layer's
+    gather: Optional[Index]  # the input channels the merged convolution reads; None: all, in order
+    order: Optional[Index]  # merged position of each of the layer's output channels; None: the same
+
+
+def batch_norm_scale_shift(bn: nn.Module, channels: int, like: torch.Tensor):
+    """``(scale, shift)`` per channel with ``bn(x) == x * scale + shift`` in eval mode (ones and zeros
+    when ``bn`` is not a batch norm)."""
+    if isinstance(bn, nn.BatchNorm2d):
+        scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:  # ShiftOnlyBatchNorm2d learns no scale
+            scale = bn.weight * scale
+        shift = -bn.running_mean * scale
+        return scale, shift if bn.bias is None else shift + bn.bias
+    return torch.ones(channels, dtype=like.dtype, device=like.device), torch.zeros(channels, dtype=like.dtype,
+                                                                                   device=like.device)
 
 
 @contextlib.contextmanager
@@ -191,7 +241,7 @@ def _batch_statistics_frozen(module: nn.Module):
                 norm.num_batches_tracked.copy_(tracked)
 
 
-def _dense_positions(layer: LayerPlan, column_map: Optional[Index]):
+def _scattered_positions(layer: LayerPlan, column_map: Optional[Index]):
     """Row and column in the dense ``(out, in)`` matrix of every weight of the layer's paths, in the
     order of the paths' flattened weights."""
     rows, columns = [], []
@@ -301,7 +351,7 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
 
     @recompute.setter
     def recompute(self, mode: str) -> None:
-        self._recompute = _checked("recompute", mode, RECOMPUTE)
+        self._recompute = check_word("recompute", mode, RECOMPUTE)
 
     def _recomputes(self, x: torch.Tensor, k_conv: torch.Tensor) -> bool:
         if self._recompute == "none" or self._execution != "fast" or not self.training:
@@ -312,16 +362,27 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
 
     @property
     def execution(self) -> str:
-        """``"fast"`` (default: each layer merged or dense, see :class:`GroupedConvLayer`) or
-        ``"reference"`` (the straightforward execution, one convolution per path)."""
+        """``"fast"`` (default: each layer merged or scattered, see :class:`GroupedConvLayer`) or
+        ``"straightforward"`` (one gather and one convolution per path); see :mod:`gpconv.core.executions`."""
         return self._execution
 
     @execution.setter
     def execution(self, mode: str) -> None:
-        self._execution = _checked("execution", mode, EXECUTIONS)
-        for layer in (self.k, self.l):
-            if layer is not None:
-                layer.execution = layer.fast_execution if mode == "fast" else "reference"
+        self._execution = check_word("execution", mode, EXECUTIONS)
+        for layer in self.layers:
+            layer.form = layer.fast_form if mode == "fast" else "paths"
+
+    @property
+    def layers(self) -> tuple:
+        """K, then L where the plan has one."""
+        return (self.k,) if self.l is None else (self.k, self.l)
+
+    def fold(self) -> nn.Module:
+        """The inference form of this block (as timm's ``reparameterize()``): a
+        :class:`~gpconv.core.inference.FoldedGroupedPointwiseConv2d` that computes what this block
+        computes in eval mode, batch norms folded into the convolutions. The block is unchanged."""
+        from .inference import FoldedGroupedPointwiseConv2d  # the inference module builds on this one
+        return FoldedGroupedPointwiseConv2d(self.plan, *(layer.folded() for layer in self.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -340,24 +401,23 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         k = self.k.act(self.k.bn(k_conv))
         if self.l is None:
             return k if self.output_index is None else gather_channels(k, self.output_index)
-        folded = self.l.execution == "dense" or self.interleave_index is None
+        folded = self.l.form == "scattered" or self.interleave_index is None
         return self.l(k if folded else gather_channels(k, self.interleave_index)) + k
 
     def dense_equivalent(self):
         """``(weight, bias)`` of the dense 1x1 convolution this block computes, weight ``(out, in, 1, 1)``
         and bias ``(out,)`` or None, differentiable: ``K + L K`` with the interleaving folded into L's
         columns (Eq. 26). None when the block is not linear (batch norm or activation inside)."""
-        layers = [layer for layer in (self.k, self.l) if layer is not None]
-        if any(not (isinstance(layer.bn, nn.Identity) and isinstance(layer.act, nn.Identity)) for layer in layers):
+        if any(not (isinstance(layer.bn, nn.Identity) and isinstance(layer.act, nn.Identity)) for layer in self.layers):
             return None
-        k_weight, k_bias = self.k.dense_weight()
+        k_weight, k_bias = self.k.scattered_weight()
         k_weight = k_weight[:, :, 0, 0]
         if self.l is None:
             if self.output_index is None:
                 return k_weight[:, :, None, None], k_bias
             order = self.output_index
             return k_weight[order][:, :, None, None], None if k_bias is None else k_bias[order]
-        l_weight, l_bias = self.l.dense_weight()  # columns already in K's order (interleaving folded in)
+        l_weight, l_bias = self.l.scattered_weight()  # columns already in K's order (interleaving folded in)
         l_weight = l_weight[:, :, 0, 0]
         weight = k_weight + l_weight @ k_weight
         bias = None if k_bias is None else k_bias + l_weight @ k_bias + l_bias

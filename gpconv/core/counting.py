@@ -126,7 +126,7 @@ def _example_input(model: nn.Module, input_size: InputSize) -> torch.Tensor:
 
 def _run_counter(model: nn.Module, input_size: InputSize) -> Tuple[OperationCounter, torch.Tensor]:
     """Run the model once at batch 1 in eval mode, counting. Grouped blocks are counted in their
-    reference execution: the fast one's zero padding filters are an implementation detail, not work
+    straightforward execution: the fast one's zero padding filters are an implementation detail, not work
     the method asks for."""
     counter = OperationCounter()
     was_training = model.training
@@ -135,7 +135,7 @@ def _run_counter(model: nn.Module, input_size: InputSize) -> Tuple[OperationCoun
     model.eval()
     try:
         for block in blocks:
-            block.execution = "reference"
+            block.execution = "straightforward"
         example = _example_input(model, input_size)
         with torch.no_grad(), counter:
             output = model(example)

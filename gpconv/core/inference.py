@@ -1,15 +1,17 @@
-"""Inference form of a model: batch norms folded, grouped blocks merged, channels_last.
+"""Inference form of a model: batch norms folded, grouped blocks folded (block.fold()), channels_last.
 
 ``prepare_for_inference(model)`` returns an eval-mode copy whose outputs equal ``model.eval()``'s
 (within float rounding) and that runs fewer passes over memory:
 
 * every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
 * dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
-* every :class:`~gpconv.core.block.GroupedPointwiseConv2d` becomes a :class:`FoldedGroupedPointwiseConv2d`
-  with up to three forms: ``grouped`` (per layer one gather and one grouped convolution with the batch
-  norm folded in, the interleaving and reorders composed), ``factored`` (K grouped, then one dense
-  convolution for L, the interleaving and the sum) and ``dense``; grouped layers may merge ``s``
-  groups into one (block-diagonal weights) where oneDNN runs that faster;
+* every :class:`~gpconv.core.block.GroupedPointwiseConv2d` folds itself
+  (:meth:`~gpconv.core.block.GroupedPointwiseConv2d.fold`) into a :class:`FoldedGroupedPointwiseConv2d`
+  with up to three executions (:mod:`gpconv.core.executions`): ``grouped`` (per layer one gather and one
+  merged grouped convolution with the batch norm folded in, the interleaving and reorders composed),
+  ``factored`` (K grouped, then one dense convolution for L, the interleaving and the sum) and
+  ``dense``; grouped layers may merge ``s`` groups into one (block-diagonal weights) where oneDNN runs
+  that faster;
 * Keras' pad-then-convolve (``KerasPad2d`` + convolution) becomes one convolution without the padded
   copy (:class:`KerasSameConv2d`);
 * weights in ``channels_last`` memory format where that helps (the default on CPU and CUDA).
@@ -25,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import GroupedConvLayer, GroupedPointwiseConv2d, Index, PointwiseConvAttributes, gather_channels
+from .block import (GroupedPointwiseConv2d, Index, LayerFolding, PointwiseConvAttributes, batch_norm_scale_shift,
+                    gather_channels)
 from .convert import is_plain_pointwise
+from .executions import FOLDED_DENSE_MAC_RATIO, FOLDED_EXECUTIONS
 from ..layers import KerasPad2d
 from .plan import PointwisePlan
 
@@ -34,38 +38,17 @@ __all__ = ["prepare_for_inference", "choose_executions", "FoldedGroupedPointwise
            "fold_batch_norm"]
 
 
-def _batch_norm_scale_shift(bn: nn.Module, channels: int, like: torch.Tensor):
-    if isinstance(bn, nn.BatchNorm2d):
-        scale = 1.0 / torch.sqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:  # ShiftOnlyBatchNorm2d learns no scale
-            scale = bn.weight * scale
-        shift = -bn.running_mean * scale
-        return scale, shift if bn.bias is None else shift + bn.bias
-    return torch.ones(channels, dtype=like.dtype, device=like.device), torch.zeros(channels, dtype=like.dtype,
-                                                                                   device=like.device)
-
-
 class _FoldedLayer(nn.Module):
-    """One grouped layer with its batch norm folded in, output in merged channel order."""
+    """One grouped layer with its batch norm folded in (a :class:`~gpconv.core.block.LayerFolding`),
+    output in merged channel order."""
 
-    def __init__(self, layer: GroupedConvLayer):
+    def __init__(self, folding: LayerFolding):
         super().__init__()
-        with torch.no_grad():
-            weight, bias = layer.merged_weight()
-            outputs = weight.shape[0]
-            scale, shift = _batch_norm_scale_shift(layer.bn, layer.layer.out_channels, weight)
-            merged_scale = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
-            merged_shift = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
-            order = layer.merged_order if layer.merged_order is not None else torch.arange(outputs,
-                                                                                           device=weight.device)
-            merged_scale[order] = scale
-            merged_shift[order] = shift
-            bias = merged_shift if bias is None else bias * merged_scale + merged_shift
-            self.weight = nn.Parameter(weight * merged_scale[:, None, None, None], requires_grad=False)
-            self.bias = nn.Parameter(bias.clone(), requires_grad=False)
-        self.groups = layer.merged_groups
-        self.stride = layer.stride
-        self.act = copy.deepcopy(layer.act)
+        self.weight = nn.Parameter(folding.weight, requires_grad=False)
+        self.bias = nn.Parameter(folding.bias, requires_grad=False)
+        self.groups = folding.groups
+        self.stride = folding.stride
+        self.act = folding.activation
         self.group_factor = 1  # see super_group()
         self.register_buffer("conv_weight", None)
 
@@ -84,8 +67,9 @@ class _FoldedLayer(nn.Module):
         self.group_factor = factor
         self.conv_weight = None if factor == 1 else _super_grouped(self.weight, self.groups, factor)
 
-    def dense_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
-        """The layer as one dense ``(outputs, in_channels)`` matrix, its input gather folded in."""
+    def scattered_weight(self, gather: Optional[torch.Tensor], in_channels: int) -> torch.Tensor:
+        """The layer scattered into one dense ``(outputs, in_channels)`` matrix, its input gather folded
+        in (the ``"scattered"`` layer form, here for 1x1 maps)."""
         outputs, per_group = self.weight.shape[0], self.weight.shape[1]
         filters_per_group = outputs // self.groups
         rows = torch.arange(outputs, device=self.weight.device).repeat_interleave(per_group)
@@ -134,37 +118,34 @@ def _buffer(index: Optional[Index], device) -> Optional[torch.Tensor]:
 
 
 class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
-    """Inference execution of a trained :class:`GroupedPointwiseConv2d` (see the module docstring)."""
+    """Inference form of a trained :class:`GroupedPointwiseConv2d`, built by its
+    :meth:`~GroupedPointwiseConv2d.fold` from the plan and the folded layers K and L (see the module
+    docstring)."""
 
-    def __init__(self, block: GroupedPointwiseConv2d):
+    def __init__(self, plan: PointwisePlan, k: LayerFolding, l: Optional[LayerFolding] = None):
         super().__init__()
-        plan: PointwisePlan = block.plan
+        if (l is None) != (plan.l is None):
+            raise ValueError("FoldedGroupedPointwiseConv2d needs a folded L exactly when the plan has an L layer")
         self.plan = plan
-        self.in_channels, self.out_channels, self.stride = block.in_channels, block.out_channels, block.stride
-        device = next(block.parameters()).device
-        self.k = _FoldedLayer(block.k)
-        k_merged_channels = self.k.weight.shape[0]
-        k_order = tuple(block.k.merged_order.tolist()) if block.k.merged_order is not None else None
-        self.register_buffer("input_index", _buffer(block.k.paths[0].path.input_index
-                                                    if block.k.paths[0].input_index is not None else None, device))
+        self.in_channels, self.out_channels, self.stride = plan.in_channels, plan.out_channels, (k.stride, k.stride)
+        device = k.weight.device
+        self.k = _FoldedLayer(k)
+        self.register_buffer("input_index", _buffer(k.gather, device))
         self.l = None
-        if block.l is not None:
-            self.l = _FoldedLayer(block.l)
-            l_main = block.l.paths[0]
-            l_gather = l_main.path.input_index if l_main.input_index is not None else None
+        if l is not None:
+            self.l = _FoldedLayer(l)
             # L's gathered position q -> interleaved position -> K channel -> K's merged position
-            l_input = _compose(l_gather, _compose(plan.interleave, k_order, -1), k_merged_channels)
+            l_input = _compose(l.gather, _compose(plan.interleave, k.order, -1), k.weight.shape[0])
             self.register_buffer("l_input_index", _buffer(l_input, device))
-            l_order = tuple(block.l.merged_order.tolist()) if block.l.merged_order is not None else None
-            self.register_buffer("l_output_index", _buffer(l_order, device))
-            self.register_buffer("k_output_index", _buffer(k_order, device))
+            self.register_buffer("l_output_index", _buffer(l.order, device))
+            self.register_buffer("k_output_index", _buffer(k.order, device))
         else:
-            self.register_buffer("k_output_index", _buffer(_compose(plan.output_order, k_order, -1), device))
+            self.register_buffer("k_output_index", _buffer(_compose(plan.output_order, k.order, -1), device))
         # On 1x1 maps (squeeze-excitation) a grouped convolution call costs far more than the work:
-        # there each layer runs as one small dense matrix product with its gather folded in.
-        self.register_buffer("k_dense", self.k.dense_weight(self.input_index, self.in_channels))
-        self.register_buffer("l_dense", None if self.l is None else
-                             self.l.dense_weight(self.l_input_index, self.k.weight.shape[0]))
+        # there each layer runs scattered: one small dense matrix product with its gather folded in.
+        self.register_buffer("k_scattered", self.k.scattered_weight(self.input_index, self.in_channels))
+        self.register_buffer("l_scattered", None if self.l is None else
+                             self.l.scattered_weight(self.l_input_index, self.k.weight.shape[0]))
         # Where the block is linear up to one final activation (no L, or no activation inside), it
         # also has a dense form: one plain 1x1 convolution. For small layers the dense kernels beat
         # the grouped ones despite the extra multiply-adds; ``prepare_for_inference`` picks per block.
@@ -187,13 +168,13 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     def _dense_form(self):
         """(weight, bias, activation) of the equivalent dense 1x1 convolution, or None when the block
         has a nonlinearity between K and the output other than one final activation."""
-        k_weight, k_bias = self.k_dense, self.k.bias
+        k_weight, k_bias = self.k_scattered, self.k.bias
         if self.l is None:
             return (self._rows(k_weight, self.k_output_index)[:, :, None, None],
                     self._rows(k_bias, self.k_output_index), self.k.act)
         if not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
             return None
-        l_weight = self._rows(self.l_dense, self.l_output_index)
+        l_weight = self._rows(self.l_scattered, self.l_output_index)
         weight = l_weight @ k_weight + self._rows(k_weight, self.k_output_index)
         bias = l_weight @ k_bias + self._rows(self.l.bias, self.l_output_index) + self._rows(k_bias,
                                                                                              self.k_output_index)
@@ -205,8 +186,8 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         if self.l is None or not (isinstance(self.k.act, nn.Identity) and isinstance(self.l.act, nn.Identity)):
             return None
         k_merged = self.k.weight.shape[0]
-        identity = torch.eye(k_merged, dtype=self.k_dense.dtype, device=self.k_dense.device)
-        weight = self._rows(self.l_dense, self.l_output_index) + self._rows(identity, self.k_output_index)
+        identity = torch.eye(k_merged, dtype=self.k_scattered.dtype, device=self.k_scattered.device)
+        weight = self._rows(self.l_scattered, self.l_output_index) + self._rows(identity, self.k_output_index)
         return weight[:, :, None, None], self._rows(self.l.bias, self.l_output_index)
 
     @property
@@ -218,12 +199,17 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         return self.factored_weight is not None
 
     @property
+    def layers(self) -> Tuple[_FoldedLayer, ...]:
+        """K, then L where the plan has one."""
+        return (self.k,) if self.l is None else (self.k, self.l)
+
+    @property
     def executions(self) -> Tuple[str, ...]:
-        """The executions this block has: ``"grouped"`` always (K and L grouped, gathers between),
-        ``"factored"`` (K grouped, then one dense convolution) and ``"dense"`` (one dense convolution)
-        where the block is linear enough for them."""
-        return ("grouped",) + (("factored",) if self.has_factored_form else ()) + (("dense",) if self.has_dense_form
-                                                                                    else ())
+        """The executions (:data:`~gpconv.core.executions.FOLDED_EXECUTIONS`) this block has: ``"grouped"``
+        always (K and L grouped, gathers between), ``"factored"`` (K grouped, then one dense convolution)
+        and ``"dense"`` (one dense convolution) where the block is linear enough for them."""
+        available = {"grouped": True, "factored": self.has_factored_form, "dense": self.has_dense_form}
+        return tuple(execution for execution in FOLDED_EXECUTIONS if available[execution])
 
     @property
     def execution(self) -> str:
@@ -252,10 +238,10 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         return self.execution
 
     def _forward_1x1(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.k.act(F.linear(x.flatten(1), self.k_dense, self.k.bias))
+        k = self.k.act(F.linear(x.flatten(1), self.k_scattered, self.k.bias))
         k_out = k if self.k_output_index is None else k.index_select(1, self.k_output_index)
         if self.l is not None:
-            l = self.l.act(F.linear(k, self.l_dense, self.l.bias))
+            l = self.l.act(F.linear(k, self.l_scattered, self.l.bias))
             k_out = (l if self.l_output_index is None else l.index_select(1, self.l_output_index)) + k_out
         return k_out.reshape(x.shape[0], -1, 1, 1)
 
@@ -288,7 +274,7 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A convolution equal to ``bn(conv(x))`` in eval mode."""
     folded = copy.deepcopy(conv)
     with torch.no_grad():
-        scale, shift = _batch_norm_scale_shift(bn, conv.out_channels, conv.weight)
+        scale, shift = batch_norm_scale_shift(bn, conv.out_channels, conv.weight)
         folded.weight.mul_(scale.reshape(-1, 1, 1, 1))
         bias = shift if conv.bias is None else conv.bias * scale + shift
         folded.bias = nn.Parameter(bias.clone())
@@ -366,7 +352,7 @@ def _fold_sequential(module: nn.Sequential) -> None:
 
 def _convert(module: nn.Module) -> nn.Module:
     if isinstance(module, GroupedPointwiseConv2d):
-        return FoldedGroupedPointwiseConv2d(module)
+        return module.fold()
     for name, child in module.named_children():
         module._modules[name] = _convert(child)
     if isinstance(module, nn.Sequential):
@@ -375,13 +361,6 @@ def _convert(module: nn.Module) -> nn.Module:
         if _is_plain_pointwise(child):
             module._modules[name] = PointwiseConv(child)
     return module
-
-
-# Without an example input, a block with a dense form runs dense when that costs at most this many
-# times the grouped multiply-adds (small layers: oneDNN's dense kernels are several times faster per
-# multiply-add than its grouped ones, and the dense form needs no gather). Timed with an example batch,
-# kEffNet-B0's blocks of up to 4.5x mostly ran fastest dense (benchmarks/block_times.py).
-INFERENCE_DENSE_MAC_RATIO = 4.5
 
 
 def _seconds(function, repeats: int = 3) -> float:
@@ -415,7 +394,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
 
     With ``example_input``, each block is timed in each of its forms on the input it receives
     (:meth:`FoldedGroupedPointwiseConv2d.tune`); otherwise the dense form is used when it needs at most
-    ``INFERENCE_DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
+    ``FOLDED_DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
     with :func:`_default_factor`. Returns ``{block name: execution}``."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
     inputs: Dict[str, torch.Tensor] = {}
@@ -434,11 +413,10 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
         if x is not None and x.shape[-1] * x.shape[-2] > 1:
             chosen[name] = block.tune(x)
             continue
-        for layer in (block.k, block.l):
-            if layer is not None:
-                layer.super_group(_default_factor(layer))
+        for layer in block.layers:
+            layer.super_group(_default_factor(layer))
         dense_macs = block.in_channels * block.out_channels
-        if block.has_dense_form and dense_macs <= INFERENCE_DENSE_MAC_RATIO * block.plan.weight_count:
+        if block.has_dense_form and dense_macs <= FOLDED_DENSE_MAC_RATIO * block.plan.weight_count:
             block.execution = "dense"
         else:
             block.execution = "factored" if block.has_factored_form else "grouped"
@@ -448,7 +426,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
 
 def prepare_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                           channels_last: bool = True, compile: bool = False) -> nn.Module:
-    """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks merged
+    """An eval-mode copy of ``model`` for inference: batch norms folded, grouped blocks folded
     (:class:`FoldedGroupedPointwiseConv2d`), ``channels_last`` weights, optionally ``torch.compile``.
 
     ``example_input`` (a batch like the ones to come) lets each grouped block be timed in each of its

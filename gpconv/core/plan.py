@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 __all__ = [
+    "PLAN_VERSIONS",
     "ConvPath",
     "LayerPlan",
     "PointwisePlan",
@@ -34,6 +35,10 @@ __all__ = [
 ]
 
 Index = Tuple[int, ...]
+
+# The plan versions ``make_plan`` builds (module docstring); the CLI's ``--version`` choices and the
+# variant names (``v1-16ch``, ``v2-8ch-noL``, ...) are made from this.
+PLAN_VERSIONS: Tuple[int, ...] = (1, 2)
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
@@ -148,9 +153,14 @@ class PointwisePlan:
         return self.k.grouped
 
     @property
+    def layers(self) -> Tuple[LayerPlan, ...]:
+        """K, then L where there is one."""
+        return (self.k,) if self.l is None else (self.k, self.l)
+
+    @property
     def weight_count(self) -> int:
         """Convolution weights of K and L (Entropy 2022, Table 1 "K+L Params"; Eq. 28)."""
-        return self.k.weight_count + (self.l.weight_count if self.l is not None else 0)
+        return sum(layer.weight_count for layer in self.layers)
 
     @property
     def dense_weight_count(self) -> int:
@@ -160,9 +170,8 @@ class PointwisePlan:
     def parameter_count(self, *, batch_norm: bool = True, bias: bool = False) -> int:
         """Trainable parameters of the executing module: weights, plus per output channel of each
         layer a bias (if ``bias``) and a batch-norm scale and shift (if ``batch_norm``)."""
-        layers = 1 + (self.l is not None)
         per_channel = (2 if batch_norm else 0) + (1 if bias else 0)
-        return self.weight_count + layers * self.out_channels * per_channel
+        return self.weight_count + len(self.layers) * self.out_channels * per_channel
 
     def table_row(self) -> dict:
         """The row of Entropy 2022 Table 1 for this layer."""
@@ -182,9 +191,7 @@ class PointwisePlan:
         if not self.grouped:
             return (f"{head}: stays dense ({self.dense_weight_count:,} weights)")
         lines = [head + ":"]
-        for name, layer in (("K", self.k), ("L", self.l)):
-            if layer is None:
-                continue
+        for name, layer in zip("KL", self.layers):
             for number, path in enumerate(layer.paths, start=1):
                 lines.append(
                     f"  {name}{number}: {path.groups} groups x {path.filters_per_group} filters, "
@@ -296,6 +303,9 @@ def _plan_v1(in_channels: int, out_channels: int, channels_per_group: int, l_lay
                          k=k, l=l, interleave=interleave)
 
 
+_PLAN_BUILDERS = {1: _plan_v1, 2: _plan_v2}  # one per PLAN_VERSIONS
+
+
 def make_plan(in_channels: int, out_channels: int, channels_per_group: int, *,
               version: int = 2, l_layer: bool = True) -> PointwisePlan:
     """Plan the replacement of a dense ``in_channels -> out_channels`` 1x1 convolution.
@@ -306,9 +316,8 @@ def make_plan(in_channels: int, out_channels: int, channels_per_group: int, *,
     check_positive_int("in_channels", in_channels)
     check_positive_int("out_channels", out_channels)
     check_positive_int("channels_per_group", channels_per_group)
-    if isinstance(version, bool) or version not in (1, 2):
-        raise ValueError(f"version must be 1 or 2, got {version!r}")
+    if isinstance(version, bool) or version not in PLAN_VERSIONS:
+        raise ValueError(f"version must be {' or '.join(map(str, PLAN_VERSIONS))}, got {version!r}")
     if not isinstance(l_layer, bool):
         raise TypeError(f"l_layer must be True or False, got {l_layer!r}")
-    builder = _plan_v1 if version == 1 else _plan_v2
-    return builder(in_channels, out_channels, channels_per_group, l_layer)
+    return _PLAN_BUILDERS[version](in_channels, out_channels, channels_per_group, l_layer)

@@ -16,9 +16,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-__all__ = ["Variant", "ReferenceRow", "load_reference", "parse_variant", "reference_options", "NOTEBOOK_OPTIONS"]
+from ..core.plan import PLAN_VERSIONS
 
-_VARIANT = re.compile(r"^v(?P<version>[12])-(?P<cpg>\d+)ch(?P<flags>(-(noL|relu))*)$")
+__all__ = ["Variant", "ReferenceRow", "load_reference", "parse_variant", "reference_options", "NOTEBOOK_OPTIONS",
+           "VERSION_PATTERN"]
+
+# the ``v<version>`` of variant names: one of the plan versions
+VERSION_PATTERN = "|".join(str(version) for version in PLAN_VERSIONS)
+_VARIANT = re.compile(rf"^v(?P<version>{VERSION_PATTERN})-(?P<cpg>\d+)ch(?P<flags>(-(noL|relu))*)$")
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .data import DATASETS
 from ..models import check_input_size, list_models
-from .paper_numbers import parse_variant
+from .paper_numbers import VERSION_PATTERN, parse_variant
 from .config import ModelConfig, TrainConfig, field_default, non_negative_int, positive_float, positive_int
 
 __all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE",
@@ -78,7 +78,7 @@ OPTION_RULES: Dict[str, Callable] = {
     "lr": positive_float, "max_train_batches": positive_int, "seed": non_negative_int,
     "precise_bn_batches": non_negative_int, "channels_per_group": positive_int, "lr_cycle": positive_int,
 }
-_TEMPLATE = re.compile(r"^v[12]((-noL|-relu)*)$")
+_TEMPLATE = re.compile(rf"^v(?:{VERSION_PATTERN})((-noL|-relu)*)$")
 
 
 @dataclass
