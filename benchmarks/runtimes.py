@@ -11,8 +11,8 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``ORT fp32``: ``gpconv.export_onnx`` (verified against torch) in ONNX Runtime;
 * ``ORT int8``: that file quantized by ``gpconv.export.quantize_onnx`` (static, calibrated), ONNX Runtime;
 * ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape;
-* with ``--onnx-forms``, ``ORT fp32 FORM``: ONNX Runtime with the grouped blocks exported in each
-  other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
+* with ``--onnx-forms``, ``ORT fp32 FORM`` and ``OpenVINO FORM``: ONNX Runtime and OpenVINO with the
+  grouped blocks exported in each other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
 All of them alternate round by round (so that drifts of the machine hit all alike), with the same
 thread count; ONNX Runtime's threads do not busy-wait between runs (they would slow down the next
@@ -90,11 +90,15 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
         functions["prepare_for_inference"] = lambda: prepared(x_last)
     fp32 = export(model, folder / f"{name}-{x.shape[-1]}.onnx", x, calibration)
     array = x.numpy()
-    for runtime in runtimes:  # "ORT fp32 FORM" (--onnx-forms): the blocks exported in another form
+    for runtime in runtimes:  # "ORT fp32 FORM", "OpenVINO FORM" (--onnx-forms): blocks exported in FORM
+        form = runtime.split()[-1]
+        if runtime.startswith(("ORT fp32 ", "OpenVINO ")):
+            path = export(model, fp32.with_suffix(f".{form}.onnx"), x, calibration, form)
         if runtime.startswith("ORT fp32 "):
-            session_form = onnx_session(export(model, fp32.with_suffix(f".{runtime.split()[-1]}.onnx"), x,
-                                               calibration, runtime.split()[-1]), threads, spinning=False)
+            session_form = onnx_session(path, threads, spinning=False)
             functions[runtime] = lambda session=session_form: session.run(None, {"images": array})
+        elif runtime.startswith("OpenVINO "):
+            functions[runtime] = openvino_function(path, x, threads)
     if "ORT fp32" in runtimes:
         session = onnx_session(fp32, threads, spinning=False)
         functions["ORT fp32"] = lambda: session.run(None, {"images": array})
@@ -152,13 +156,14 @@ def main():
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
     parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of: " + ", ".join(RUNTIMES))
     parser.add_argument("--onnx-forms", action="store_true",
-                        help="also time ONNX Runtime fp32 with the grouped blocks exported in each form of "
+                        help="also time ONNX Runtime fp32 and OpenVINO with the grouped blocks exported in each form of "
                              "gpconv.export.ONNX_FORMS (the default export is 'rule')")
     parser.add_argument("--json", default=None, help="also write the timings (seconds) to this file")
     args = parser.parse_args()
     args.models, args.runtimes = args.models.split(","), args.runtimes.split(",")
     if args.onnx_forms:
-        args.runtimes += [f"ORT fp32 {form}" for form in ONNX_FORMS if form != "rule"]
+        args.runtimes += [f"{runtime} {form}" for runtime in ("ORT fp32", "OpenVINO")
+                          for form in ONNX_FORMS if form != "rule"]
     torch.set_num_threads(args.threads)
     print(describe_machine(torch.device("cpu")) + f"; onnxruntime {require_deploy('onnxruntime').__version__}")
     results = {}
