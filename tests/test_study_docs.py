@@ -21,3 +21,11 @@ def test_readme_accuracy_table_matches_the_study_csv():
         else:
             expected = f"{values[0]:.3f} (1 seed)"
         assert expected in line, (variant, expected, line)
+
+
+def test_readme_paper_protocol_figures_match_the_study_csv():
+    rows = {row["variant"]: float(row["test_accuracy"]) for row in csv.DictReader(CSV.open())}
+    readme = (ROOT / "README.md").read_text()
+    quoted = (f"baseline {rows['baseline-paper-protocol']:.3f}, 16ch {rows['v2-16ch-paper-protocol']:.3f} "
+              "after 30 epochs")
+    assert quoted in " ".join(readme.split()), quoted
