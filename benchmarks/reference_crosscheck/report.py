@@ -18,9 +18,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-LABELS = {"reference": "reference (K-CAI, TensorFlow)", "gpconv": "gpconv (classifier init family)",
-          "gpconv-torchinit": "gpconv (classifier init torch)"}
-COLORS = {"reference": "tab:blue", "gpconv": "tab:orange", "gpconv-torchinit": "tab:green"}
+# Run folders are named IMPLEMENTATION-INIT-sSEED (run_all.sh): IMPLEMENTATION reference or gpconv,
+# INIT the classifier initialisation (torch or family).
+NAMES = {"reference": "reference (K-CAI, TensorFlow)", "gpconv": "gpconv"}
+COLORS = {"reference": "tab:blue", "gpconv": "tab:orange"}
+
+
+def label(implementation: str) -> str:
+    name, _, init = implementation.partition("-")
+    return f"{NAMES.get(name, name)}, classifier init {init}" if init else NAMES.get(name, name)
+
+
+def counterpart(implementation: str) -> str:
+    """The reference run group that a gpconv run group is compared with (same initialisation)."""
+    return "reference" + implementation[len("gpconv"):]
 
 
 def load_runs(folder: Path):
@@ -34,9 +45,8 @@ def load_runs(folder: Path):
         finished = (run / "metrics.json").exists()  # an interrupted run has only its history so far
         metrics = json.loads((run / "metrics.json").read_text()) if finished else None
         runs.append({"implementation": implementation, "seed": int(seed), "history": history, "metrics": metrics})
-    order = list(LABELS)
-    return sorted(runs, key=lambda r: (order.index(r["implementation"]) if r["implementation"] in order else 99,
-                                       r["seed"]))
+    return sorted(runs, key=lambda r: (r["implementation"].partition("-")[2],
+                                       list(NAMES).index(r["implementation"].partition("-")[0]), r["seed"]))
 
 
 def write_csv(runs, path: Path) -> None:
@@ -91,11 +101,11 @@ def write_markdown(runs, path: Path, csv_name: str, figure_name: str, baseline=N
     for run in runs:
         m, h = run["metrics"], run["history"]
         if m is None:
-            lines.append(f"| {LABELS.get(run['implementation'], run['implementation'])} | {run['seed']} | "
+            lines.append(f"| {label(run['implementation'])} | {run['seed']} | "
                          f"{len(h)} (unfinished) | | {max(r['val_accuracy'] for r in h):.4f} | | | "
                          f"{h[-1]['val_accuracy']:.4f} | | |")
             continue
-        lines.append(f"| {LABELS.get(run['implementation'], run['implementation'])} | {run['seed']} | {len(h)} | "
+        lines.append(f"| {label(run['implementation'])} | {run['seed']} | {len(h)} | "
                      f"{m['best_epoch']} | {max(r['val_accuracy'] for r in h):.4f} | {m['test_accuracy']:.4f} | "
                      f"{m['test_loss']:.4f} | {h[-1]['val_accuracy']:.4f} | {m['trainable_params']} | "
                      f"{m.get('train_seconds', float('nan')):.0f} |")
@@ -106,7 +116,7 @@ def write_markdown(runs, path: Path, csv_name: str, figure_name: str, baseline=N
         values = [r["metrics"]["test_accuracy"] for r in impl_runs]
         summary[impl] = spread(values)
         mean, std, low, high = summary[impl]
-        lines.append(f"| {LABELS.get(impl, impl)} | {', '.join(str(r['seed']) for r in impl_runs)} | {mean:.4f} | "
+        lines.append(f"| {label(impl)} | {', '.join(str(r['seed']) for r in impl_runs)} | {mean:.4f} | "
                      f"{std:.4f} | {low:.4f} | {high:.4f} |")
     lines += ["", "Per epoch, mean [min, max] over the seeds of the finished runs (training figures: augmented images, "
               "dropout on, running mean over the epoch):", "",
@@ -120,16 +130,15 @@ def write_markdown(runs, path: Path, csv_name: str, figure_name: str, baseline=N
                 values = [r["history"][e][key] for r in by_impl[i]]
                 cells.append(f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]")
         lines.append(f"| {e + 1} | " + " | ".join(cells) + " |")
-    if "reference" in summary:
-        lines += [""]
-        ref_mean, ref_std, ref_low, ref_high = summary["reference"]
-        for impl, (mean, std, low, high) in summary.items():
-            if impl == "reference":
-                continue
-            within = max(ref_high, high) - min(ref_low, low)
-            lines.append(f"* {LABELS.get(impl, impl)} minus reference: {mean - ref_mean:+.4f} in mean test accuracy; "
-                         f"seed spread (max - min) {high - low:.4f} for gpconv and {ref_high - ref_low:.4f} for the "
-                         f"reference (std {std:.4f} and {ref_std:.4f}); all runs of both lie within {within:.4f}.")
+    lines += [""]
+    for impl, (mean, std, low, high) in summary.items():
+        if not impl.startswith("gpconv") or counterpart(impl) not in summary:
+            continue
+        ref_mean, ref_std, ref_low, ref_high = summary[counterpart(impl)]
+        within = max(ref_high, high) - min(ref_low, low)
+        lines.append(f"* {label(impl)} minus {label(counterpart(impl))}: {mean - ref_mean:+.4f} in mean test "
+                     f"accuracy; seed spread (max - min) {high - low:.4f} for gpconv and {ref_high - ref_low:.4f} for "
+                     f"the reference (std {std:.4f} and {ref_std:.4f}); all runs of both lie within {within:.4f}.")
     if baseline:
         best = max(r["metrics"]["test_accuracy"] for impl_runs in by_impl.values() for r in impl_runs)
         lines.append(f"* Best test accuracy of any finished run: {best:.4f}; always predicting the most frequent "
@@ -142,9 +151,9 @@ def plot(runs, path: Path, baseline=None) -> None:
     for run in runs:
         impl, h = run["implementation"], run["history"]
         epochs = [r["epoch"] for r in h]
-        color = COLORS.get(impl, "tab:gray")
+        color = COLORS.get(impl.partition("-")[0], "tab:gray")
         style = "-" if run["seed"] == min(r["seed"] for r in runs) else "--"
-        label = f"{LABELS.get(impl, impl)}, seed {run['seed']}" + ("" if run["metrics"] else " (unfinished)")
+        label = f"{label(impl)}, seed {run['seed']}" + ("" if run["metrics"] else " (unfinished)")
         acc.plot(epochs, [r["val_accuracy"] for r in h], style, color=color, label=f"{label} (val)")
         acc.plot(epochs, [r["train_accuracy"] for r in h], style, color=color, alpha=0.35)
         loss.plot(epochs, [r["val_loss"] for r in h], style, color=color, label=f"{label} (val)")
