@@ -9,6 +9,9 @@
   raises :class:`OutputError` (one line) and leaves the previous ``NAME`` untouched.
 * Temporary files left by a killed write are removed the next time a command claims that folder
   (:func:`remove_stale_temporaries`; only names of that exact pattern, for the files it writes).
+
+Tables gpconv prints or writes (``gpconv table``, ``gpconv summary``, ``results.md`` of ``gpconv
+report``, :func:`gpconv.summarize`) are rendered by one function, :func:`render_table`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, List
+from typing import Callable, Iterable, List, Optional, Sequence
 
-__all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs", "remove_stale_temporaries",
-           "check_writable"]
+__all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs",
+           "remove_stale_temporaries", "check_writable", "render_table"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
 
@@ -135,3 +138,28 @@ def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, opti
     check_writable(folder)
     remove_stale_temporaries(folder, names)
     return folder
+
+
+def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, markdown: bool = False,
+                 align: Optional[str] = None, rule: bool = True) -> str:
+    """``headers`` and ``rows`` (cells already formatted as strings) as a table.
+
+    ``align``: one letter per column, ``l`` (left) or ``r`` (right); default: the first column left,
+    the others right. Plain text (``markdown=False``): columns padded to their widest cell and
+    separated by two spaces, trailing spaces removed, a line of dashes under the header when
+    ``rule``. Markdown: ``| a | b |`` lines, the alignment row ``|---|---:|`` after the header."""
+    headers, rows = [str(cell) for cell in headers], [[str(cell) for cell in row] for row in rows]
+    align = align or "l" + "r" * (len(headers) - 1)
+    if len(align) != len(headers) or set(align) - {"l", "r"} or any(len(row) != len(headers) for row in rows):
+        raise ValueError(f"render_table: {len(headers)} headers, alignment {align!r} and rows of "
+                         f"{sorted({len(row) for row in rows})} cells do not match")
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in [headers] + rows]
+        lines.insert(1, "|" + "".join("---|" if a == "l" else "---:|" for a in align))
+        return "\n".join(lines)
+    widths = [max(len(line[i]) for line in [headers] + rows) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) if a == "l" else cell.rjust(width)
+                       for cell, width, a in zip(line, widths, align)).rstrip() for line in [headers] + rows]
+    if rule:
+        lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)

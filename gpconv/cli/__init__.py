@@ -13,6 +13,7 @@ from ..core.convert import summarize
 from ..core.counting import count_computations, count_macs, count_parameters
 from ..models import check_input_size, create_model, list_models
 from ..core.plan import PLAN_VERSIONS, make_plan
+from ..io import render_table
 from ..experiments.paper_tables import format_table, paper_table
 from .export import add_export_command
 from .results import add_results_commands
@@ -99,9 +100,7 @@ def _summary(args) -> None:
     if len(rows) == 2:
         base = rows[0][1]
         body[1] = (body[1][0],) + tuple(f"{value:,} ({100 * value / base[i]:.1f}%)" for i, value in enumerate(rows[1][1]))
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    for line in [header] + body:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    print(render_table(header, body, rule=False))
     print(f"(computations: the papers' TensorFlow-profiler count; counted in {time.perf_counter() - started:.1f} s)")
 
 

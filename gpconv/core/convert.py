@@ -23,6 +23,7 @@ from torch import nn
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from ..layers import ActivationSpec, check_activation
 from .plan import make_plan
+from ..io import render_table
 
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
            "is_plain_linear"]
@@ -260,10 +261,7 @@ class ConversionSummary:
         body = [(row.name, str(row.in_channels), str(row.out_channels), str(row.stride), f"{row.params_before:,}",
                  f"{row.params_after:,}", ("linear" if row.linear else "") if row.grouped
                  else "dense (too small to group)") for row in self.rows]
-        widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                 .rstrip() for line in [header] + body]
-        lines.insert(1, "-" * len(lines[0]))
+        lines = [render_table(header, body)]
         grouped = sum(row.grouped for row in self.rows)
         lines.append(f"{grouped} grouped pointwise convolutions, {len(self.rows) - grouped} kept dense inside a block, "
                      f"{self.dense_pointwise} plain dense 1x1 convolutions")

@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..core.counting import count_computations, count_parameters
+from ..io import render_table
 from ..models import check_input_size, create_model
 from .paper_numbers import ReferenceRow, load_reference, reference_options
 
@@ -55,7 +56,8 @@ def _mark(ours: int, theirs: Optional[int]) -> str:
 
 def format_table(rows: Sequence[VariantFigures], markdown: bool = False) -> str:
     """Variant, parameters, % of baseline, computations, %, and the published figures with a match
-    mark per cell ("ok" when identical, otherwise the relative difference)."""
+    mark per cell ("ok" when identical, otherwise the relative difference); plain text, or Markdown
+    when ``markdown`` (:func:`gpconv.io.render_table`)."""
     base = rows[0]
     header = ("variant", "parameters", "%", "computations", "%", "paper parameters", "", "paper computations", "")
     body: List[Tuple[str, ...]] = []
@@ -67,12 +69,4 @@ def format_table(rows: Sequence[VariantFigures], markdown: bool = False) -> str:
             f"{ref.trainable_params:,}" if ref else "-", _mark(row.trainable_params, ref and ref.trainable_params),
             f"{ref.computations:,}" if ref else "-", _mark(row.computations, ref and ref.computations),
         ))
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(line) + " |" for line in body]
-        return "\n".join(lines)
-    def render(line):
-        return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-    rule = "-" * len(render(header))
-    return "\n".join([render(header), rule] + [render(line) for line in body])
+    return render_table(header, body, markdown=markdown)

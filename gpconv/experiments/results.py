@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..io import OutputError, atomic_write, atomic_write_text, claim_outputs, existing_outputs, render_table
+
 __all__ = ["RunResult", "VariantSummary", "collect_runs", "load_run", "pareto_front", "format_results_table",
            "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure", "REPORT_FILES"]
 
@@ -182,13 +184,10 @@ def table_rows(runs: Sequence[RunResult], baseline: Optional[str] = None) -> Lis
 
 def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = None) -> str:
     """The Markdown table (thousands separators in the count columns)."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
-    for row in table_rows(runs, baseline):
-        row = list(row)
-        row[1], row[3] = f"{int(row[1]):,}", f"{int(row[3]):,}"
-        row[2], row[4] = row[2] + "%", row[4] + "%"
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    rows = [[name, f"{int(params):,}", params_percent + "%", f"{int(computations):,}", computations_percent + "%",
+             *rest] for name, params, params_percent, computations, computations_percent, *rest
+            in table_rows(runs, baseline)]
+    return render_table(HEADER, rows, markdown=True)
 
 
 RUNS_CSV_FIELDS = ("variant", "seed", "trainable_params", "computations", "test_accuracy", "test_accuracy_hflip",
@@ -211,26 +210,27 @@ def _mean_std(pair) -> str:
     return "-" if pair is None else f"{pair[0]:.4f} ± {pair[1]:.4f}"
 
 
+VARIANT_HEADER = ("variant", "seeds", "parameters", "% parameters", "computations", "% computations",
+                  "test accuracy (mean ± std)", "H-flip TTA (mean ± std)", "train minutes (mean)")
+
+
 def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
-    """Markdown table of the variants: mean ± sample standard deviation over their seeds."""
+    """Markdown table of the variants (:data:`VARIANT_HEADER`): mean ± sample standard deviation over
+    their seeds."""
     base = next((v for v in summaries if v.variant.endswith("baseline")), summaries[0])
-    lines = ["| variant | seeds | parameters | % parameters | computations | % computations | test accuracy "
-             "(mean ± std) | H-flip TTA (mean ± std) | train minutes (mean) |", "|---|" + "---:|" * 8]
+    rows = []
     for summary in summaries:
         seconds = summary.mean_std("train_seconds")
-        lines.append(
-            f"| {summary.variant} | {len(summary.runs)} | {summary.trainable_params:,} | "
-            f"{100.0 * summary.trainable_params / base.trainable_params:.1f}% | {summary.computations:,} | "
-            f"{100.0 * summary.computations / base.computations:.1f}% | {_mean_std(summary.mean_std('accuracy'))} | "
-            f"{_mean_std(summary.mean_std('test_accuracy_hflip_tta'))} | "
-            f"{'-' if seconds is None else f'{seconds[0] / 60:.1f}'} |")
-    return "\n".join(lines)
+        rows.append((summary.variant, str(len(summary.runs)), f"{summary.trainable_params:,}",
+                     f"{100.0 * summary.trainable_params / base.trainable_params:.1f}%", f"{summary.computations:,}",
+                     f"{100.0 * summary.computations / base.computations:.1f}%",
+                     _mean_std(summary.mean_std("accuracy")), _mean_std(summary.mean_std("test_accuracy_hflip_tta")),
+                     "-" if seconds is None else f"{seconds[0] / 60:.1f}"))
+    return render_table(VARIANT_HEADER, rows, markdown=True)
 
 
 def save_figure(figure, path) -> Path:
     """Save a matplotlib figure as PNG atomically (:func:`gpconv.io.atomic_write`)."""
-    from ..io import atomic_write
-
     return atomic_write(path, lambda out: figure.savefig(out, format="png", dpi=100))
 
 
@@ -317,8 +317,6 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
     plots of the runs in ``paths`` to ``output`` (:data:`REPORT_FILES`). Runs of one variant with several
     seeds are also summarised as mean ± standard deviation, and the plots show those means. Refused (one
     line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false."""
-    from ..io import OutputError, claim_outputs, existing_outputs
-    from ..io import atomic_write_text
     from .run_folder import RUN_FILES
 
     runs = collect_runs(paths)
