@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from typing import List, Optional
@@ -20,6 +21,14 @@ from .results import add_results_commands
 from .train import add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
+
+# pyproject.toml's extras, by the names their packages are imported as (pillow: PIL, pyyaml: yaml).
+EXTRAS = {"train": ("numpy", "PIL", "tqdm", "matplotlib", "yaml"),
+          "deploy": ("onnx", "onnxscript", "onnxruntime", "openvino"),
+          "interop": ("transformers",)}
+# Commands that read data, train, plot or load configs: the train extra (``demo`` too, unless --no-train).
+# The others (table, plan, summary, demo --no-train) need torch alone.
+TRAIN_COMMANDS = ("train", "evaluate", "sweep", "report", "cam", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,10 +159,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_extra_message(command: str, module: Optional[str]) -> Optional[str]:
+    """The one-line error of ``gpconv command`` when the missing ``module`` belongs to an extra, else None."""
+    top = (module or "").split(".")[0]
+    extra = next((name for name, modules in EXTRAS.items() if top in modules), None)
+    if extra is None:
+        return None
+    return f"gpconv {command} needs {top}, which is not installed: pip install 'gpconv[{extra}]'"
+
+
+def _check_train_extra(args) -> None:
+    """ModuleNotFoundError, before any work, when ``args.command`` needs the train extra and one of its
+    packages is missing."""
+    if args.command not in TRAIN_COMMANDS and not (args.command == "demo" and args.train):
+        return
+    for module in EXTRAS["train"]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken install
+            found = False
+        if not found:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_train_extra(args)
         args.run(args)
+    except ModuleNotFoundError as error:  # an extra's package (checked above, or imported on the way): one line
+        message = missing_extra_message(args.command, error.name)
+        if message is None:
+            raise
+        print(f"gpconv: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError) as error:
         print(f"gpconv: error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.plan import PLAN_VERSIONS
-from ..experiments.data import DATASETS
+from ..experiments import DATASETS
 from ..models import list_models
 from ..experiments.config import positive_int
 

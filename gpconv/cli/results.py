@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiments.data import DATASETS
+from ..experiments import DATASETS
 from ..models import list_models
 from ..experiments.config import non_negative_int, positive_int
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..core.plan import PLAN_VERSIONS
+from ..experiments import DATASETS
 from ..experiments.config import non_negative_int, positive_float, positive_int
-from ..experiments.data import DATASETS
 from ..models import CLASSIFIER_INITS, list_models
 
 __all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
