@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 $(BIN)/gpconv: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,interop,deploy]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,train,interop,deploy]"
 	touch $(BIN)/gpconv
 
 install: $(BIN)/gpconv
