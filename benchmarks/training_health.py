@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpconv.core.block import set_execution, set_recompute  # noqa: E402
+from gpconv.io import render_table  # noqa: E402
 from gpconv.experiments.data import load_dataset, to_float  # noqa: E402
 from gpconv.models import create_model, init_classifier  # noqa: E402
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
@@ -141,9 +142,7 @@ def main(argv=None) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, buffer.getvalue())
     print(f"\n{args.steps} steps of {args.batch_size}, lr 1e-3 constant, no augmentation; ln(10) = {math.log(10):.4f}\n")
-    print("| " + " | ".join(FIELDS[1:]) + " |\n|---|" + "---:|" * (len(FIELDS) - 2))
-    for row in rows:
-        print("| " + " | ".join(str(row[key]) for key in FIELDS[1:]) + " |")
+    print(render_table(FIELDS[1:], [[str(row[key]) for key in FIELDS[1:]] for row in rows], markdown=True))
     print(f"\nwritten: {args.output}")
     return 0
 

@@ -16,7 +16,7 @@ from gpconv.cli import main
 from gpconv.experiments.data import PAPER_DATASETS
 from gpconv.models import create_model, list_models
 from gpconv.experiments.paper_numbers import parse_variant
-from gpconv.experiments.results import collect_runs, pareto_front
+from gpconv.experiments.results import collect_runs, format_results_table, pareto_front
 from gpconv.experiments.sweep import expand_runs, expand_variants, load_sweep_config
 
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
@@ -314,3 +314,32 @@ def test_a_report_can_replace_its_own_earlier_report(tmp_path):
     assert main(["report", str(tmp_path / "sweep"), "--output", str(output), "--overwrite"]) == 0
     assert main(["report", str(tmp_path / "sweep"), "--output", str(tmp_path / "sweep" / "baseline"),
                  "--overwrite"]) == 2  # a run folder stays refused
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def test_render_table_plain_and_markdown():
+    from gpconv.io import render_table
+
+    header, rows = ("model", "parameters", ""), [("baseline", "4,020,358", "-"), ("v2-16ch", "623,226", "ok")]
+    assert render_table(header, rows).splitlines() == [
+        "model     parameters",  # trailing spaces of the empty last header cell removed
+        "------------------------",  # the rule spans the widest line
+        "baseline   4,020,358   -",
+        "v2-16ch      623,226  ok"]
+    assert render_table(header, rows, rule=False, align="lll").splitlines()[1] == "baseline  4,020,358   -"
+    assert render_table(header, rows, markdown=True).splitlines() == [
+        "| model | parameters |  |", "|---|---:|---:|", "| baseline | 4,020,358 | - |", "| v2-16ch | 623,226 | ok |"]
+    with pytest.raises(ValueError, match="3 headers"):
+        render_table(header, [("baseline", "4,020,358")])
+
+
+def test_report_tables_are_markdown_with_numbers_right_aligned(tmp_path):
+    _fake_run(tmp_path / "sweep" / "baseline", 1000, 5000, 0.5, tta=0.52)
+    _fake_run(tmp_path / "sweep" / "v2-16ch", 150, 900, 0.45, tta=0.47)
+    lines = format_results_table(collect_runs([tmp_path / "sweep"])).splitlines()
+    assert lines[0] == ("| model | parameters | % parameters | computations | % computations | test accuracy "
+                        "| test accuracy (H-flip TTA) | epochs |")
+    assert lines[1] == "|---|" + "---:|" * 7
+    assert lines[3].startswith("| v2-16ch | 150 | 15.0% | 900 | 18.0% | 0.4500 | 0.4700 |")
