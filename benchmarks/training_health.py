@@ -35,12 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gpconv.core.block import set_execution, set_recompute  # noqa: E402
-from gpconv.io import render_table  # noqa: E402
 from gpconv.experiments.data import load_dataset, to_float  # noqa: E402
 from gpconv.models import create_model, init_classifier  # noqa: E402
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 from gpconv.experiments.training import make_optimizer  # noqa: E402
-from gpconv.io import atomic_write_text  # noqa: E402
+from gpconv.io import atomic_write_text, render_table  # noqa: E402
 
 FIELDS = ("experiment", "run", "trainable_params", "initial_loss", "final_loss", "eval_val_accuracy_running_bn",
           "eval_val_accuracy_recomputed_bn", "loss_gap_to_fast_first_10_steps")

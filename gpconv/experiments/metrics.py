@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import render_table
 from .checkpoint import checkpoint_test_split, load_model_from_checkpoint
 from .data import ImageSet, to_float
 from .distributed import DistributedContext, setup_distributed
@@ -100,13 +101,10 @@ def classification_report(confusion: torch.Tensor, class_names: List[str]) -> di
 
 
 def format_report(report: dict) -> str:
-    """The per-class report as a text table."""
-    width = max(len(name) for name in report) + 2
-    lines = [f"{'':<{width}}precision    recall  f1-score   support"]
-    for name, row in report.items():
-        lines.append(f"{name:<{width}}{row['precision']:9.4f} {row['recall']:9.4f} {row['f1']:9.4f} "
-                     f"{row['support']:9d}")
-    return "\n".join(lines)
+    """The per-class report as a text table (:func:`gpconv.io.render_table`)."""
+    rows = [(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+            for name, row in report.items()]
+    return render_table(("class", "precision", "recall", "f1-score", "support"), rows)
 
 
 @torch.no_grad()
