@@ -10,8 +10,8 @@
 * Temporary files left by a killed write are removed the next time a command claims that folder
   (:func:`remove_stale_temporaries`; only names of that exact pattern, for the files it writes).
 
-Tables gpconv prints or writes (``gpconv table``, ``gpconv summary``, ``results.md`` of ``gpconv
-report``, :func:`gpconv.summarize`) are rendered by one function, :func:`render_table`.
+Tables gpconv prints or writes (``gpconv table``, ``summary`` and ``evaluate``, ``results.md`` of
+``gpconv report``, :func:`gpconv.summarize`) are rendered by one function, :func:`render_table`.
 """
 
 from __future__ import annotations

@@ -184,9 +184,10 @@ def table_rows(runs: Sequence[RunResult], baseline: Optional[str] = None) -> Lis
 
 def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = None) -> str:
     """The Markdown table (thousands separators in the count columns)."""
-    rows = [[name, f"{int(params):,}", params_percent + "%", f"{int(computations):,}", computations_percent + "%",
-             *rest] for name, params, params_percent, computations, computations_percent, *rest
-            in table_rows(runs, baseline)]
+    rows = []
+    for name, params, params_percent, computations, computations_percent, *rest in table_rows(runs, baseline):
+        rows.append([name, f"{int(params):,}", params_percent + "%", f"{int(computations):,}",
+                     computations_percent + "%", *rest])  # rest: accuracies and epochs as they are
     return render_table(HEADER, rows, markdown=True)
 
 
