@@ -191,14 +191,6 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         return weight[:, :, None, None], self._rows(self.l.bias, self.l_output_index)
 
     @property
-    def has_dense_form(self) -> bool:
-        return self.dense_weight is not None
-
-    @property
-    def has_factored_form(self) -> bool:
-        return self.factored_weight is not None
-
-    @property
     def layers(self) -> Tuple[_FoldedLayer, ...]:
         """K, then L where the plan has one."""
         return (self.k,) if self.l is None else (self.k, self.l)
@@ -208,7 +200,8 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         """The executions (:data:`~gpconv.core.executions.FOLDED_EXECUTIONS`) this block has: ``"grouped"``
         always (K and L grouped, gathers between), ``"factored"`` (K grouped, then one dense convolution)
         and ``"dense"`` (one dense convolution) where the block is linear enough for them."""
-        available = {"grouped": True, "factored": self.has_factored_form, "dense": self.has_dense_form}
+        available = {"grouped": True, "factored": self.factored_weight is not None,
+                     "dense": self.dense_weight is not None}
         return tuple(execution for execution in FOLDED_EXECUTIONS if available[execution])
 
     @property
@@ -416,10 +409,10 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
         for layer in block.layers:
             layer.super_group(_default_factor(layer))
         dense_macs = block.in_channels * block.out_channels
-        if block.has_dense_form and dense_macs <= FOLDED_DENSE_MAC_RATIO * block.plan.weight_count:
+        if "dense" in block.executions and dense_macs <= FOLDED_DENSE_MAC_RATIO * block.plan.weight_count:
             block.execution = "dense"
         else:
-            block.execution = "factored" if block.has_factored_form else "grouped"
+            block.execution = "factored" if "factored" in block.executions else "grouped"
         chosen[name] = block.execution
     return chosen
 
