@@ -11,6 +11,8 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``ORT fp32``: ``gpconv.export_onnx`` (verified against torch) in ONNX Runtime;
 * ``ORT int8``: that file quantized by ``gpconv.export.quantize_onnx`` (static, calibrated), ONNX Runtime;
 * ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape;
+* ``OpenVINO int8`` (only when named in ``--runtimes``): the int8 file of ``ORT int8`` (QDQ),
+  compiled by OpenVINO;
 * with ``--onnx-forms``, ``ORT fp32 FORM`` and ``OpenVINO FORM``: ONNX Runtime and OpenVINO with the
   grouped blocks exported in each other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
@@ -44,7 +46,7 @@ from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 SETTINGS = {"224-b1": (224, 1, 0), "224-b16": (224, 16, 0), "32-b64": (32, 64, 3)}  # size, batch, skip_strides
-RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO")
+RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO", "OpenVINO int8")
 
 
 def images(count: int, size: int) -> torch.Tensor:
@@ -92,6 +94,8 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
     array = x.numpy()
     for runtime in runtimes:  # "ORT fp32 FORM", "OpenVINO FORM" (--onnx-forms): blocks exported in FORM
         form = runtime.split()[-1]
+        if form not in ONNX_FORMS:
+            continue
         if runtime.startswith(("ORT fp32 ", "OpenVINO ")):
             path = export(model, fp32.with_suffix(f".{form}.onnx"), x, calibration, form)
         if runtime.startswith("ORT fp32 "):
@@ -102,12 +106,14 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
     if "ORT fp32" in runtimes:
         session = onnx_session(fp32, threads, spinning=False)
         functions["ORT fp32"] = lambda: session.run(None, {"images": array})
+    int8 = fp32.with_name(fp32.stem + ".int8.onnx")
+    if {"ORT int8", "OpenVINO int8"} & set(runtimes) and not int8.exists():
+        quantize_onnx(fp32, int8, calibration)
     if "ORT int8" in runtimes:
-        int8 = fp32.with_name(fp32.stem + ".int8.onnx")
-        if not int8.exists():
-            quantize_onnx(fp32, int8, calibration)
         session8 = onnx_session(int8, threads, spinning=False)
         functions["ORT int8"] = lambda: session8.run(None, {"images": array})
+    if "OpenVINO int8" in runtimes:  # OpenVINO reads the QDQ file and runs it with int8 kernels
+        functions["OpenVINO int8"] = openvino_function(int8, x, threads)
     if "OpenVINO" in runtimes:
         functions["OpenVINO"] = openvino_function(fp32, x, threads)
     return {(runtime, name): function for runtime, function in functions.items()}
@@ -154,7 +160,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=16, help="images per timed call (batches of N: N // batch)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES), help="comma-separated, of: " + ", ".join(RUNTIMES))
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES[:-1]),
+                        help="comma-separated, of: " + ", ".join(RUNTIMES) + " (default: all but the last)")
     parser.add_argument("--onnx-forms", action="store_true",
                         help="also time ONNX Runtime fp32 and OpenVINO with the grouped blocks exported in each form of "
                              "gpconv.export.ONNX_FORMS (the default export is 'rule')")
