@@ -1,6 +1,7 @@
-"""The accuracy figures quoted in README.md agree with the study's CSV (docs/results/cpu_cifar10_subset.csv)."""
+"""The accuracy figures quoted in README.md and docs/results.md agree with the study's CSV (docs/results/cpu_cifar10_subset.csv)."""
 
 import csv
+import re
 import statistics
 
 from conftest import ROOT
@@ -29,3 +30,25 @@ def test_readme_paper_protocol_figures_match_the_study_csv():
     quoted = (f"baseline {rows['baseline-paper-protocol']:.3f}, 16ch {rows['v2-16ch-paper-protocol']:.3f} "
               "after 30 epochs")
     assert quoted in " ".join(readme.split()), quoted
+
+
+def _figures_from_csv():
+    """Every accuracy docs may quote, to 3 decimals: each run's (with and without TTA), and each variant's
+    mean, minimum and maximum over its seeds."""
+    rows = list(csv.DictReader(CSV.open()))
+    figures = set()
+    for column in ("test_accuracy", "test_accuracy_hflip"):
+        by_variant = {}
+        for row in rows:
+            by_variant.setdefault(row["variant"], []).append(float(row[column]))
+        for values in by_variant.values():
+            figures |= {f"{value:.3f}" for value in values + [statistics.mean(values)]}
+    return figures
+
+
+def test_results_page_quotes_only_accuracies_of_the_study():
+    text = (ROOT / "docs" / "results.md").read_text()
+    reading = text[text.index("Reading it:"):text.index("### Class activation maps")]
+    quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", reading))
+    assert quoted, "the reading of the results quotes no accuracy"
+    assert quoted <= _figures_from_csv(), sorted(quoted - _figures_from_csv())
