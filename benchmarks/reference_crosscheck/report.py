@@ -153,10 +153,10 @@ def plot(runs, path: Path, baseline=None) -> None:
         epochs = [r["epoch"] for r in h]
         color = COLORS.get(impl.partition("-")[0], "tab:gray")
         style = "-" if run["seed"] == min(r["seed"] for r in runs) else "--"
-        label = f"{label(impl)}, seed {run['seed']}" + ("" if run["metrics"] else " (unfinished)")
-        acc.plot(epochs, [r["val_accuracy"] for r in h], style, color=color, label=f"{label} (val)")
+        name = f"{label(impl)}, seed {run['seed']}" + ("" if run["metrics"] else " (unfinished)")
+        acc.plot(epochs, [r["val_accuracy"] for r in h], style, color=color, label=f"{name} (val)")
         acc.plot(epochs, [r["train_accuracy"] for r in h], style, color=color, alpha=0.35)
-        loss.plot(epochs, [r["val_loss"] for r in h], style, color=color, label=f"{label} (val)")
+        loss.plot(epochs, [r["val_loss"] for r in h], style, color=color, label=f"{name} (val)")
         loss.plot(epochs, [r["train_loss"] for r in h], style, color=color, alpha=0.35)
     if baseline:
         acc.axhline(baseline[0] / baseline[1], color="k", linestyle=":", linewidth=1,
