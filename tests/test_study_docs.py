@@ -52,3 +52,12 @@ def test_results_page_quotes_only_accuracies_of_the_study():
     quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", reading))
     assert quoted, "the reading of the results quotes no accuracy"
     assert quoted <= _figures_from_csv(), sorted(quoted - _figures_from_csv())
+
+
+def test_training_page_quotes_the_cross_check_table():
+    text = (ROOT / "docs" / "training.md").read_text()
+    section = text[text.index("## Cross-check against the reference implementation"):text.index("## Datasets")]
+    table = (ROOT / "docs" / "results" / "reference_crosscheck.md").read_text()
+    quoted = set(re.findall(r"-?\d\.\d{4}", section))
+    assert quoted, "the cross-check section quotes no figure"
+    assert all(figure in table for figure in quoted), sorted(f for f in quoted if f not in table)
