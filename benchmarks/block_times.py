@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
 from gpconv.core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference  # noqa: E402
+from gpconv.core.inference import _seconds as best_seconds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import MALLOC_SETTINGS  # noqa: E402
@@ -38,15 +39,8 @@ def block_inputs(model, x):
 
 
 def best_ms(function, repeats=5):
-    import time
-
-    function()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
+    """Best of ``repeats`` timed calls after a warm-up, in milliseconds (prepare_for_inference's timer)."""
+    return best_seconds(function, repeats) * 1e3
 
 
 def main():
