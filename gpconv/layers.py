@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F

@@ -33,7 +33,7 @@ The reference models end with a softmax inside the network; ours return logits, 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Sequence, Tuple, Union
+from typing import Dict, Tuple, Union
 
 import torch
 from torch import nn
