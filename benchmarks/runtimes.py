@@ -10,9 +10,14 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``prepare_for_inference``: gpconv's inference form, timed on the batch (channels_last);
 * ``ORT fp32``: ``gpconv.export_onnx`` (verified against torch) in ONNX Runtime;
 * ``ORT int8``: that file quantized by ``gpconv.export.quantize_onnx`` (static, calibrated), ONNX Runtime;
-* ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape;
+* ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape, in
+  OpenVINO's default precision (bf16 on a CPU with AVX512-BF16 or AMX, else f32; printed at the top);
+* ``OpenVINO f32``: the same with the precision set to f32;
 * ``OpenVINO int8`` (only when named in ``--runtimes``): the int8 file of ``ORT int8`` (QDQ),
   compiled by OpenVINO;
+* ``OpenVINO NNCF int8`` (only when named; needs ``pip install nncf``, not a gpconv dependency):
+  OpenVINO's own post-training int8 (NNCF, default preset) of the fp32 file, calibrated on the
+  synthetic images;
 * with ``--onnx-forms``, ``ORT fp32 FORM`` and ``OpenVINO FORM``: ONNX Runtime and OpenVINO with the
   grouped blocks exported in each other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
@@ -41,12 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.experiments.data import ImageSet, make_synthetic, to_float  # noqa: E402
-from gpconv.export import ONNX_FORMS, onnx_session, quantize_onnx, require_deploy  # noqa: E402
+from gpconv.export import (ONNX_FORMS, onnx_session, openvino_compile, openvino_default_precision,  # noqa: E402
+                           quantize_onnx, require_deploy)
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 SETTINGS = {"224-b1": (224, 1, 0), "224-b16": (224, 16, 0), "32-b64": (32, 64, 3)}  # size, batch, skip_strides
-RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO", "OpenVINO int8")
+RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO", "OpenVINO f32",
+            "OpenVINO int8", "OpenVINO NNCF int8")
 
 
 def images(count: int, size: int) -> torch.Tensor:
@@ -63,15 +70,30 @@ def build(channels_per_group, size, skip, calibration):
     return model.eval()
 
 
-def openvino_function(path: Path, x: torch.Tensor, threads: int):
-    ov = require_deploy("openvino")
-    core = ov.Core()
-    model = core.read_model(str(path))
-    model.reshape({model.inputs[0].any_name: list(x.shape)})
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+def openvino_function(path: Path, x: torch.Tensor, threads: int, precision=None):
+    request = openvino_compile(path, tuple(x.shape), threads, precision).create_infer_request()
     array = x.numpy()
     return lambda: request.infer([array])
+
+
+def nncf_int8_function(path: Path, x: torch.Tensor, calibration: torch.Tensor, threads: int):
+    """OpenVINO running ``path`` quantized to int8 by NNCF (weights made constants first: NNCF reads them
+    from constants, the exporter leaves some behind a Reshape)."""
+    try:
+        import nncf
+    except ImportError:
+        raise SystemExit("the OpenVINO NNCF int8 row needs nncf: pip install nncf") from None
+    ov, passes = require_deploy("openvino"), require_deploy("openvino.passes")
+    network = ov.Core().read_model(str(path))
+    network.reshape({network.inputs[0].any_name: list(x.shape)})
+    manager = passes.Manager()
+    manager.register_pass(passes.ConstantFolding())
+    manager.run_passes(network)
+    batches = [calibration[i:i + len(x)].numpy() for i in range(0, len(calibration) - len(x) + 1, len(x))]
+    quantized = nncf.quantize(network, nncf.Dataset(batches or [x.numpy()]), subset_size=len(calibration))
+    saved = path.with_name(path.stem + ".nncf-int8.xml")
+    ov.save_model(quantized, str(saved))
+    return openvino_function(saved, x, threads)
 
 
 def export(model, path: Path, x, calibration, form: str = "rule") -> Path:
@@ -116,6 +138,10 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
         functions["OpenVINO int8"] = openvino_function(int8, x, threads)
     if "OpenVINO" in runtimes:
         functions["OpenVINO"] = openvino_function(fp32, x, threads)
+    if "OpenVINO NNCF int8" in runtimes:
+        functions["OpenVINO NNCF int8"] = nncf_int8_function(fp32, x, calibration, threads)
+    if "OpenVINO f32" in runtimes:
+        functions["OpenVINO f32"] = openvino_function(fp32, x, threads, "f32")
     return {(runtime, name): function for runtime, function in functions.items()}
 
 
@@ -160,8 +186,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=16, help="images per timed call (batches of N: N // batch)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES[:-1]),
-                        help="comma-separated, of: " + ", ".join(RUNTIMES) + " (default: all but the last)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES[:-2]),
+                        help="comma-separated, of: " + ", ".join(RUNTIMES) + " (default: all but the last two)")
     parser.add_argument("--onnx-forms", action="store_true",
                         help="also time ONNX Runtime fp32 and OpenVINO with the grouped blocks exported in each form of "
                              "gpconv.export.ONNX_FORMS (the default export is 'rule')")
@@ -172,7 +198,9 @@ def main():
         args.runtimes += [f"{runtime} {form}" for runtime in ("ORT fp32", "OpenVINO")
                           for form in ONNX_FORMS if form != "rule"]
     torch.set_num_threads(args.threads)
-    print(describe_machine(torch.device("cpu")) + f"; onnxruntime {require_deploy('onnxruntime').__version__}")
+    print(describe_machine(torch.device("cpu")) + f"; onnxruntime {require_deploy('onnxruntime').__version__}; "
+          f"openvino {require_deploy('openvino').__version__.split('-')[0]}, "
+          f"default precision {openvino_default_precision()}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="gpconv-runtimes-") as folder:
         for setting in args.settings.split(","):

@@ -37,7 +37,8 @@ from .core.executions import FOLDED_EXECUTIONS
 from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
-           "ONNX_FORMS", "require_deploy", "check_output"]
+           "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
+           "OPENVINO_PRECISIONS"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
@@ -97,6 +98,40 @@ def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True)
         options.inter_op_num_threads = 1
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+OPENVINO_PRECISIONS = ("f32", "bf16")
+
+
+def openvino_default_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes in when none is asked for: ``"bf16"`` on a CPU with
+    AVX512-BF16 or AMX (OpenVINO's default there; outputs then differ from fp32 by about 1e-2 relative),
+    else ``"f32"``."""
+    ov = require_deploy("openvino")
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    return "bf16" if "bf" in str(hint).lower() else "f32"
+
+
+def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Optional[int] = None,
+                     precision: Optional[str] = None, *, profile: bool = False):
+    """``model`` (an ONNX file) compiled by OpenVINO for the CPU, latency hint: reshaped to the static
+    ``input_shape`` when given (else the file's dynamic batch), ``threads`` inference threads,
+    ``precision`` one of :data:`OPENVINO_PRECISIONS` (default: :func:`openvino_default_precision`),
+    ``profile``: per-node profiling counters on. Call the result with a float32 NCHW array."""
+    ov = require_deploy("openvino")
+    core = ov.Core()
+    network = core.read_model(str(model))
+    if input_shape is not None:
+        network.reshape({network.inputs[0].any_name: list(input_shape)})
+    config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if precision is not None:
+        if precision not in OPENVINO_PRECISIONS:
+            raise DeployError(f"unknown OpenVINO precision {precision!r}; expected one of: "
+                              + ", ".join(OPENVINO_PRECISIONS))
+        config["INFERENCE_PRECISION_HINT"] = precision
+    return core.compile_model(network, "CPU", config)
 
 
 @dataclass

@@ -142,6 +142,45 @@ def test_cli_checkpoint_int8_prints_accuracies(tmp_path, capsys):
     assert "test accuracy on " in out and "ONNX Runtime fp32 " in out and " int8 " in out and "points)" in out
 
 
+def _openvino_installed():
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return _deploy_installed()
+
+
+needs_openvino = pytest.mark.skipif(not _openvino_installed(), reason="openvino (deploy extra) is absent")
+
+
+@needs_openvino
+def test_cli_openvino_reports_default_precision_and_f32(tmp_path, capsys):
+    from gpconv.export import openvino_default_precision
+
+    checkpoint = _checkpoint(tmp_path, _real_images(32, size=32))
+    assert main(["export", "--checkpoint", str(checkpoint), "--openvino", "--verify-images", "8",
+                 "--threads", "2"]) == 0
+    out = capsys.readouterr().out
+    scale = float(out.split("outputs up to ")[1].split(")")[0])
+    line = out.splitlines()[-1]
+    default = openvino_default_precision()
+    assert f"default precision on this CPU: {default}" in line and f"OpenVINO {default} " in line
+    f32 = float(line.split("OpenVINO f32 ")[1].split("max |difference| ")[1].rstrip(")"))
+    assert f32 <= 1e-4 * max(1.0, scale)  # f32 is OpenVINO's exact mode: it must match torch as ONNX Runtime does
+
+
+@needs_openvino
+def test_openvino_compile_refuses_an_unknown_precision(tmp_path):
+    from gpconv.export import DeployError, openvino_compile
+
+    images = _real_images(4)
+    path = gpconv.export_onnx(_converted_model(images), tmp_path / "m.onnx", images[:2], verify_input=images).path
+    with pytest.raises(DeployError, match="unknown OpenVINO precision 'fp16'"):
+        openvino_compile(path, precision="fp16")
+    compiled = openvino_compile(path, (4, 3, 16, 16), threads=1, precision="f32")
+    assert compiled(images.numpy())[0].shape == (4, 10)
+
+
 def _one_line_error(argv):
     result = subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
@@ -176,6 +215,14 @@ def test_missing_extra_is_one_line(monkeypatch, capsys):
     assert main(["export", "mobilenet", "--output", "never.onnx"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'gpconv[deploy]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_openvino_is_one_line_before_any_work(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    output = tmp_path / "never.onnx"
+    assert main(["export", "mobilenet", "--openvino", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "openvino is not installed" in err and len(err.strip().splitlines()) == 1 and not output.exists()
 
 
 def test_readme_functions_are_exported():

@@ -3,7 +3,9 @@
 ``gpconv export ARCH|--checkpoint RUN/best.pt --format onnx [--int8]`` writes a verified ONNX file
 (see :mod:`gpconv.export`). With ``--int8`` it also writes ``NAME.int8.onnx``, calibrated on training
 images, and prints the test accuracy of torch, ONNX Runtime fp32 and ONNX Runtime int8 side by side:
-that line is the int8 accuracy report, re-runnable on any checkpoint.
+that line is the int8 accuracy report, re-runnable on any checkpoint. With ``--openvino`` it runs the
+file in OpenVINO, in OpenVINO's default precision for this CPU (bf16 where the CPU has it) and in f32,
+and prints each one's largest difference from torch and its test accuracy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..experiments import DATASETS
 from ..models import list_models
 from ..experiments.config import positive_int
 
-__all__ = ["add_export_command", "run_export", "onnx_accuracy"]
+__all__ = ["add_export_command", "run_export", "runtime_accuracy"]
 
 
 def add_export_command(commands) -> None:
@@ -29,6 +31,9 @@ def add_export_command(commands) -> None:
                         help="the .onnx file (default: beside the checkpoint, or ARCH[-VARIANT].onnx here)")
     export.add_argument("--int8", action="store_true",
                         help="also write NAME.int8.onnx (static post-training quantization) and compare accuracies")
+    export.add_argument("--openvino", action="store_true",
+                        help="also run the file in OpenVINO (its default precision, bf16 on CPUs that have it, and "
+                             "f32) and compare outputs and accuracies with torch")
     export.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME",
                         help="images to verify and calibrate on (default: the checkpoint's dataset, else synthetic)")
     export.add_argument("--data-dir", "--calibration-data", dest="data_dir", default=None,
@@ -87,15 +92,23 @@ def _model_and_data(args):
     return model.eval(), config, splits
 
 
-def onnx_accuracy(session, data, batch_size: int = 64) -> float:
-    """Top-1 accuracy of an ONNX Runtime ``session`` (input ``images``) on an :class:`~gpconv.experiments.data.ImageSet`."""
+def runtime_accuracy(predict, data, batch_size: int = 64) -> float:
+    """Top-1 accuracy on an :class:`~gpconv.experiments.data.ImageSet` of ``predict`` (a float32 NCHW
+    numpy batch -> its logits: an ONNX Runtime session or a compiled OpenVINO model, wrapped)."""
     from ..experiments.data import to_float
 
     correct = 0
     for start in range(0, len(data), batch_size):
-        logits = session.run(None, {"images": to_float(data.images[start:start + batch_size]).numpy()})[0]
+        logits = predict(to_float(data.images[start:start + batch_size]).numpy())
         correct += int((logits.argmax(1) == data.labels[start:start + batch_size].numpy()).sum())
     return correct / max(len(data), 1)
+
+
+def _onnx_runtime(path: Path, threads):
+    from ..export import onnx_session
+
+    session = onnx_session(path, threads)
+    return lambda batch: session.run(None, {"images": batch})[0]
 
 
 def _int8_path(fp32_path: Path) -> Path:
@@ -104,7 +117,7 @@ def _int8_path(fp32_path: Path) -> Path:
 
 def _report_int8(args, model, fp32_path: Path, splits) -> None:
     from ..experiments.data import to_float
-    from ..export import onnx_session, quantize_onnx
+    from ..export import quantize_onnx
     from ..experiments.metrics import evaluate_model
 
     int8_path = _int8_path(fp32_path)  # checked by run_export
@@ -112,11 +125,33 @@ def _report_int8(args, model, fp32_path: Path, splits) -> None:
     print(f"quantizing to int8 on {len(calibration)} images, then evaluating on {len(splits.test)} ...", flush=True)
     quantize_onnx(fp32_path, int8_path, calibration)
     torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
-    fp32 = onnx_accuracy(onnx_session(fp32_path, args.threads), splits.test)
-    int8 = onnx_accuracy(onnx_session(int8_path, args.threads), splits.test)
+    fp32 = runtime_accuracy(_onnx_runtime(fp32_path, args.threads), splits.test)
+    int8 = runtime_accuracy(_onnx_runtime(int8_path, args.threads), splits.test)
     print(f"wrote {int8_path} (int8, calibrated on {len(calibration)} {splits.name} training images)")
     print(f"test accuracy on {len(splits.test)} {splits.name} images: torch {torch_accuracy:.4f}  "
           f"ONNX Runtime fp32 {fp32:.4f}  int8 {int8:.4f} ({100 * (int8 - fp32):+.2f} points)")
+
+
+def _report_openvino(args, model, path: Path, splits, images) -> None:
+    """Print OpenVINO's largest difference from torch on ``images`` and its test accuracy, in OpenVINO's
+    default precision for this CPU and in f32."""
+    import torch
+
+    from ..export import openvino_compile, openvino_default_precision
+    from ..experiments.metrics import evaluate_model
+
+    default = openvino_default_precision()
+    with torch.inference_mode():
+        expected = model(images).numpy()
+    parts = [f"torch {evaluate_model(model, splits.test, splits.num_classes).accuracy:.4f}"]
+    for precision in dict.fromkeys((default, "f32")):
+        compiled = openvino_compile(path, threads=args.threads, precision=precision)
+        predict = lambda batch, compiled=compiled: compiled(batch)[0]  # noqa: E731
+        difference = float(abs(predict(images.numpy()) - expected).max())
+        parts.append(f"OpenVINO {precision} {runtime_accuracy(predict, splits.test):.4f} "
+                     f"(max |difference| {difference:.2g})")
+    print(f"OpenVINO (default precision on this CPU: {default}): test accuracy on {len(splits.test)} {splits.name} "
+          "images, and the largest difference from torch on the verification images: " + "  ".join(parts))
 
 
 def run_export(args) -> None:
@@ -128,7 +163,8 @@ def run_export(args) -> None:
 
     if (args.arch is None) == (args.checkpoint is None):
         raise ValueError("export needs exactly one of ARCH or --checkpoint")
-    for module in ("onnx", "onnxscript", "onnxruntime"):  # fail before any work when the extra is missing
+    needed = ("onnx", "onnxscript", "onnxruntime") + (("openvino",) if args.openvino else ())
+    for module in needed:  # fail before any work when the extra is missing
         require_deploy(module)
     output = _output_path(args)
     check_output(output)
@@ -145,3 +181,5 @@ def run_export(args) -> None:
           f"{result.max_difference:.2g} (outputs up to {result.max_output:.3g})")
     if args.int8:
         _report_int8(args, model, result.path, splits)
+    if args.openvino:
+        _report_openvino(args, model, result.path, splits, images)
