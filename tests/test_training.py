@@ -264,3 +264,23 @@ def test_callbacks_see_every_loss_and_every_epoch_row(tmp_path):
     assert [epoch for epoch, _ in recorder.rows] == [1, 2] and [row["epoch"] for _, row in recorder.rows] == [1, 2]
     history = (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]
     assert [float(line.split(",")[2]) for line in history] == pytest.approx([row["train_loss"] for _, row in recorder.rows])
+
+
+def test_a_last_batch_of_one_image_joins_the_one_before(tmp_path):
+    """17 images in batches of 8 leave one image; at 16x16 EfficientNet's last maps are 1x1, where batch norm
+    cannot train on a single image: that image is trained on with the batch before it."""
+    from gpconv.experiments.training import Callback
+
+    class Steps(Callback):
+        def __init__(self):
+            self.steps = []
+
+        def on_loss(self, epoch, step, loss):
+            self.steps.append(step)
+            return loss
+
+    steps = Steps()
+    config = TrainConfig(dataset="synthetic", output=str(tmp_path / "run"), epochs=1, batch_size=8,
+                         synthetic_size=[17, 8], augment=False)
+    train(config, ModelConfig("efficientnet_b0", image_size=16), callbacks=[steps], log=lambda line: None)
+    assert steps.steps == [1, 2]

@@ -222,6 +222,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> Tuple[float, float, float]:
     run.sampler.set_epoch(epoch)
     order = torch.tensor(list(run.sampler), dtype=torch.int64)
     batches = list(order.split(config.batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:  # batch norm cannot train on one image with 1x1 maps
+        batches[-2:] = [torch.cat(batches[-2:])]
     if config.max_train_batches is not None:
         batches = batches[:config.max_train_batches]
     run.model.train()
