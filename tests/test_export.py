@@ -104,10 +104,11 @@ FAMILIES = [("densenet_bc_100", 32), ("efficientnet_b0", 32), ("inception_v3", 7
 
 
 @needs_deploy
+@pytest.mark.parametrize("grouping", [[], ["--channels-per-group", "16"]], ids=["baseline", "16ch"])
 @pytest.mark.parametrize("arch,size", FAMILIES)
-def test_cli_exports_every_family(arch, size, tmp_path, capsys):
+def test_cli_exports_every_family(arch, size, grouping, tmp_path, capsys):
     output = tmp_path / f"{arch}.onnx"
-    assert main(["export", arch, "--channels-per-group", "16", "--image-size", str(size), "--output", str(output),
+    assert main(["export", arch, *grouping, "--image-size", str(size), "--output", str(output),
                  "--calibration-images", "16", "--verify-images", "4", "--threads", "2"]) == 0
     line = capsys.readouterr().out
     assert output.is_file() and f"wrote {output} ({arch}, {size}x{size} input, dynamic batch)" in line
