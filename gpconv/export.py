@@ -105,8 +105,8 @@ OPENVINO_PRECISIONS = ("f32", "bf16")
 
 def openvino_default_precision() -> str:
     """The precision OpenVINO's CPU plugin computes in when none is asked for: ``"bf16"`` on a CPU with
-    AVX512-BF16 or AMX (OpenVINO's default there; logits then differ from fp32 visibly, see ``gpconv export --openvino``),
-    else ``"f32"``."""
+    AVX512-BF16 or AMX (OpenVINO's default there; the logits then differ from fp32 visibly, which
+    ``gpconv export --openvino`` measures), else ``"f32"``."""
     ov = require_deploy("openvino")
     hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
     return "bf16" if "bf" in str(hint).lower() else "f32"
