@@ -174,7 +174,7 @@ def test_cli_openvino_reports_default_precision_and_f32(tmp_path, capsys):
 def test_openvino_compile_refuses_an_unknown_precision(tmp_path):
     from gpconv.export import DeployError, openvino_compile
 
-    images = _real_images(4)
+    images = _real_images(16)[:4]
     path = gpconv.export_onnx(_converted_model(images), tmp_path / "m.onnx", images[:2], verify_input=images).path
     with pytest.raises(DeployError, match="unknown OpenVINO precision 'fp16'"):
         openvino_compile(path, precision="fp16")
