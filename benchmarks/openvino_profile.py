@@ -7,7 +7,8 @@ Not a test: run it on a quiet machine, e.g.
 
 It exports both models as ``benchmarks/runtimes.py`` does (``gpconv.export_onnx``, batch-norm statistics
 from synthetic images), compiles them with ``PERF_COUNT`` on (OpenVINO's default precision: bf16 on a
-CPU with AVX512-BF16, see ``--precision``), runs ``--runs`` inferences and prints two tables.
+CPU with AVX512-BF16, see ``--precision``), runs ``--runs`` inferences (of ``--chunk`` images at a time
+when given, figures scaled to the whole batch) and prints two tables.
 
 1. Per executed operation type, the milliseconds per inference of each model and their difference.
 2. The convolutions sorted into what the grouped blocks can and cannot change: *depthwise*; *same
@@ -161,21 +162,29 @@ def main() -> None:
     parser.add_argument("--models", default="EfficientNet-B0,kEffNet-B0 V2 16ch", help="comma-separated, two")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="profile the batch as chunks of this many images (times scaled to the whole batch)")
     parser.add_argument("--precision", default=None, choices=("f32", "bf16"),
                         help="OpenVINO's inference precision (default: OpenVINO's default for this CPU)")
     args = parser.parse_args()
     names = args.models.split(",")
     size, batch, skip = SETTINGS[args.setting]
     torch.set_num_threads(args.threads)
-    calibration, x = images(64, size), images(batch, size)
+    chunk = min(args.chunk or batch, batch)
+    calibration, x = images(64, size), images(chunk, size)
     with tempfile.TemporaryDirectory(prefix="gpconv-ovprofile-") as folder:
         runs = []
         for name in names:
             model = build(MODELS[name], size, skip, calibration)
             path = export(model, Path(folder) / f"{name}.onnx", x, calibration)
-            runs.append(profile(path, x, args.threads, args.runs, args.precision))
+            nodes = profile(path, x, args.threads, args.runs, args.precision)
+            for node in nodes:  # one chunk's figures -> the whole batch's
+                node.ms, node.macs, node.elements = (value * batch / chunk for value in
+                                                     (node.ms, node.macs, node.elements))
+            runs.append(nodes)
     precision = args.precision or openvino_default_precision()
     print(f"{size}x{size} batch {batch}" + (f" (skip_strides={skip})" if skip else "") +
+          (f" in chunks of {chunk}" if chunk < batch else "") +
           f": OpenVINO CPU time per inference, ms ({args.runs} runs, {args.threads} threads, {precision})")
     print_by_type(names, runs)
     print()

@@ -13,6 +13,9 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``OpenVINO``: the fp32 ONNX file compiled by OpenVINO for the CPU at the batch's shape, in
   OpenVINO's default precision (bf16 on a CPU with AVX512-BF16 or AMX, else f32; printed at the top);
 * ``OpenVINO f32``: the same with the precision set to f32;
+* ``OpenVINO chunks of N`` (``--chunks``, default 4 and 16): the batch run in chunks of N images
+  through ``gpconv.export.openvino_chunked``, one stream per thread (OpenVINO's throughput mode),
+  default precision;
 * ``OpenVINO int8`` (only when named in ``--runtimes``): the int8 file of ``ORT int8`` (QDQ),
   compiled by OpenVINO;
 * ``OpenVINO NNCF int8`` (only when named; needs ``pip install nncf``, not a gpconv dependency):
@@ -46,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.experiments.data import ImageSet, make_synthetic, to_float  # noqa: E402
-from gpconv.export import (ONNX_FORMS, onnx_session, openvino_compile, openvino_default_precision,  # noqa: E402
-                           quantize_onnx, require_deploy)
+from gpconv.export import (ONNX_FORMS, onnx_session, openvino_chunked, openvino_compile,  # noqa: E402
+                           openvino_default_precision, quantize_onnx, require_deploy)
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
@@ -138,6 +141,11 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
         functions["OpenVINO int8"] = openvino_function(int8, x, threads)
     if "OpenVINO" in runtimes:
         functions["OpenVINO"] = openvino_function(fp32, x, threads)
+    for runtime in runtimes:  # "OpenVINO chunks of N"
+        if runtime.startswith("OpenVINO chunks of "):
+            chunk = min(int(runtime.split()[-1]), len(x))
+            chunked = openvino_chunked(fp32, chunk, tuple(x.shape[1:]), threads, streams=threads)
+            functions[runtime] = lambda chunked=chunked: chunked(array)
     if "OpenVINO NNCF int8" in runtimes:
         functions["OpenVINO NNCF int8"] = nncf_int8_function(fp32, x, calibration, threads)
     if "OpenVINO f32" in runtimes:
@@ -191,9 +199,12 @@ def main():
     parser.add_argument("--onnx-forms", action="store_true",
                         help="also time ONNX Runtime fp32 and OpenVINO with the grouped blocks exported in each form of "
                              "gpconv.export.ONNX_FORMS (the default export is 'rule')")
+    parser.add_argument("--chunks", default="4,16",
+                        help="comma-separated chunk sizes for the 'OpenVINO chunks of N' rows ('' for none)")
     parser.add_argument("--json", default=None, help="also write the timings (seconds) to this file")
     args = parser.parse_args()
     args.models, args.runtimes = args.models.split(","), args.runtimes.split(",")
+    args.runtimes += [f"OpenVINO chunks of {int(chunk)}" for chunk in args.chunks.split(",") if chunk]
     if args.onnx_forms:
         args.runtimes += [f"{runtime} {form}" for runtime in ("ORT fp32", "OpenVINO")
                           for form in ONNX_FORMS if form != "rule"]

@@ -38,7 +38,7 @@ from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
-           "OPENVINO_PRECISIONS"]
+           "OPENVINO_PRECISIONS", "openvino_chunked", "check_openvino_precision"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
@@ -127,11 +127,51 @@ def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Option
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     if precision is not None:
-        if precision not in OPENVINO_PRECISIONS:
-            raise DeployError(f"unknown OpenVINO precision {precision!r}; expected one of: "
-                              + ", ".join(OPENVINO_PRECISIONS))
-        config["INFERENCE_PRECISION_HINT"] = precision
+        config["INFERENCE_PRECISION_HINT"] = check_openvino_precision(precision)
     return core.compile_model(network, "CPU", config)
+
+
+def check_openvino_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`OPENVINO_PRECISIONS`, else a one-line :class:`DeployError`."""
+    if precision not in OPENVINO_PRECISIONS:
+        raise DeployError(f"unknown OpenVINO precision {precision!r}; expected one of: " + ", ".join(OPENVINO_PRECISIONS))
+    return precision
+
+
+def openvino_chunked(model, chunk: int, image_shape: tuple, threads: Optional[int] = None,
+                     precision: Optional[str] = None, streams: int = 2):
+    """A callable that runs a float32 NCHW batch of any size through OpenVINO in chunks of ``chunk``
+    images, ``streams`` chunks at a time (OpenVINO's throughput mode, the ``threads`` shared among the
+    streams), and returns the logits in order. A chunk's activations stay in the cores' caches where a
+    whole large batch's do not, and that is what makes the grouped layers fast: they are bound by memory
+    traffic (docs/performance.md, "Chunks and streams"). ``image_shape``: (channels, height, width);
+    ``model``: an ONNX file; the last chunk is padded with zeros and the padding dropped."""
+    import numpy as np
+
+    ov = require_deploy("openvino")
+    core = ov.Core()
+    network = core.read_model(str(model))
+    network.reshape({network.inputs[0].any_name: [chunk, *image_shape]})
+    config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = check_openvino_precision(precision)
+    queue = ov.AsyncInferQueue(core.compile_model(network, "CPU", config), streams)
+    results = {}
+    queue.set_callback(lambda request, index: results.__setitem__(index, request.get_output_tensor(0).data.copy()))
+
+    def run(batch):
+        for index, start in enumerate(range(0, len(batch), chunk)):
+            part = batch[start:start + chunk]
+            if len(part) < chunk:
+                part = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
+            queue.start_async([np.ascontiguousarray(part)], index)
+        queue.wait_all()
+        logits = np.concatenate([results.pop(index) for index in sorted(results)])
+        return logits[:len(batch)]
+
+    return run
 
 
 @dataclass

@@ -182,6 +182,19 @@ def test_openvino_compile_refuses_an_unknown_precision(tmp_path):
     assert compiled(images.numpy())[0].shape == (4, 10)
 
 
+@needs_openvino
+def test_openvino_chunked_returns_the_whole_batch_in_order(tmp_path):
+    from gpconv.export import openvino_chunked, openvino_compile
+
+    images = _real_images(21)
+    path = gpconv.export_onnx(_converted_model(images), tmp_path / "m.onnx", images[:2], verify_input=images).path
+    whole = openvino_compile(path, threads=1, precision="f32")(images.numpy())[0]
+    chunked = openvino_chunked(path, 8, (3, 16, 16), threads=2, precision="f32", streams=2)
+    for count in (21, 5):  # two full chunks and a padded one; one padded chunk
+        logits = chunked(images[:count].numpy())
+        assert logits.shape == (count, 10) and np.abs(logits - whole[:count]).max() <= 1e-5
+
+
 def _one_line_error(argv):
     result = subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
