@@ -12,6 +12,11 @@ runs it on real images and its outputs must equal the eval-mode torch model's wi
 ``quantize_onnx`` makes a static int8 model (ONNX Runtime's post-training quantization, QDQ format,
 per-channel weights) calibrated on training images.
 
+``openvino_compile`` compiles an exported file with OpenVINO for the CPU, in OpenVINO's default
+precision (bf16 on CPUs with AVX512-BF16 or AMX: :func:`openvino_default_precision`) or the one asked
+for; ``openvino_chunked`` runs large batches through it in cache-sized chunks, one stream per core
+(the fastest way measured on this project's CPU, docs/performance.md).
+
 Needs the ``deploy`` extra (``pip install 'gpconv[deploy]'``: onnx, onnxscript, onnxruntime,
 openvino); without it these functions raise :class:`DeployError` with that hint, and the rest of
 gpconv does not depend on them.
