@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runtimes import MODELS, SETTINGS, build, export, images  # noqa: E402
-from gpconv.export import openvino_compile, openvino_default_precision  # noqa: E402
+from gpconv.export import OPENVINO_PRECISIONS, openvino_compile, openvino_default_precision  # noqa: E402
 
 
 @dataclass
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=None,
                         help="profile the batch as chunks of this many images (times scaled to the whole batch)")
-    parser.add_argument("--precision", default=None, choices=("f32", "bf16"),
+    parser.add_argument("--precision", default=None, choices=OPENVINO_PRECISIONS,
                         help="OpenVINO's inference precision (default: OpenVINO's default for this CPU)")
     args = parser.parse_args()
     names = args.models.split(",")

@@ -118,17 +118,20 @@ def openvino_default_precision() -> str:
 
 
 def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Optional[int] = None,
-                     precision: Optional[str] = None, *, profile: bool = False):
-    """``model`` (an ONNX file) compiled by OpenVINO for the CPU, latency hint: reshaped to the static
-    ``input_shape`` when given (else the file's dynamic batch), ``threads`` inference threads,
-    ``precision`` one of :data:`OPENVINO_PRECISIONS` (default: :func:`openvino_default_precision`),
-    ``profile``: per-node profiling counters on. Call the result with a float32 NCHW array."""
+                     precision: Optional[str] = None, *, profile: bool = False, streams: Optional[int] = None):
+    """``model`` (an ONNX file) compiled by OpenVINO for the CPU: reshaped to the static ``input_shape``
+    when given (else the file's dynamic batch), ``threads`` inference threads, ``precision`` one of
+    :data:`OPENVINO_PRECISIONS` (default: :func:`openvino_default_precision`), ``profile``: per-node
+    profiling counters on; latency hint, or throughput hint with ``streams`` streams when given. Call
+    the result with a float32 NCHW array."""
     ov = require_deploy("openvino")
     core = ov.Core()
     network = core.read_model(str(model))
     if input_shape is not None:
         network.reshape({network.inputs[0].any_name: list(input_shape)})
-    config = {"PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": profile}
+    config = {"PERFORMANCE_HINT": "LATENCY" if streams is None else "THROUGHPUT", "PERF_COUNT": profile}
+    if streams is not None:
+        config["NUM_STREAMS"] = streams
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     if precision is not None:
@@ -154,15 +157,8 @@ def openvino_chunked(model, chunk: int, image_shape: tuple, threads: Optional[in
     import numpy as np
 
     ov = require_deploy("openvino")
-    core = ov.Core()
-    network = core.read_model(str(model))
-    network.reshape({network.inputs[0].any_name: [chunk, *image_shape]})
-    config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    if precision is not None:
-        config["INFERENCE_PRECISION_HINT"] = check_openvino_precision(precision)
-    queue = ov.AsyncInferQueue(core.compile_model(network, "CPU", config), streams)
+    compiled = openvino_compile(model, (chunk, *image_shape), threads, precision, streams=streams)
+    queue = ov.AsyncInferQueue(compiled, streams)
     results = {}
     queue.set_callback(lambda request, index: results.__setitem__(index, request.get_output_tensor(0).data.copy()))
 

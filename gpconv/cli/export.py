@@ -115,16 +115,14 @@ def _int8_path(fp32_path: Path) -> Path:
     return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
 
 
-def _report_int8(args, model, fp32_path: Path, splits) -> None:
+def _report_int8(args, torch_accuracy: float, fp32_path: Path, splits) -> None:
     from ..experiments.data import to_float
     from ..export import quantize_onnx
-    from ..experiments.metrics import evaluate_model
 
     int8_path = _int8_path(fp32_path)  # checked by run_export
     calibration = to_float(splits.train.images[:args.calibration_images])
     print(f"quantizing to int8 on {len(calibration)} images, then evaluating on {len(splits.test)} ...", flush=True)
     quantize_onnx(fp32_path, int8_path, calibration)
-    torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
     fp32 = runtime_accuracy(_onnx_runtime(fp32_path, args.threads), splits.test)
     int8 = runtime_accuracy(_onnx_runtime(int8_path, args.threads), splits.test)
     print(f"wrote {int8_path} (int8, calibrated on {len(calibration)} {splits.name} training images)")
@@ -132,18 +130,17 @@ def _report_int8(args, model, fp32_path: Path, splits) -> None:
           f"ONNX Runtime fp32 {fp32:.4f}  int8 {int8:.4f} ({100 * (int8 - fp32):+.2f} points)")
 
 
-def _report_openvino(args, model, path: Path, splits, images) -> None:
+def _report_openvino(args, model, torch_accuracy: float, path: Path, splits, images) -> None:
     """Print OpenVINO's largest difference from torch on ``images`` and its test accuracy, in OpenVINO's
     default precision for this CPU and in f32."""
     import torch
 
     from ..export import openvino_compile, openvino_default_precision
-    from ..experiments.metrics import evaluate_model
 
     default = openvino_default_precision()
     with torch.inference_mode():
         expected = model(images).numpy()
-    parts = [f"torch {evaluate_model(model, splits.test, splits.num_classes).accuracy:.4f}"]
+    parts = [f"torch {torch_accuracy:.4f}"]
     for precision in dict.fromkeys((default, "f32")):
         compiled = openvino_compile(path, threads=args.threads, precision=precision)
         predict = lambda batch, compiled=compiled: compiled(batch)[0]  # noqa: E731
@@ -179,7 +176,11 @@ def run_export(args) -> None:
     print(f"wrote {result.path} ({config.arch}, {config.image_size}x{config.image_size} input, dynamic batch); "
           f"ONNX Runtime vs torch on {result.images} {splits.name} test images: max |difference| "
           f"{result.max_difference:.2g} (outputs up to {result.max_output:.3g})")
+    if args.int8 or args.openvino:
+        from ..experiments.metrics import evaluate_model
+
+        torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
     if args.int8:
-        _report_int8(args, model, result.path, splits)
+        _report_int8(args, torch_accuracy, result.path, splits)
     if args.openvino:
-        _report_openvino(args, model, result.path, splits, images)
+        _report_openvino(args, model, torch_accuracy, result.path, splits, images)
