@@ -45,6 +45,7 @@ class Node:
 
     kind: str
     ms: float
+    kernel: str = ""  # OpenVINO's implementation (exec_type)
     shapes: Optional[Tuple[tuple, tuple]] = None  # (input, weight) of a convolution
     macs: int = 0
     elements: int = 0  # activation elements read and written
@@ -75,9 +76,9 @@ def profile(path: Path, x: torch.Tensor, threads: int, runs: int, precision: Opt
         request.infer([array])
         for node in request.get_profiling_info():
             times[node.node_name] += node.real_time.total_seconds() * 1e3 / runs
-            kinds[node.node_name] = node.node_type
+            kinds[node.node_name] = (node.node_type, node.exec_type)
     convs = _conv_shapes(compiled)
-    return [Node(kinds[name], ms, *convs.get(name, (None, 0, 0))) for name, ms in times.items()]
+    return [Node(*kinds[name][:1], ms, kinds[name][1], *convs.get(name, (None, 0, 0))) for name, ms in times.items()]
 
 
 def by_type(nodes: List[Node]) -> dict:
@@ -156,6 +157,15 @@ def print_classes(names, runs) -> None:
         print(f"  {total_b / (rest + ms):.2f}x {reading} ({ms:.2f} ms)")
 
 
+def print_layers(names, runs) -> None:
+    """Every 1x1 convolution of each model in execution order: kernel, ms, input and weight shape."""
+    for name, nodes in zip(names, runs):
+        print(f"\n{name}: 1x1 convolutions (kernel, ms, input shape, weight shape)")
+        for node in nodes:
+            if node.shapes and node.shapes[1][-2:] == (1, 1) and not _is_depthwise(node):
+                print(f"  {node.kernel:28}{node.ms:8.2f}  {str(list(node.shapes[0])):22}{list(node.shapes[1])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="32-b64", choices=list(SETTINGS))
@@ -164,6 +174,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=None,
                         help="profile the batch as chunks of this many images (times scaled to the whole batch)")
+    parser.add_argument("--layers", action="store_true", help="also list every 1x1 convolution with its kernel and time")
     parser.add_argument("--precision", default=None, choices=OPENVINO_PRECISIONS,
                         help="OpenVINO's inference precision (default: OpenVINO's default for this CPU)")
     args = parser.parse_args()
@@ -189,6 +200,8 @@ def main() -> None:
     print_by_type(names, runs)
     print()
     print_classes(names, runs)
+    if args.layers:
+        print_layers(names, runs)
 
 
 if __name__ == "__main__":
