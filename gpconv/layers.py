@@ -12,7 +12,7 @@ from torch import nn
 from .core.plan import interleave_permutation
 
 __all__ = ["ACTIVATIONS", "make_activation", "make_batch_norm", "ShiftOnlyBatchNorm2d", "KerasPad2d", "StochasticDepth",
-           "ConvBnAct", "SqueezeExcite", "ChannelInterleave", "make_divisible"]
+           "ConvBnAct", "SqueezeExcite", "ChannelInterleave", "make_divisible", "PlanIndices"]
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -25,6 +25,53 @@ ACTIVATIONS = {
 }
 
 ActivationSpec = Union[None, str, nn.Module]
+
+
+class PlanIndices:
+    """Mixin for modules whose integer index buffers (channel gathers, reorders) follow from their
+    plan alone: the buffers stay out of the ``state_dict`` (checkpoints hold weights only) and are
+    derived again from a CPU copy of the plan's indices whenever they could be lost:
+
+    * after ``_apply`` (``to``, ``cuda``, ``to_empty``...): a module built under
+      ``torch.device("meta")`` and moved with ``to_empty`` gets its indices, not uninitialised memory;
+    * after ``load_state_dict(..., assign=True)`` into a module still on the meta device: the indices
+      follow the loaded weights' device.
+
+    ``register_index(name, index)`` registers one (``index`` a sequence of ints, or None).
+    """
+
+    def register_index(self, name: str, index) -> None:
+        if "_index_sources" not in self.__dict__:
+            self._index_sources = {}
+        source = None if index is None else torch.tensor(index, dtype=torch.long, device="cpu")
+        self._index_sources[name] = source
+        device = torch.empty(0).device  # the default device: meta under ``with torch.device("meta")``
+        self.register_buffer(name, None if source is None else source.to(device), persistent=False)
+
+    def _restore_indices(self, device=None) -> None:
+        for name, source in self._index_sources.items():
+            buffer = self._buffers.get(name)
+            if source is None or buffer is None:
+                continue
+            target = buffer.device if device is None else device
+            if target.type == "meta" or (buffer.device == target and torch.equal(buffer.cpu(), source)):
+                continue
+            self._buffers[name] = source.to(target)
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._restore_indices()
+        return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if any(buffer is not None and buffer.is_meta for buffer in self._buffers.values()):
+            loaded = next((value for key, value in state_dict.items() if key.startswith(prefix)
+                           and isinstance(value, torch.Tensor) and not value.is_meta), None)
+            if loaded is not None:
+                self._restore_indices(loaded.device)
 
 
 def check_activation(activation: ActivationSpec) -> None:
@@ -144,15 +191,14 @@ class SqueezeExcite(nn.Module):
         return x * self.expand(self.reduce(self.pool(x)))
 
 
-class ChannelInterleave(nn.Module):
+class ChannelInterleave(PlanIndices, nn.Module):
     """Parameter-free channel permutation (the reference's ``InterleaveChannels``): output channel
     ``i`` is input channel ``interleave_permutation(channels, step)[i]`` (the identity for ``step < 2``)."""
 
     def __init__(self, channels: int, step: int):
         super().__init__()
         self.channels, self.step = channels, step
-        order = interleave_permutation(channels, step) or range(channels)
-        self.register_buffer("order", torch.tensor(list(order), dtype=torch.long), persistent=False)
+        self.register_index("order", list(interleave_permutation(channels, step) or range(channels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.index_select(1, self.order)

@@ -1,5 +1,7 @@
 """GroupedPointwiseConv2d executes its plan exactly."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import example, given, settings, strategies as st
@@ -140,5 +142,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_wrong_input_channels():
     block = GroupedPointwiseConv2d(64, 32, 8)
-    with pytest.raises(ValueError, match=r"expects an input of shape \(N, 64, H, W\), got \(1, 63, 4, 4\)"):
-        block(torch.randn(1, 63, 4, 4))
+    for shape in ((1, 63, 4, 4), (63, 4, 4), (64, 4), (1, 1, 64, 4, 4)):
+        with pytest.raises(ValueError, match=r"^GroupedPointwiseConv2d expects an input of shape \(N, 64, H, W\) or "
+                           r"\(64, H, W\), got " + re.escape(str(shape)) + "$"):
+            block(torch.randn(*shape))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ActivationSpec, ConvBnAct, check_activation, make_activation, make_batch_norm
+from ..layers import ActivationSpec, ConvBnAct, PlanIndices, check_activation, make_activation, make_batch_norm
 from .executions import EXECUTIONS, LAYER_FORMS, LAYER_SCATTERED_MAC_RATIO, check_word
 from .plan import ConvPath, Index, LayerPlan, PointwisePlan, check_positive_int, make_plan
 
@@ -46,30 +46,34 @@ def set_recompute(model: nn.Module, mode: str) -> nn.Module:
     return _set_on_blocks(model, "recompute", check_word("recompute", mode, RECOMPUTE))
 
 
+def is_traced(x) -> bool:
+    """True while ``torch.fx.symbolic_trace`` runs (``x`` is a proxy): a forward then records its
+    operations without shape checks or memory-format choices, which would be control flow on the proxy."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(1, index)`` that keeps a ``channels_last`` tensor in that format (a plain
     ``index_select`` first copies the whole tensor to NCHW)."""
+    if is_traced(x):
+        return x.index_select(1, index)
     if x.dim() == 4 and x.shape[-1] * x.shape[-2] > 1 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last):
         batch, _, height, width = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # a view: (pixels, channels)
         gathered = rows.index_select(1, index)  # on 2-D: a 4-D inner-dim index_select is ~20x slower
-        return gathered.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+        return gathered.reshape(batch, height, width, index.numel()).permute(0, 3, 1, 2)
     return x.index_select(1, index)
 
 
-def _index_buffer(index) -> Optional[torch.Tensor]:
-    return None if index is None else torch.tensor(index, dtype=torch.long)
-
-
-class GroupedConvPath(nn.Module):
+class GroupedConvPath(PlanIndices, nn.Module):
     """One path of a layer: gather its input channels, then one grouped 1x1 convolution."""
 
     def __init__(self, path: ConvPath, layer_in_channels: int, *, stride: int = 1, bias: bool = False):
         super().__init__()
         self.path = path
         index = None if path.reads_unchanged(layer_in_channels) else path.input_index
-        self.register_buffer("input_index", _index_buffer(index), persistent=False)
+        self.register_index("input_index", index)
         self.conv = nn.Conv2d(path.in_channels, path.out_channels, 1, stride=stride, groups=path.groups, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +82,7 @@ class GroupedConvPath(nn.Module):
         return self.conv(x)
 
 
-class GroupedConvLayer(nn.Module):
+class GroupedConvLayer(PlanIndices, nn.Module):
     """Layer K or L: its paths run on the same input and are concatenated (Eqs. 15 and 25), then
     batch norm and activation. One batch norm over the concatenation is the reference's per-path
     batch norms (batch norm works channel by channel), with the same parameters.
@@ -108,10 +112,10 @@ class GroupedConvLayer(nn.Module):
                                    for path in layer.paths)
         self.bn = make_batch_norm(layer.out_channels, scale=batch_norm_scale) if batch_norm else nn.Identity()
         self.act = make_activation(activation)
-        self.register_buffer("merged_order", _index_buffer(merged_to_canonical(layer)), persistent=False)
+        self.register_index("merged_order", merged_to_canonical(layer))
         rows, columns = _scattered_positions(layer, column_map)
-        self.register_buffer("scattered_rows", torch.tensor(rows, dtype=torch.long), persistent=False)
-        self.register_buffer("scattered_columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_index("scattered_rows", rows)
+        self.register_index("scattered_columns", columns)
         dense_macs = layer.out_channels * layer.in_channels
         self.fast_form = "scattered" if dense_macs <= LAYER_SCATTERED_MAC_RATIO * layer.weight_count else "merged"
         self.form = self.fast_form
@@ -283,7 +287,7 @@ class PointwiseConvAttributes:
     output_padding = (0, 0)
 
 
-class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
+class GroupedPointwiseConv2d(PointwiseConvAttributes, PlanIndices, nn.Module):
     """Drop-in replacement for a 1x1 ``nn.Conv2d``: K -> interleave -> L, summed (Entropy 2022, Fig. 1).
 
     Args:
@@ -329,8 +333,8 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
                   if self.plan.l is not None else None)
         self._execution = "fast"
         self._recompute = "all"
-        self.register_buffer("interleave_index", _index_buffer(self.plan.interleave), persistent=False)
-        self.register_buffer("output_index", _index_buffer(self.plan.output_order), persistent=False)
+        self.register_index("interleave_index", self.plan.interleave)
+        self.register_index("output_index", self.plan.output_order)
 
     @property
     def recompute(self) -> str:
@@ -355,6 +359,8 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
 
     def _recomputes(self, x: torch.Tensor, k_conv: torch.Tensor) -> bool:
         if self._recompute == "none" or self._execution != "fast" or not self.training:
+            return False
+        if torch.compiler.is_compiling():  # the compiler's partitioner chooses what to recompute
             return False
         if not (torch.is_grad_enabled() and k_conv.requires_grad and x.shape[-1] * x.shape[-2] > 1):
             return False
@@ -385,9 +391,18 @@ class GroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
         return FoldedGroupedPointwiseConv2d(self.plan, *(layer.folded() for layer in self.layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(N, in_channels, H, W)`` or, as for ``nn.Conv2d``, unbatched ``(in_channels, H, W)``;
+        returns ``(N, out_channels, H', W')`` (``(out_channels, H', W')``), ``H' = ceil(H / stride)``.
+        Empty batches, any memory format and every floating dtype of the weights are accepted; another
+        shape raises a one-line ``ValueError``. Under ``torch.fx.symbolic_trace`` the operations are
+        recorded for a 4-D input and nothing is recomputed."""
+        if is_traced(x):
+            return self._after_k_conv(self.k.conv_output(x))
+        if x.dim() == 3 and x.shape[0] == self.in_channels:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"GroupedPointwiseConv2d expects an input of shape (N, {self.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"GroupedPointwiseConv2d expects an input of shape (N, {self.in_channels}, H, W) or "
+                             f"({self.in_channels}, H, W), got {tuple(x.shape)}")
         k_conv = self.k.conv_output(x)
         if self._recomputes(x, k_conv):
             return checkpoint(self._after_k_conv, k_conv, use_reentrant=False, context_fn=self._recompute_contexts)
@@ -480,12 +495,12 @@ class GroupedPointwiseLinear(nn.Module):
         return self.block.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
+        if not is_traced(x) and (x.dim() == 0 or x.shape[-1] != self.in_features):
             raise ValueError(f"GroupedPointwiseLinear expects an input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
         positions = x.reshape(1, -1, 1, self.in_features).permute(0, 3, 1, 2)  # (1, C, positions, 1)
         y = self.block(positions)
-        return y.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features)
+        return y.permute(0, 2, 3, 1).reshape(x.shape[:-1] + (self.out_features,))
 
 
 @dataclass(frozen=True)
