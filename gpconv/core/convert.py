@@ -16,7 +16,7 @@ import copy
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 
@@ -26,12 +26,19 @@ from .plan import make_plan
 from ..io import render_table
 
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
-           "is_plain_linear"]
+           "is_plain_linear", "conversion_record", "apply_conversion", "CONVERSION_RECORD_FORMAT"]
 
 GROUPED_BLOCKS = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
 # Attribute of a converted model: the 1x1 convolutions (and, with linear=True, linear layers) left dense.
 KEPT_ATTRIBUTE = "_gpconv_kept_dense"
+# Attribute of a converted model: its conversion record (:func:`conversion_record`).
+RECORD_ATTRIBUTE = "_gpconv_conversion"
+# Attribute of a block that :func:`gpconv.core.fit.fit_to_dense` fitted: its relative output error.
+FIT_ERROR_ATTRIBUTE = "fit_error"
+CONVERSION_RECORD_FORMAT = "gpconv-conversion/1"
 EXCLUDED, TOO_SMALL = "excluded", "too small to group"
+NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
+PerLayer = Mapping[str, Optional[int]]
 
 
 def is_plain_pointwise(module: nn.Module) -> bool:
@@ -97,7 +104,8 @@ class KeptLayer:
 
 @dataclass(frozen=True)
 class _Settings:
-    channels_per_group: int
+    channels_per_group: Optional[int]  # None with a per-layer mapping
+    per_layer: Optional[Dict[str, Optional[int]]]
     version: int
     l_layer: bool
     activation: ActivationSpec
@@ -105,7 +113,7 @@ class _Settings:
     linear: bool
 
 
-def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2, l_layer: bool = True,
+def convert(model: nn.Module, channels_per_group: Union[int, PerLayer] = 16, *, version: int = 2, l_layer: bool = True,
             activation: ActivationSpec = None, exclude: Union[str, Iterable[str]] = (),
             linear: bool = False) -> nn.Module:
     """Return a deep copy of ``model`` whose 1x1 convolutions are grouped pointwise blocks.
@@ -128,7 +136,10 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
     ones that are not plain pointwise convolutions also give one warning.
 
     Args:
-        channels_per_group: the papers' ``Ch`` (Entropy 2022, Eq. 7).
+        channels_per_group: the papers' ``Ch`` (Entropy 2022, Eq. 7), or a per-layer mapping
+            ``{module name: Ch or None}`` (what :func:`gpconv.core.fit.choose_channels_per_group` returns):
+            each named layer gets its own ``Ch`` (None keeps it dense), layers not named stay dense,
+            and a name that is not a layer ``convert`` could group is a one-line ``ValueError``.
         version: 1 (Mendel 2022) or 2 (Entropy 2022). ``l_layer=False``: K only ("no L" rows).
         activation: None or an activation applied at the end of every path of each block.
         exclude: ``fnmatch`` patterns of module names (``"classifier.*"``, ``"layer4"``) to keep dense;
@@ -147,20 +158,91 @@ def convert(model: nn.Module, channels_per_group: int = 16, *, version: int = 2,
         if name:
             _excluded(name, settings.patterns, matched)
     kept: List[KeptLayer] = []
-    _replace_children(converted, "", settings, {}, kept)
+    replacements: Dict[int, nn.Module] = {}
+    _replace_children(converted, "", settings, replacements, kept)
+    _check_mapping_names(settings, converted, kept)
     _warn(settings.patterns, matched, kept)
     object.__setattr__(converted, KEPT_ATTRIBUTE, tuple(kept))
+    object.__setattr__(converted, RECORD_ATTRIBUTE, _record(converted, settings))
     return converted
 
 
-def _settings(channels_per_group: int, version: int, l_layer: bool, activation: ActivationSpec,
+def _check_mapping_names(settings: _Settings, converted: nn.Module, kept: List[KeptLayer]) -> None:
+    """A per-layer mapping may only name layers convert could group (a typo would silently keep one dense)."""
+    if settings.per_layer is None:
+        return
+    seen = {layer.name for layer in kept} | {name for name, module in converted.named_modules()
+                                             if isinstance(module, GROUPED_BLOCKS)}
+    unknown = sorted(set(settings.per_layer) - seen)
+    if unknown:
+        raise ValueError(f"channels_per_group mapping names {len(unknown)} layer(s) that are not 1x1 convolutions "
+                         f"(or, with linear=True, linear layers) of the model: {', '.join(unknown[:5])}")
+
+
+def _record(converted: nn.Module, settings: _Settings) -> dict:
+    """The conversion record of a model ``convert`` just built (see :func:`conversion_record`)."""
+    layers = {}
+    for name, module in converted.named_modules():
+        if isinstance(module, GROUPED_BLOCKS) and name not in layers:
+            layers[name] = module.plan.channels_per_group
+    activation = settings.activation if settings.activation is None or isinstance(settings.activation, str) else None
+    return {"format": CONVERSION_RECORD_FORMAT, "channels_per_group": layers, "version": settings.version,
+            "l_layer": settings.l_layer, "linear": settings.linear, "activation": activation}
+
+
+def conversion_record(model: nn.Module) -> Optional[dict]:
+    """What :func:`convert` did to ``model``, as plain JSON-ready data, or None for a model ``convert``
+    did not build: ``{"format": "gpconv-conversion/1", "channels_per_group": {layer name: Ch, ...},
+    "version", "l_layer", "linear", "activation"}`` (activation None when it was an ``nn.Module``).
+    :func:`apply_conversion` re-applies it to a freshly built base model, which then accepts the
+    converted model's ``state_dict``."""
+    record = getattr(model, RECORD_ATTRIBUTE, None)
+    return None if record is None else copy.deepcopy(record)
+
+
+def apply_conversion(model: nn.Module, record: Mapping) -> nn.Module:
+    """``convert`` ``model`` (a base model built as the converted one's was) as ``record`` says
+    (:func:`conversion_record`). ``ValueError`` (one line) for a record of another format or one that
+    names layers the model does not have."""
+    if not isinstance(record, Mapping) or record.get("format") != CONVERSION_RECORD_FORMAT:
+        found = record.get("format") if isinstance(record, Mapping) else type(record).__name__
+        raise ValueError(f"not a gpconv conversion record (format {found!r}, expected {CONVERSION_RECORD_FORMAT!r})")
+    mapping = record.get("channels_per_group")
+    if not isinstance(mapping, Mapping):
+        raise ValueError("conversion record: channels_per_group must map layer names to channels per group")
+    return convert(model, dict(mapping), version=record.get("version", 2), l_layer=record.get("l_layer", True),
+                   activation=record.get("activation"), linear=record.get("linear", False))
+
+
+def _settings(channels_per_group: Union[int, PerLayer], version: int, l_layer: bool, activation: ActivationSpec,
               exclude: Union[str, Iterable[str]], linear: bool) -> _Settings:
     """``convert``'s arguments checked (one-line errors) and gathered."""
-    Grouping(channels_per_group, version, l_layer)  # one-line errors for bad grouping settings
+    per_layer = None
+    if isinstance(channels_per_group, Mapping):
+        per_layer = dict(channels_per_group)
+        for name, value in per_layer.items():
+            if not isinstance(name, str):
+                raise TypeError(f"channels_per_group mapping keys must be layer names, got {name!r}")
+            if value is not None:
+                Grouping(value, version, l_layer)
+        channels_per_group = None
+        Grouping(None, version, l_layer)
+    else:
+        Grouping(channels_per_group, version, l_layer)  # one-line errors for bad grouping settings
     check_activation(activation)
     if not isinstance(linear, bool):
         raise TypeError(f"linear must be True or False, got {linear!r}")
-    return _Settings(channels_per_group, version, l_layer, activation, _patterns(exclude), linear)
+    return _Settings(channels_per_group, per_layer, version, l_layer, activation, _patterns(exclude), linear)
+
+
+def _layer_channels(name: str, settings: _Settings):
+    """``(Ch, None)`` for the layer called ``name``, or ``(None, reason)`` when it stays dense by the mapping."""
+    if settings.per_layer is None:
+        return settings.channels_per_group, None
+    if name not in settings.per_layer:
+        return None, NOT_MAPPED
+    value = settings.per_layer[name]
+    return (value, None) if value is not None else (None, MAPPED_DENSE)
 
 
 def _replace_children(parent: nn.Module, prefix: str, settings: _Settings, replacements: Dict[int, nn.Module],
@@ -188,7 +270,8 @@ def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> Non
     for pattern in patterns:
         if pattern not in matched:
             warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
-    unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in (EXCLUDED, TOO_SMALL)]
+    expected = (EXCLUDED, TOO_SMALL, NOT_MAPPED, MAPPED_DENSE)
+    unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in expected]
     if unusual:
         warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
                       f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
@@ -202,7 +285,11 @@ def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[Ke
     if _excluded(name, settings.patterns, set()):
         kept.append(KeptLayer(name, EXCLUDED))
         return layer
-    plan = make_plan(in_channels, out_channels, settings.channels_per_group, version=settings.version,
+    channels_per_group, reason = _layer_channels(name, settings)
+    if reason is not None:
+        kept.append(KeptLayer(name, reason))
+        return layer
+    plan = make_plan(in_channels, out_channels, channels_per_group, version=settings.version,
                      l_layer=settings.l_layer)
     if not plan.grouped:
         kept.append(KeptLayer(name, TOO_SMALL))
@@ -210,10 +297,10 @@ def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[Ke
     options = dict(version=settings.version, l_layer=settings.l_layer, activation=settings.activation,
                    bias=layer.bias is not None)
     if is_conv:
-        block = GroupedPointwiseConv2d(in_channels, out_channels, settings.channels_per_group, batch_norm=False,
+        block = GroupedPointwiseConv2d(in_channels, out_channels, channels_per_group, batch_norm=False,
                                        stride=layer.stride[0], **options)
     else:
-        block = GroupedPointwiseLinear(in_channels, out_channels, settings.channels_per_group, **options)
+        block = GroupedPointwiseLinear(in_channels, out_channels, channels_per_group, **options)
     block.to(device=layer.weight.device, dtype=layer.weight.dtype)
     block.train(layer.training)
     return block
@@ -232,6 +319,8 @@ class ReplacedLayer:
     params_before: int
     params_after: int
     linear: bool = False  # a GroupedPointwiseLinear (replacing an nn.Linear)
+    channels_per_group: Optional[int] = None
+    fit_error: Optional[float] = None  # relative output error after gpconv.shrink.fit_to_dense, if fitted
 
 
 @dataclass(frozen=True)
@@ -257,10 +346,14 @@ class ConversionSummary:
                      else "the model has no 1x1 convolutions: nothing to group")
             return "\n".join([f"no grouped pointwise convolutions ({found}; {self.model_params:,} trainable "
                               "parameters)"] + self._kept_lines())
-        header = ("layer", "in", "out", "stride", "params before", "params after", "")
-        body = [(row.name, str(row.in_channels), str(row.out_channels), str(row.stride), f"{row.params_before:,}",
-                 f"{row.params_after:,}", ("linear" if row.linear else "") if row.grouped
-                 else "dense (too small to group)") for row in self.rows]
+        fitted = any(row.fit_error is not None for row in self.rows)
+        header = ("layer", "in", "out", "stride", "Ch", "params before", "params after") + (
+            ("fit error",) if fitted else ()) + ("",)
+        body = [(row.name, str(row.in_channels), str(row.out_channels), str(row.stride), str(row.channels_per_group),
+                 f"{row.params_before:,}", f"{row.params_after:,}")
+                + ((("-" if row.fit_error is None else f"{row.fit_error:.3f}"),) if fitted else ())
+                + ((("linear" if row.linear else "") if row.grouped else "dense (too small to group)"),)
+                for row in self.rows]
         lines = [render_table(header, body)]
         grouped = sum(row.grouped for row in self.rows)
         lines.append(f"{grouped} grouped pointwise convolutions, {len(self.rows) - grouped} kept dense inside a block, "
@@ -275,8 +368,10 @@ def _row(name: str, block: GroupedPointwiseConv2d, linear: bool) -> ReplacedLaye
     # bias and batch-norm parameters of layer K cover each output channel once, as the dense ones would
     per_channel = sum(p.numel() for p_name, p in block.k.named_parameters()
                       if p.requires_grad and not p_name.endswith("conv.weight"))
+    fit_error = getattr(block, FIT_ERROR_ATTRIBUTE, None)
     return ReplacedLayer(name, block.in_channels, block.out_channels, block.stride[0], block.plan.grouped,
-                         block.plan.dense_weight_count + per_channel, after, linear)
+                         block.plan.dense_weight_count + per_channel, after, linear, block.plan.channels_per_group,
+                         fit_error)
 
 
 def summarize(model: nn.Module) -> ConversionSummary:
