@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
+# the torchvision made for that torch (the package index has only a CUDA build of it; tests/_torchvision_compat.py)
+TORCHVISION_VERSION := 0.28.0
 
 .PHONY: demo test install clean
 
 $(BIN)/gpconv: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev,train,interop,deploy]"
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION)
+	$(BIN)/python -m pip install --quiet -e ".[dev,train,interop,deploy]" torch==$(TORCH_VERSION) \
+		torchvision==$(TORCHVISION_VERSION)
 	touch $(BIN)/gpconv
 
 install: $(BIN)/gpconv

@@ -31,3 +31,9 @@ def paper_numbers_path():
     if not PAPER_NUMBERS.exists():
         pytest.skip("../shared/reference/paper_numbers.json is not present")
     return PAPER_NUMBERS
+
+
+# Before any test module imports timm, torchvision or transformers (which imports torchvision when present).
+from _torchvision_compat import make_torchvision_importable  # noqa: E402
+
+TORCHVISION = make_torchvision_importable()
