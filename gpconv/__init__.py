@@ -5,7 +5,7 @@ from .core.block import (GroupedPointwiseConv2d, GroupedPointwiseLinear, Groupin
 from .core.convert import convert, summarize
 from .core.counting import count_computations, count_macs, count_parameters
 from .export import export_onnx
-from .core.inference import prepare_for_inference
+from .core.inference import inference_summary, prepare_for_inference
 from .models import create_model, list_models, register_model
 from .core.plan import PointwisePlan, make_plan
 
@@ -15,5 +15,5 @@ __all__ = [
     "GroupedPointwiseConv2d", "GroupedPointwiseLinear", "Grouping", "pointwise_conv", "PointwisePlan", "make_plan",
     "create_model", "list_models", "register_model",
     "count_parameters", "count_macs", "count_computations", "convert", "summarize",
-    "prepare_for_inference", "set_execution", "set_recompute", "export_onnx",
+    "prepare_for_inference", "inference_summary", "set_execution", "set_recompute", "export_onnx",
 ]
