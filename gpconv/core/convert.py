@@ -13,12 +13,16 @@ becomes a :class:`~gpconv.core.block.GroupedPointwiseLinear`. Everything else is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from ..layers import ActivationSpec, check_activation
@@ -38,6 +42,58 @@ FIT_ERROR_ATTRIBUTE = "fit_error"
 CONVERSION_RECORD_FORMAT = "gpconv-conversion/1"
 EXCLUDED, TOO_SMALL = "excluded", "too small to group"
 NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
+# Parts of the reasons of layers kept dense because a block in their place would lose part of what they
+# are (:func:`_identity_refusal`); they get a warning of their own.
+IDENTITY_REASONS = ("parametrized", "weight_norm/spectral_norm hooks", "state_dict hooks", " has its own forward",
+                    " tied to ")
+# The hooks a replacement takes over: it sees the same inputs and outputs (and gradients) as the layer.
+MOVED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+Owners = Dict[int, Dict[int, str]]  # id of a parameter -> {id of a module holding it: "module.parameter"}
+
+
+def _parameter_owners(model: nn.Module) -> Owners:
+    """Every parameter's holders, one name per distinct module: a parameter with two is tied."""
+    owners: Owners = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), {}).setdefault(id(module), f"{module_name}.{name}".lstrip("."))
+    return owners
+
+
+def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:
+    """Why a grouped block in ``layer``'s place would lose part of what the layer is; None when nothing
+    would: a parametrization, weight-norm or spectral-norm hooks, state_dict hooks, a subclass with a
+    forward of its own, or a parameter shared with another module (tied weights: the block would
+    untie them and add parameters)."""
+    if parametrize.is_parametrized(layer):
+        return f"parametrized {', '.join(layer.parametrizations)}"
+    if any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in layer._forward_pre_hooks.values()):
+        return "weight_norm/spectral_norm hooks"
+    if (layer._state_dict_hooks or layer._state_dict_pre_hooks or layer._load_state_dict_pre_hooks
+            or layer._load_state_dict_post_hooks):
+        return "state_dict hooks"
+    base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    if any(getattr(type(layer), method, None) is not getattr(base, method, None) for method in ("forward", "_conv_forward")):
+        return f"{type(layer).__name__} has its own forward"
+    for name, parameter in layer._parameters.items():
+        others = [holder for module, holder in owners.get(id(parameter), {}).items() if module != id(layer)]
+        if others:
+            return f"{name} tied to {', '.join(others)}"
+    return None
+
+
+def _take_over(layer: nn.Module, block: nn.Module) -> None:
+    """``block`` in ``layer``'s place: its training flag, ``requires_grad`` (weights as the layer's
+    weight, biases as its bias) and forward, pre-forward and backward hooks, in their order."""
+    block.train(layer.training)
+    for name, parameter in block.named_parameters():
+        source = layer.bias if name.endswith("bias") and layer.bias is not None else layer.weight
+        parameter.requires_grad_(source.requires_grad)
+    for attribute in MOVED_HOOKS:
+        getattr(block, attribute).update(getattr(layer, attribute))
+    block._is_full_backward_hook = layer._is_full_backward_hook
 PerLayer = Mapping[str, Optional[int]]
 
 
@@ -111,6 +167,7 @@ class _Settings:
     activation: ActivationSpec
     patterns: Tuple[str, ...]
     linear: bool
+    owners: Owners = field(default_factory=dict)
 
 
 def convert(model: nn.Module, channels_per_group: Union[int, PerLayer] = 16, *, version: int = 2, l_layer: bool = True,
@@ -153,6 +210,7 @@ def convert(model: nn.Module, channels_per_group: Union[int, PerLayer] = 16, *, 
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     settings = _settings(channels_per_group, version, l_layer, activation, exclude, linear)
     converted = copy.deepcopy(model)
+    settings = dataclasses.replace(settings, owners=_parameter_owners(converted))
     matched: set = set()
     for name, _ in converted.named_modules():
         if name:
@@ -253,7 +311,8 @@ def _replace_children(parent: nn.Module, prefix: str, settings: _Settings, repla
         name = f"{prefix}{child_name}"
         if child is None or isinstance(child, GROUPED_BLOCKS):
             continue
-        if is_plain_pointwise(child) or (settings.linear and is_plain_linear(child)):
+        parametrized_linear = parametrize.is_parametrized(child) and type(child).__bases__[0] is nn.Linear
+        if is_plain_pointwise(child) or (settings.linear and (is_plain_linear(child) or parametrized_linear)):
             if id(child) not in replacements:
                 replacements[id(child)] = _replacement(child, name, settings, kept)
             setattr(parent, child_name, replacements[id(child)])
@@ -271,10 +330,15 @@ def _warn(patterns: Tuple[str, ...], matched: set, kept: List[KeptLayer]) -> Non
         if pattern not in matched:
             warnings.warn(f"gpconv.convert: exclude pattern {pattern!r} matches no module", UserWarning, stacklevel=3)
     expected = (EXCLUDED, TOO_SMALL, NOT_MAPPED, MAPPED_DENSE)
-    unusual = [f"{layer.name} ({layer.reason})" for layer in kept if layer.reason not in expected]
+    whole = [f"{layer.name} ({layer.reason})" for layer in kept if any(part in layer.reason for part in IDENTITY_REASONS)]
+    unusual = [f"{layer.name} ({layer.reason})" for layer in kept
+               if layer.reason not in expected and f"{layer.name} ({layer.reason})" not in whole]
     if unusual:
         warnings.warn(f"gpconv.convert: {len(unusual)} 1x1 convolutions are not plain pointwise convolutions and "
                       f"stay dense: {', '.join(unusual)}", UserWarning, stacklevel=3)
+    if whole:
+        warnings.warn(f"gpconv.convert: {len(whole)} layers stay dense, a block would lose part of what they are: "
+                      f"{', '.join(whole)}", UserWarning, stacklevel=3)
 
 
 def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[KeptLayer]) -> nn.Module:
@@ -284,6 +348,10 @@ def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[Ke
                                                                                          layer.out_features)
     if _excluded(name, settings.patterns, set()):
         kept.append(KeptLayer(name, EXCLUDED))
+        return layer
+    reason = _identity_refusal(layer, settings.owners)
+    if reason is not None:
+        kept.append(KeptLayer(name, reason))
         return layer
     channels_per_group, reason = _layer_channels(name, settings)
     if reason is not None:
@@ -302,7 +370,7 @@ def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[Ke
     else:
         block = GroupedPointwiseLinear(in_channels, out_channels, channels_per_group, **options)
     block.to(device=layer.weight.device, dtype=layer.weight.dtype)
-    block.train(layer.training)
+    _take_over(layer, block)
     return block
 
 
