@@ -18,6 +18,7 @@ from ..io import render_table
 from ..experiments.paper_tables import format_table, paper_table
 from .export import add_export_command
 from .results import add_results_commands
+from .shrink import add_shrink_command
 from .train import add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
@@ -28,7 +29,7 @@ EXTRAS = {"train": ("numpy", "PIL", "tqdm", "matplotlib", "yaml"),
           "interop": ("transformers",)}
 # Commands that read data, train, plot or load configs: the train extra (``demo`` too, unless --no-train).
 # The others (table, plan, summary, demo --no-train) need torch alone.
-TRAIN_COMMANDS = ("train", "evaluate", "sweep", "report", "cam", "export")
+TRAIN_COMMANDS = ("train", "evaluate", "sweep", "report", "cam", "export", "shrink")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands)  # train, evaluate (gpconv/cli/train.py)
     add_results_commands(commands)  # sweep, report, cam (gpconv/cli/results.py)
     add_export_command(commands)  # export (gpconv/cli/export.py)
+    add_shrink_command(commands)  # shrink (gpconv/cli/shrink.py)
     return parser
 
 

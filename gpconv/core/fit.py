@@ -113,7 +113,7 @@ def collect_layer_statistics(dense: nn.Module, calibration: Iterable, names: Seq
     sums: Dict[str, torch.Tensor] = {}
     counts = {name: 0 for name in names}
     positions: Dict[str, int] = {}
-    produced: Dict[int, str] = {}
+    produced: Dict[int, tuple] = {}
     followers: Dict[str, nn.Module] = {}
 
     def record_input(name):
@@ -123,12 +123,12 @@ def collect_layer_statistics(dense: nn.Module, calibration: Iterable, names: Seq
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] += len(x)
             positions[name] = output[0, 0].numel() if isinstance(module, nn.Conv2d) and output.dim() == 4 else 1
-            produced[id(output)] = name
+            produced[id(output)] = (name, output)  # the tensor is kept so that its id is not reused
         return hook
 
     def record_follower(module, args):
-        name = produced.get(id(args[0]))
-        if name is not None and name not in followers:
+        name, tensor = produced.get(id(args[0]), (None, None))
+        if tensor is args[0] and name not in followers:
             followers[name] = module
 
     handles = [modules[name].register_forward_hook(record_input(name)) for name in names]

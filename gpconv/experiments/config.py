@@ -8,13 +8,18 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from torch import nn
 
+from ..core.convert import apply_conversion
 from ..models import CLASSIFIER_INITS, check_input_size, create_model, init_classifier
 
-__all__ = ["ModelConfig", "TrainConfig", "field_default", "positive_int", "non_negative_int", "positive_float"]
+__all__ = ["ModelConfig", "TrainConfig", "field_default", "positive_int", "non_negative_int", "positive_float",
+           "int_at_least", "check_fields"]
+
+
+SCHEDULES = ("cyclical", "cosine")
 
 
 def _number(text: str, kind, minimum, description: str, strict: bool = False):
@@ -30,6 +35,11 @@ def _number(text: str, kind, minimum, description: str, strict: bool = False):
 def positive_int(text: str) -> int:
     """An int >= 1 (argparse type; ArgumentTypeError otherwise)."""
     return _number(text, int, 1, "an integer >= 1")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum`` (ArgumentTypeError otherwise)."""
+    return lambda text: _number(text, int, minimum, f"an integer >= {minimum}")
 
 
 def non_negative_int(text: str) -> int:
@@ -55,6 +65,9 @@ class ModelConfig:
     skip_strides: int = 0
     image_size: int = 32
     classifier_init: str = "family"
+    # a model gpconv.convert made from the family's dense model (gpconv shrink): its conversion record
+    # (gpconv.core.convert.conversion_record), re-applied by build(); None for the family's own models
+    conversion: Optional[dict] = None
 
     def __post_init__(self):
         if self.classifier_init not in CLASSIFIER_INITS:
@@ -67,11 +80,17 @@ class ModelConfig:
         model = create_model(self.arch, self.num_classes, channels_per_group=self.channels_per_group,
                              version=self.version, l_layer=self.l_layer, activation=self.activation,
                              skip_strides=self.skip_strides)
-        return init_classifier(model, self.classifier_init)
+        model = init_classifier(model, self.classifier_init)
+        return model if self.conversion is None else apply_conversion(model, self.conversion)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
+    def from_dict(cls, values: dict, where: str = "model_config") -> "ModelConfig":
+        """The config saved as ``values`` (unknown keys ignored), each field's type checked
+        (:func:`check_fields`; ``where`` names the file and key in the one-line ValueError)."""
         names = {f.name for f in fields(cls)}
+        check_fields(cls, values, where)
+        if not isinstance(values.get("arch"), str):
+            raise ValueError(f"{where} has no arch")
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -96,8 +115,21 @@ class TrainConfig:
     precise_bn_batches: int = 0
     eval_batch_size: int = 64
     synthetic_size: List[int] = field(default_factory=lambda: [2000, 500])
+    # "cyclical": the papers' cycle (cyclical_lr); "cosine": lr decays from lr to 0 over the epochs
+    # (fine-tuning, gpconv shrink)
+    schedule: str = "cyclical"
+    # knowledge distillation (Hinton et al. 2015): a teacher checkpoint whose softened outputs
+    # (temperature) are learnt with weight distillation_weight, the labels with the rest
+    teacher: Optional[str] = None
+    temperature: float = 4.0
+    distillation_weight: float = 0.9
+    shrink: Optional[dict] = None  # gpconv shrink's settings (gpconv.experiments.shrink.ShrinkConfig.settings)
 
     def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if not (0 <= self.distillation_weight <= 1) or not self.temperature > 0:
+            raise ValueError("distillation_weight must be in [0, 1] and temperature > 0")
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ValueError(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "lr_cycle"):
@@ -112,3 +144,35 @@ def field_default(item: Field):
     if item.default is not MISSING:
         return item.default
     return item.default_factory() if item.default_factory is not MISSING else None
+
+
+def _type_check(annotation: str):
+    """``(test(value) -> bool, description)`` for a field annotation of :class:`ModelConfig` or
+    :class:`TrainConfig` (``int``, ``float``, ``bool``, ``str``, ``List[int]``, ``Optional[...]``)."""
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        test, description = _type_check(annotation[len("Optional["):-1])
+        return (lambda value: value is None or test(value)), description + " or null"
+    simple = {"int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+              "bool": (lambda v: isinstance(v, bool), "true or false"),
+              "str": (lambda v: isinstance(v, str), "a string")}
+    if annotation in simple:
+        return simple[annotation]
+    if annotation == "List[int]":
+        item = simple["int"][0]
+        return (lambda v: isinstance(v, list) and all(item(x) for x in v)), "a list of integers"
+    return (lambda value: True), "anything"
+
+
+def check_fields(kind, values, where: str) -> None:
+    """ValueError (one line, naming ``where`` and the field) unless ``values`` is a mapping whose
+    fields of the dataclass ``kind`` (:class:`ModelConfig`, :class:`TrainConfig`) have their types:
+    the one check of a saved config (``config.json``, a checkpoint's ``model_config`` and
+    ``train_config``). Fields ``values`` lacks are left to the dataclass defaults."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} is not a mapping (got {type(values).__name__})")
+    for item in fields(kind):
+        if item.name in values:
+            test, description = _type_check(str(item.type))
+            if not test(values[item.name]):
+                raise ValueError(f"{where}: field {item.name} is {values[item.name]!r}, expected {description}")

@@ -40,14 +40,16 @@ from torch.utils.data import DistributedSampler
 
 from ..core.counting import count_computations, count_macs, count_parameters
 from ..io import atomic_write_text
-from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, model_checkpoint, resume_from
+from .checkpoint import (atomic_torch_save, capture_rng_state, load_checkpoint, load_model_from_checkpoint,
+                         model_checkpoint, resume_from)
 from .config import ModelConfig, TrainConfig
 from .data import DatasetSplits, KerasAugment, load_dataset, to_float
 from .distributed import DistributedContext, broadcast_buffers, setup_distributed
 from .metrics import classification_report, evaluate_model, recalibrate_batch_norm
 from .run_folder import prepare_run_folder, write_history, write_run_config
 
-__all__ = ["TrainingDiverged", "Callback", "TrainingRun", "cyclical_lr", "make_optimizer", "train", "prepare_run",
+__all__ = ["TrainingDiverged", "Callback", "TrainingRun", "cyclical_lr", "cosine_lr", "epoch_lr", "distillation_loss",
+           "make_optimizer", "train", "prepare_run",
            "train_one_epoch", "validate_epoch", "save_epoch", "evaluate_best"]
 
 
@@ -65,6 +67,27 @@ class Callback:
 
     def on_epoch_end(self, epoch: int, row: dict) -> None:
         """After epoch ``epoch``'s checkpoints and files are written; ``row`` is its ``history.csv`` row."""
+
+
+def cosine_lr(epoch: int, base: float, epochs: int) -> float:
+    """Fine-tuning schedule: ``base * (1 + cos(pi * epoch / epochs)) / 2`` for epoch ``epoch`` (0-based)."""
+    return base * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def epoch_lr(config: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) under ``config.schedule``."""
+    if config.schedule == "cosine":
+        return cosine_lr(epoch, config.lr, config.epochs)
+    return cyclical_lr(epoch, config.lr, config.lr_cycle)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, weight: float) -> torch.Tensor:
+    """Hinton et al. (2015): ``weight * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - weight) * CE(s, y)``.
+    ``T^2`` keeps the soft term's gradients on the scale of the label term's."""
+    soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean", log_target=True)
+    return weight * temperature ** 2 * soft + (1 - weight) * F.cross_entropy(logits, labels)
 
 
 def cyclical_lr(epoch: int, base: float = 1e-3, cycle: int = 25) -> float:
@@ -102,6 +125,7 @@ class TrainingRun:
     network: Optional[nn.Module] = None  # the model, or its DistributedDataParallel wrapper
     sampler: Optional[DistributedSampler] = None
     augment: Optional[KerasAugment] = None
+    teacher: Optional[nn.Module] = None  # config.teacher's model, in eval mode
 
     @property
     def output(self) -> Path:
@@ -118,7 +142,7 @@ class TrainingRun:
 
 def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, overwrite: bool = False,
           callbacks: Sequence[Callback] = (), log: Callable[[str], None] = print,
-          splits: Optional[DatasetSplits] = None) -> dict:
+          splits: Optional[DatasetSplits] = None, initial_state: Optional[dict] = None) -> dict:
     """Train ``model_config`` on ``config.dataset`` and return the test metrics (also ``metrics.json``).
 
     ``resume``: continue from ``output/last.pt`` (model, optimizer, epoch, history, best epoch,
@@ -127,10 +151,11 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     :func:`~gpconv.experiments.run_folder.prepare_run_folder`); the data order is a function of
     (seed, epoch), so a resumed run reaches the same result as an uninterrupted one. ``callbacks``:
     :class:`Callback` hooks. ``splits``: data already loaded (a sweep shares it between runs).
+    ``initial_state``: a state_dict the model starts from (fine-tuning; ignored when resuming).
     Raises :class:`TrainingDiverged` on a NaN/inf loss.
     """
     run = prepare_run(config, model_config, resume=resume, overwrite=overwrite, log=log, splits=splits,
-                      callbacks=callbacks)
+                      callbacks=callbacks, initial_state=initial_state)
     for epoch in range(run.start_epoch, config.epochs):
         started = time.perf_counter()
         lr, train_loss, train_accuracy = train_one_epoch(run, epoch)
@@ -163,7 +188,7 @@ def _build_model(model_config: ModelConfig, device: torch.device) -> Tuple[nn.Mo
 
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, overwrite: bool = False,
                 log: Callable[[str], None] = print, splits: Optional[DatasetSplits] = None,
-                callbacks: Sequence[Callback] = ()) -> TrainingRun:
+                callbacks: Sequence[Callback] = (), initial_state: Optional[dict] = None) -> TrainingRun:
     """Everything before the first epoch: process group and device, the run folder (output rule),
     seeding, data, model, optimizer, the resumed state (``resume`` and ``last.pt`` present),
     ``config.json``, the DDP wrapper and the sampler."""
@@ -181,6 +206,8 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool 
         log(f"skipped {splits.skipped_files} unreadable image file(s)")
     model_config.num_classes = splits.num_classes
     model, counts = _build_model(model_config, context.device)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
     cuda = context.device.type == "cuda"
     run = TrainingRun(config, model_config, context, splits, model, make_optimizer(model.parameters(), config.lr),
                       torch.amp.GradScaler("cuda", enabled=cuda), augment_generator, counts, log, callbacks)
@@ -199,6 +226,9 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool 
     run.sampler = DistributedSampler(range(len(splits.train)), num_replicas=context.world_size, rank=context.rank,
                                      shuffle=True, seed=config.seed, drop_last=False)
     run.augment = KerasAugment() if config.augment else None
+    if config.teacher is not None:
+        run.teacher = load_model_from_checkpoint(config.teacher, map_location=context.device)[0]
+        run.teacher.to(memory_format=torch.channels_last)
     return run
 
 
@@ -216,7 +246,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> Tuple[float, float, float]:
     """One pass over this process's shard of the training set (epoch ``epoch``, 0-based) with the
     schedule's learning rate; ``(lr, train loss, train accuracy)`` reduced over processes."""
     config = run.config
-    lr = cyclical_lr(epoch, config.lr, config.lr_cycle)
+    lr = epoch_lr(config, epoch)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.sampler.set_epoch(epoch)
@@ -252,7 +282,13 @@ def _train_step(run: TrainingRun, epoch: int, step: int, indices: torch.Tensor):
     images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, enabled=device.type == "cuda"):
         logits = run.network(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        if run.teacher is None:
+            loss = F.cross_entropy(logits.float(), labels)
+        else:
+            with torch.no_grad():
+                teacher_logits = run.teacher(images).float()
+            loss = distillation_loss(logits.float(), teacher_logits, labels, run.config.temperature,
+                                     run.config.distillation_weight)
     for callback in run.callbacks:
         loss = callback.on_loss(epoch + 1, step + 1, loss)
     if not run.context.all_true(bool(torch.isfinite(loss))):

@@ -1,0 +1,205 @@
+"""Shrink a trained dense model: convert -> fit -> distil -> evaluate (``gpconv shrink``).
+
+A gpconv run folder of a dense model (``best.pt``) becomes a new run folder of its grouped version:
+
+1. ``gpconv.convert`` with one channels per group, or a per-layer choice under a parameter budget
+   (:func:`gpconv.core.fit.choose_channels_per_group`);
+2. every grouped block fitted to the dense layer it replaced on calibration images from the run's
+   own training split (:func:`gpconv.core.fit.fit_to_dense`; ``init="random"`` skips it: the control);
+3. fine-tuning with the dense model as teacher (:func:`gpconv.experiments.training.distillation_loss`)
+   on the cosine schedule, through :func:`gpconv.experiments.training.train`: the same run folder,
+   resume, output rule and progress as ``gpconv train``; ``epochs=0`` evaluates the fitted model.
+
+The folder is an ordinary run folder: ``config.json`` (the model config carries the conversion
+record; the train config names the teacher and the ``shrink`` settings), ``fit.json`` (each block's
+relative output error), ``history.csv``, ``metrics.json``, ``best.pt`` -- which ``gpconv evaluate``,
+``export`` and ``cam`` load like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from ..core.convert import conversion_record, convert
+from ..core.counting import count_computations, count_parameters
+from ..core.fit import choose_channels_per_group, fit_to_dense
+from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
+from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, load_model_from_checkpoint,
+                         model_checkpoint)
+from .config import ModelConfig, TrainConfig
+from .data import DatasetSplits, load_dataset, to_float
+from .metrics import evaluate_model
+from .run_folder import prepare_run_folder, write_run_config
+from .training import train
+
+__all__ = ["ShrinkConfig", "shrink", "SHRINK_INITS", "calibration_batches"]
+
+SHRINK_INITS = ("fit", "random")
+FIT_FILE = "fit.json"  # each block's fit error, the budget's choice, the fit's time
+
+
+@dataclass
+class ShrinkConfig:
+    """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
+    parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
+    (plain ``convert``: the control). Defaults measured in docs/results.md ("Shrinking a trained model")."""
+
+    checkpoint: str
+    output: str
+    channels_per_group: Optional[int] = None
+    budget: Optional[float] = None
+    version: int = 2
+    l_layer: bool = True
+    init: str = "fit"
+    epochs: int = 6
+    lr: float = 5e-4
+    temperature: float = 4.0
+    distillation_weight: float = 0.9
+    calibration_images: int = 1024
+    fit_steps: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        """One-line ``ValueError`` for settings that cannot make a run."""
+        if (self.channels_per_group is None) == (self.budget is None):
+            raise ValueError("give exactly one of --channels-per-group and --budget")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"--budget must be a fraction of the parameters in (0, 1], got {self.budget}")
+        if self.init not in SHRINK_INITS:
+            raise ValueError(f"init must be one of {', '.join(SHRINK_INITS)}, got {self.init!r}")
+        if self.epochs < 0 or self.calibration_images < 1 or self.fit_steps < 0:
+            raise ValueError("epochs and fit steps must be >= 0, calibration images >= 1")
+
+    @property
+    def settings(self) -> dict:
+        """What ``config.json`` records under ``train.shrink``."""
+        keys = ("channels_per_group", "budget", "version", "l_layer", "init", "epochs", "calibration_images",
+                "fit_steps")
+        return {key: getattr(self, key) for key in keys}
+
+
+def calibration_batches(splits: DatasetSplits, count: int, seed: int, batch_size: int = 64) -> List[torch.Tensor]:
+    """``count`` training images (a seeded random choice, no augmentation) as float batches."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(splits.train), generator=generator)[:count]
+    images = to_float(splits.train.images[order])
+    return [batch.contiguous(memory_format=torch.channels_last) for batch in images.split(batch_size)]
+
+
+def _teacher(config: ShrinkConfig):
+    teacher, model_config, checkpoint = load_model_from_checkpoint(config.checkpoint)
+    if model_config.channels_per_group is not None or model_config.conversion is not None:
+        raise CheckpointError(f"{config.checkpoint} is already a grouped model (channels_per_group="
+                              f"{model_config.channels_per_group}): shrink starts from a dense model")
+    return teacher, model_config, checkpoint
+
+
+def _splits(config: ShrinkConfig, checkpoint: dict, model_config: ModelConfig) -> DatasetSplits:
+    trained = checkpoint["train_config"]
+    if not trained.get("dataset"):
+        raise CheckpointError(f"{config.checkpoint} does not say which dataset it was trained on")
+    splits = load_dataset(trained["dataset"], trained.get("data_dir"), image_size=model_config.image_size,
+                          seed=trained.get("seed", 0), synthetic_size=tuple(trained.get("synthetic_size", (2000, 500))))
+    if len(splits.train) == 0:
+        raise ValueError(f"{trained['dataset']} has no training split to calibrate on")
+    return splits
+
+
+def _convert(teacher, config: ShrinkConfig, calibration, log):
+    if config.budget is None:
+        return convert(teacher, config.channels_per_group, version=config.version, l_layer=config.l_layer), None
+    log(f"choosing channels per group for each layer under a budget of {config.budget:g} of the parameters")
+    choice = choose_channels_per_group(teacher, calibration, config.budget, version=config.version,
+                                       l_layer=config.l_layer, progress=_bar("fit choices"))
+    log(f"chosen: {choice.parameters:,} of {choice.budget_parameters:,} allowed parameters, total fit error "
+        f"{choice.total_error:.3f}")
+    return convert(teacher, choice.mapping, version=config.version, l_layer=config.l_layer), choice
+
+
+def _bar(description: str) -> Callable:
+    def wrap(items):
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency of the train extra
+            return items
+        return tqdm(items, desc=description, leave=False, dynamic_ncols=True)
+    return wrap
+
+
+def _train_config(config: ShrinkConfig, checkpoint: dict) -> TrainConfig:
+    trained = dict(checkpoint["train_config"])
+    base = TrainConfig(**{key: value for key, value in trained.items() if key in TrainConfig.__dataclass_fields__})
+    return replace(base, output=config.output, epochs=max(config.epochs, 1), lr=config.lr, schedule="cosine",
+                   seed=config.seed, teacher=str(config.checkpoint), temperature=config.temperature,
+                   distillation_weight=config.distillation_weight, shrink=config.settings)
+
+
+def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = False,
+           log: Callable[[str], None] = print) -> dict:
+    """Run :class:`ShrinkConfig` into ``config.output`` (module docstring); returns the test metrics."""
+    config.check()
+    teacher, model_config, checkpoint = _teacher(config)
+    output = Path(config.output)
+    resuming = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=False)
+    if not (resume or overwrite) and existing_outputs(output, (FIT_FILE,)):
+        raise OutputError(f"{output} already holds {FIT_FILE}; pass --overwrite to replace it or choose another --output")
+    if resuming:  # the conversion and fit are in last.pt already
+        saved = load_checkpoint(output / "last.pt", require=("model_config",))
+        return train(_train_config(config, checkpoint), ModelConfig.from_dict(saved["model_config"]), resume=True,
+                     log=log)
+    splits = _splits(config, checkpoint, model_config)
+    calibration = calibration_batches(splits, config.calibration_images, config.seed)
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    converted, choice = _convert(teacher, config, calibration, log)
+    fits = []
+    if config.init == "fit":
+        log(f"fitting the grouped blocks to the dense layers on {sum(len(b) for b in calibration)} training images")
+        fits = fit_to_dense(teacher, converted, calibration, steps=config.fit_steps, progress=_bar("fit"))
+    fit_seconds = round(time.perf_counter() - started, 2)
+    shrunk_config = replace(model_config, conversion=conversion_record(converted))
+    train_config = _train_config(config, checkpoint)
+    fit_report = {"init": config.init, "fit_seconds": fit_seconds, "teacher": str(config.checkpoint),
+                  "trainable_params": count_parameters(converted),
+                  "teacher_params": count_parameters(teacher),
+                  "mean_fit_error": sum(f.relative_error for f in fits) / len(fits) if fits else None,
+                  "layers": [asdict(f) for f in fits],
+                  "budget": None if choice is None else {"mapping": choice.mapping, "parameters": choice.parameters,
+                                                         "budget_parameters": choice.budget_parameters,
+                                                         "total_error": choice.total_error}}
+    if fits:
+        log(f"fitted {len(fits)} blocks in {fit_seconds:.0f} s: mean relative output error "
+            f"{fit_report['mean_fit_error']:.3f}")
+    if config.epochs == 0:
+        return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
+    claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
+    atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
+    return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
+                 initial_state=converted.state_dict())
+
+
+def _evaluate_unchanged(model, model_config: ModelConfig, config: TrainConfig, splits: DatasetSplits,
+                        overwrite: bool, fit_report: dict, log) -> dict:
+    """``epochs=0``: the fitted model itself is the run's ``best.pt`` and is tested as it is."""
+    output = Path(config.output)
+    config = replace(config, epochs=1)  # TrainConfig needs >= 1; history.csv stays empty
+    prepare_run_folder(output, resume=False, overwrite=overwrite)
+    write_run_config(output, model_config, config, 1, splits)
+    atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
+    atomic_torch_save({**model_checkpoint(model_config, config, splits.class_names, 0, model), "kind": "best",
+                       "best": None}, output / "best.pt")
+    test = evaluate_model(model, splits.test, splits.num_classes, batch_size=config.eval_batch_size,
+                          channels_last=True)
+    metrics = {"test_accuracy": test.accuracy, "test_loss": test.loss, "best_epoch": 0, "epochs": 0,
+               "trainable_params": count_parameters(model),
+               "computations": count_computations(model, model_config.image_size), "dataset": config.dataset, "arch": model_config.arch,
+               "image_size": model_config.image_size, "test_images": test.count, "train_seconds": 0.0}
+    atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2))
+    log(f"test accuracy {test.accuracy:.4f} with no fine-tuning ({metrics['trainable_params']:,} trainable parameters)")
+    return metrics

@@ -1,0 +1,149 @@
+"""The shrinking study on the CIFAR-10 subset (docs/results.md, "Shrinking a trained model").
+
+Runs ``gpconv shrink`` on the CPU study's three dense checkpoints (resumable: a finished run is
+skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.csv`` and
+``docs/results/shrink_cifar10_subset.png`` from the run folders::
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python scripts/shrink_study.py --jobs 2
+    .venv/bin/python scripts/shrink_study.py --collect-only
+
+``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import io
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHERS = {seed: f"docs/results/cpu_cifar10_subset_runs/baseline-seed{seed}/best.pt" for seed in (0, 1, 2)}
+RUNS_DIR = "docs/results/shrink_cifar10_subset_runs"
+CSV_PATH = ROOT / "docs/results/shrink_cifar10_subset.csv"
+PLOT_PATH = ROOT / "docs/results/shrink_cifar10_subset.png"
+# uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
+K16_BUDGET = 619642 / 4020358
+COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
+           "computations", "epochs", "test_accuracy", "mean_fit_error", "fit_seconds", "train_seconds")
+
+
+def runs():
+    """``(name, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first)."""
+    plan = [("fit", "k16", 6), ("random", "k16", 6), ("fit", "k32", 0), ("budget", "k16", 6), ("fit", "k16", 0),
+            ("budget", "k16", 0), ("fit", "k16", 2), ("random", "k16", 2), ("fit", "k32", 2), ("fit", "k32", 6)]
+    for method, size, epochs in plan:
+        for seed, checkpoint in TEACHERS.items():
+            name = f"{method}-{size}-e{epochs}-teacher{seed}"
+            arguments = ["--checkpoint", checkpoint, "--epochs", str(epochs), "--output", f"{RUNS_DIR}/{name}"]
+            if method == "budget":
+                arguments += ["--budget", f"{K16_BUDGET:.6f}"]
+            else:
+                arguments += ["--channels-per-group", size[1:], "--init", method]
+            yield name, arguments
+
+
+def run_one(name: str, arguments) -> str:
+    folder = ROOT / RUNS_DIR / name
+    if (folder / "metrics.json").exists():
+        return f"{name}: done already"
+    resume = ["--resume"] if (folder / "last.pt").exists() else (["--overwrite"] if folder.exists() else [])
+    command = [sys.executable, "-m", "gpconv", "shrink", *arguments, *resume]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log = folder.parent / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as out:
+        result = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return f"{name}: exit {result.returncode}"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def collect() -> list:
+    rows = []
+    for name, arguments in runs():
+        folder = ROOT / RUNS_DIR / name
+        metrics, fit, config = (_read(folder / f) for f in ("metrics.json", "fit.json", "config.json"))
+        if not metrics:
+            continue
+        settings = config["train"]["shrink"]
+        teacher = config["train"]["teacher"]
+        teacher_metrics = _read(ROOT / Path(teacher).parent / "metrics.json")
+        method = "budget" if settings["budget"] is not None else settings["init"]
+        rows.append({"run": name, "teacher": teacher, "teacher_accuracy": teacher_metrics.get("test_accuracy"),
+                     "method": method, "channels_per_group": settings["channels_per_group"] or "",
+                     "budget": "" if settings["budget"] is None else settings["budget"], "seed": config["train"]["seed"],
+                     "trainable_params": metrics["trainable_params"], "computations": metrics.get("computations", ""),
+                     "epochs": settings["epochs"], "test_accuracy": metrics["test_accuracy"],
+                     "mean_fit_error": "" if fit.get("mean_fit_error") is None else round(fit["mean_fit_error"], 4),
+                     "fit_seconds": fit.get("fit_seconds", ""), "train_seconds": metrics.get("train_seconds", 0.0)})
+    return rows
+
+
+def write_csv(rows) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    temporary = CSV_PATH.with_suffix(".csv.tmp")
+    temporary.write_text(out.getvalue())
+    temporary.replace(CSV_PATH)
+
+
+def plot(rows) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, keep in (("k16 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 16),
+                        ("k16 random blocks", lambda r: r["method"] == "random"),
+                        ("budget at k16's parameters", lambda r: r["method"] == "budget"),
+                        ("k32 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 32)):
+        by_epochs = {}
+        for row in filter(keep, rows):
+            by_epochs.setdefault(row["epochs"], []).append(row["test_accuracy"])
+        if by_epochs:
+            epochs = sorted(by_epochs)
+            axis.plot(epochs, [sum(by_epochs[e]) / len(by_epochs[e]) for e in epochs], marker="o", label=label)
+    teachers = [r["teacher_accuracy"] for r in rows if r["teacher_accuracy"] is not None]
+    if teachers:
+        axis.axhline(sum(teachers) / len(teachers), color="gray", linestyle="--", label="dense teachers (mean)")
+    axis.set_xlabel("fine-tuning epochs (with the dense teacher)")
+    axis.set_ylabel("test accuracy (mean over 3 teachers)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    temporary = PLOT_PATH.with_name(".shrink_plot.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    temporary.replace(PLOT_PATH)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with OMP_NUM_THREADS, default 1)")
+    parser.add_argument("--only", default="*", help="fnmatch pattern of run names")
+    parser.add_argument("--collect-only", action="store_true")
+    args = parser.parse_args()
+    if not args.collect_only:
+        chosen = [(n, a) for n, a in runs() if fnmatch.fnmatch(n, args.only)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for line in pool.map(lambda item: run_one(*item), chosen):
+                print(line, flush=True)
+                rows = collect()
+                write_csv(rows)
+    rows = collect()
+    write_csv(rows)
+    plot(rows)
+    print(f"{len(rows)} runs in {CSV_PATH.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
