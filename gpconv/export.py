@@ -29,6 +29,7 @@ import copy
 import importlib
 import io
 import logging
+import os
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -43,7 +44,8 @@ from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
-           "OPENVINO_PRECISIONS", "openvino_chunked", "check_openvino_precision"]
+           "OPENVINO_PRECISIONS", "openvino_chunked", "check_openvino_precision", "onnx_input_shape",
+           "MIN_VERIFY_IMAGES"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
@@ -123,11 +125,17 @@ def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Option
     when given (else the file's dynamic batch), ``threads`` inference threads, ``precision`` one of
     :data:`OPENVINO_PRECISIONS` (default: :func:`openvino_default_precision`), ``profile``: per-node
     profiling counters on; latency hint, or throughput hint with ``streams`` streams when given. Call
-    the result with a float32 NCHW array."""
+    the result with a float32 NCHW array.
+
+    Only the batch of ``input_shape`` may differ from the file's: a file :func:`export_onnx` wrote has
+    static channels, height and width, and its Keras "same" padding is fixed for that size's parity, so
+    OpenVINO would run another size with wrong outputs; :class:`DeployError` (one line) instead."""
     ov = require_deploy("openvino")
     core = ov.Core()
     network = core.read_model(str(model))
     if input_shape is not None:
+        _check_input_shape(model, [None if d.is_dynamic else d.get_length() for d in network.inputs[0].get_partial_shape()],
+                           input_shape)
         network.reshape({network.inputs[0].any_name: list(input_shape)})
     config = {"PERFORMANCE_HINT": "LATENCY" if streams is None else "THROUGHPUT", "PERF_COUNT": profile}
     if streams is not None:
@@ -137,6 +145,18 @@ def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Option
     if precision is not None:
         config["INFERENCE_PRECISION_HINT"] = check_openvino_precision(precision)
     return core.compile_model(network, "CPU", config)
+
+
+def _check_input_shape(model, exported, asked) -> None:
+    """:class:`DeployError` unless ``asked`` (a full input shape) fits ``exported`` (the file's input
+    shape, None where a dimension is dynamic) in every dimension but the batch."""
+    asked = tuple(int(d) for d in asked)
+    fits = len(asked) == len(exported) and all(e is None or e == a for e, a in zip(exported[1:], asked[1:]))
+    if not fits:
+        shown = "x".join("?" if d is None else str(d) for d in exported[1:])
+        raise DeployError(f"{model} takes inputs of shape (batch, {shown.replace('x', ', ')}), not "
+                          f"{asked}: its padding is fixed for the exported size; export the model again at "
+                          f"{'x'.join(map(str, asked[2:])) or 'that size'}")
 
 
 def check_openvino_precision(precision: str) -> str:
@@ -157,12 +177,17 @@ def openvino_chunked(model, chunk: int, image_shape: tuple, threads: Optional[in
     import numpy as np
 
     ov = require_deploy("openvino")
+    image_shape = tuple(int(d) for d in image_shape)
     compiled = openvino_compile(model, (chunk, *image_shape), threads, precision, streams=streams)
     queue = ov.AsyncInferQueue(compiled, streams)
     results = {}
     queue.set_callback(lambda request, index: results.__setitem__(index, request.get_output_tensor(0).data.copy()))
 
     def run(batch):
+        if tuple(batch.shape[1:]) != image_shape:
+            raise DeployError(f"openvino_chunked was compiled for images of shape {image_shape}, got a batch of "
+                              f"{tuple(batch.shape[1:])}")
+        batch = np.asarray(batch, dtype=np.float32)
         for index, start in enumerate(range(0, len(batch), chunk)):
             part = batch[start:start + chunk]
             if len(part) < chunk:
@@ -175,6 +200,12 @@ def openvino_chunked(model, chunk: int, image_shape: tuple, threads: Optional[in
     return run
 
 
+# Fewer verification images than this prove nothing about a graph (export_onnx refuses them).
+MIN_VERIFY_IMAGES = 4
+# Outputs at most this many times the tolerance are "near zero": any graph would pass the check on them.
+NEAR_ZERO_FACTOR = 100.0
+
+
 @dataclass
 class ExportResult:
     """What :func:`export_onnx` wrote and how it checked it."""
@@ -183,16 +214,23 @@ class ExportResult:
     max_difference: float  # max |ONNX Runtime - torch| over the verification images' outputs
     max_output: float  # max |torch output|: the scale the difference is to be read against
     images: int
+    note: Optional[str] = None  # set when the check says little (outputs near zero)
 
 
-def check_output(path: Path) -> None:
-    """Refuse a path whose folder is missing, or that holds a file gpconv did not export."""
+def check_output(path: Path, overwrite: bool = False) -> None:
+    """The output rule for an exported file: refuse (one-line :class:`DeployError`) a path whose folder
+    is missing, a folder, and an existing file unless ``overwrite`` (``--overwrite``), and even then a
+    file that ``gpconv export`` did not write."""
     if not path.parent.is_dir():
         raise DeployError(f"cannot write {path}: folder {path.parent} does not exist")
     if path.is_dir():
         raise DeployError(f"cannot write {path}: it is a folder")
-    if path.exists() and not _written_by_gpconv(path):
-        raise DeployError(f"{path} exists and was not written by gpconv export; choose another path")
+    if os.path.lexists(path):
+        if not _written_by_gpconv(path):
+            raise DeployError(f"{path} exists and was not written by gpconv export; choose another path")
+        if not overwrite:
+            raise DeployError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
+                              "another path")
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
@@ -203,11 +241,75 @@ def _write_bytes(path: Path, data: bytes) -> Path:
 
 def _written_by_gpconv(path: Path) -> bool:
     onnx = require_deploy("onnx")
+    if path.is_symlink():
+        return False
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # not an ONNX file at all
         return False
     return any(prop.key == GPCONV_MARK for prop in proto.metadata_props)
+
+
+class _Logits(nn.Module):
+    """``model`` whose output is reduced to one tensor: ``pick`` is ``("tensor",)``, ``("index", i)``,
+    ``("key", name)`` or ``("attribute", name)``."""
+
+    def __init__(self, model: nn.Module, pick: tuple):
+        super().__init__()
+        self.model, self.pick = model, pick
+
+    def forward(self, images):
+        output = self.model(images)
+        kind = self.pick[0]
+        if kind in ("index", "key"):
+            return output[self.pick[1]]
+        return getattr(output, self.pick[1]) if kind == "attribute" else output
+
+
+def _choose_output(output, name: Optional[str]) -> tuple:
+    """How :class:`_Logits` picks the exported tensor from ``output`` (what the model returned): the
+    tensor itself, ``name`` (a key or attribute), ``logits`` (transformers' ``ModelOutput``, a dict),
+    or the first element of a tuple or list; :class:`DeployError` (one line) otherwise."""
+    from collections.abc import Mapping
+
+    kind = type(output).__name__
+    if name is not None:
+        if isinstance(output, Mapping) and name in output:
+            return ("key", name)
+        if not isinstance(output, (torch.Tensor, Mapping)) and hasattr(output, name):
+            return ("attribute", name)
+        known = ", ".join(map(str, output.keys())) if isinstance(output, Mapping) else "none by that name"
+        raise DeployError(f"the model's output ({kind}) has no output named {name!r} (it has: {known})")
+    if isinstance(output, torch.Tensor):
+        return ("tensor",)
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return ("key", "logits")
+        raise DeployError(f"the model returns a {kind} without 'logits' (keys: {', '.join(map(str, output))}); "
+                          "name the output to export: export_onnx(..., output=KEY)")
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return ("attribute", "logits")
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return ("index", 0)
+    raise DeployError(f"the model returns a {kind}, not a tensor, a tuple of tensors or an output with logits; "
+                      "export_onnx exports one tensor")
+
+
+def _check_dtypes(model: nn.Module, images: torch.Tensor, what: str) -> torch.Tensor:
+    """``images`` as float32 on the CPU; :class:`DeployError` (one line) when the model has floating
+    parameters or buffers other than float32 (ONNX Runtime and OpenVINO do not run float64 and bfloat16
+    graphs on the CPU as exported), or when ``images`` are not floating point (uint8 images: divide by
+    255 first)."""
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in [*model.parameters(), *model.buffers()]
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        raise DeployError(f"export_onnx exports float32 models; this one has {', '.join(dtypes)} weights: call "
+                          "model.float() first")
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.dim() < 2:
+        kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DeployError(f"{what} must be a float batch of images (N, C, H, W), got {kind}"
+                          + (f" of shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else ""))
+    return images.detach().cpu().float()
 
 
 def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[int]):
@@ -258,29 +360,59 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 
 
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
-                tolerance: float = 1e-4, opset: Optional[int] = None,
-                form: str = "rule") -> ExportResult:
+                tolerance: float = 1e-4, opset: Optional[int] = None, form: str = "rule",
+                output: Optional[str] = None, overwrite: bool = False) -> ExportResult:
     """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
     ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch
-    of the input size (``(N, C, H, W)``). ``verify_input`` (default: ``example_input``) are the
+    of the input size (``(N, C, H, W)``); the file takes that channel count, height and width only.
+    ``verify_input`` (default: ``example_input``; at least :data:`MIN_VERIFY_IMAGES` images) are the
     images ONNX Runtime runs before anything is written: the largest difference from the eval-mode
     torch model must be at most ``tolerance`` (times the largest output magnitude where that exceeds
     1: float32 rounding grows with the values), else :class:`DeployError` and no file. Use real
-    images and a trained model: a fresh model's logits are near zero, which any graph matches. The
-    file is written atomically; an existing file is replaced only if an earlier ``export_onnx``
-    wrote it. ``model`` itself is left unchanged.
+    images and a trained model: a fresh model's logits are near zero, which any graph matches; the
+    result's ``note`` (and a warning) says so when the outputs stay within ``100 * tolerance``.
+
+    A model that returns more than a tensor (transformers' ``ModelOutput``, a dict, a tuple) is
+    exported with one output: ``output`` (a key or attribute name) when given, else its ``logits``,
+    else the first element of a tuple. The model must be float32 (float64, float16 and bfloat16
+    weights are refused: ``model.float()``). These checks run before the export (one-line
+    :class:`DeployError`). The file is written atomically; an existing file is refused unless
+    ``overwrite`` (and even then one ``export_onnx`` did not write). ``model`` itself is left unchanged.
     """
     path = Path(path)
-    check_output(path)
-    reference = copy.deepcopy(model).eval()
-    proto = _export_proto(onnx_form(reference, form), example_input, opset)
+    if not tolerance > 0:
+        raise DeployError(f"tolerance must be a number > 0, got {tolerance!r}")
+    check_output(path, overwrite)
+    example_input = _check_dtypes(model, example_input, "example_input")
+    images = example_input if verify_input is None else _check_dtypes(model, verify_input, "verify_input")
+    if len(example_input) == 0 or len(images) < MIN_VERIFY_IMAGES:
+        raise DeployError(f"verification needs at least {MIN_VERIFY_IMAGES} images, got {len(images)} (verify_input, "
+                          "else example_input); nothing written")
+    if tuple(images.shape[1:]) != tuple(example_input.shape[1:]):
+        raise DeployError(f"verify_input has images of shape {tuple(images.shape[1:])}, example_input of "
+                          f"{tuple(example_input.shape[1:])}: the file takes one size")
+    reference = copy.deepcopy(model).cpu().eval()
+    with torch.inference_mode():
+        returned = reference(example_input[:1])
+    pick = _choose_output(returned, output)
+    selected = _Logits(reference, pick)
+    with torch.inference_mode():
+        logits = selected(example_input[:1])
+    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() < 1 or len(logits) != 1:
+        shown = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise DeployError(f"the exported output must be a float32 tensor with the batch first, got {shown}")
+    proto = _export_proto(_Logits(onnx_form(reference, form), pick), example_input, opset)
     serialized = proto.SerializeToString()
-    images = example_input if verify_input is None else verify_input
-    worst, scale = _verify(serialized, reference, images, tolerance)
+    worst, scale = _verify(serialized, selected, images, tolerance)
     _write_bytes(path, serialized)
-    return ExportResult(path, worst, scale, len(images))
+    note = None
+    if scale <= NEAR_ZERO_FACTOR * tolerance:
+        note = (f"the torch outputs are at most {scale:.2g}, near zero: any graph passes a check against them; "
+                "verify a trained model (or one with batch norms set on real images) on real images")
+        warnings.warn(note, stacklevel=2)
+    return ExportResult(path, worst, scale, len(images), note)
 
 
 class _Calibration:
@@ -295,21 +427,44 @@ class _Calibration:
         return None if batch is None else {"images": batch}
 
 
+def onnx_input_shape(path) -> tuple:
+    """The input shape of the ONNX file ``path``: a tuple with None for each dynamic dimension;
+    :class:`DeployError` (one line) when ``path`` is not an ONNX file."""
+    onnx = require_deploy("onnx")
+    path = Path(path)
+    if not path.is_file():
+        raise DeployError(f"{path} does not exist")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        dims = proto.graph.input[0].type.tensor_type.shape.dim
+    except Exception as error:  # onnx raises DecodeError, IndexError ... for a damaged file
+        raise DeployError(f"{path} is not an ONNX file ({type(error).__name__})") from None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+
 def quantize_onnx(source, path, calibration_images: torch.Tensor, *, batch_size: int = 32,
-                  per_channel: bool = True) -> Path:
+                  per_channel: bool = True, overwrite: bool = False) -> Path:
     """Write a static int8 copy of the fp32 ONNX file ``source`` (from :func:`export_onnx`) to ``path``.
 
-    Activations are calibrated (min/max) on ``calibration_images`` (a few hundred training images are
-    enough); weights are int8 per output channel, activations uint8, QDQ format, which ONNX Runtime
-    runs as integer convolutions and OpenVINO reads as well. Written atomically, with the same
-    overwrite rule as :func:`export_onnx`.
+    Activations are calibrated (min/max) on ``calibration_images`` (float ``(N, C, H, W)`` of the
+    file's input size; a few hundred training images are enough, never test images); weights are
+    int8 per output channel, activations uint8, QDQ format, which ONNX Runtime runs as integer
+    convolutions and OpenVINO reads as well. Written atomically, with the same output rule as
+    :func:`export_onnx` (``overwrite``); ``path`` may not be ``source``. One-line
+    :class:`DeployError` before any work otherwise.
     """
     require_deploy("onnx")
     quantization = require_deploy("onnxruntime.quantization")
-    path = Path(path)
-    check_output(path)
+    source, path = Path(source), Path(path)
+    if path.resolve() == source.resolve():
+        raise DeployError(f"the int8 file {path} would replace its source: choose another path")
+    shape = onnx_input_shape(source)
+    check_output(path, overwrite)
+    if not isinstance(calibration_images, torch.Tensor) or not calibration_images.is_floating_point():
+        raise DeployError("int8 calibration needs float images (N, C, H, W) scaled as the model takes them")
     if len(calibration_images) == 0:
         raise DeployError("int8 calibration needs at least one image")
+    _check_input_shape(source, shape, tuple(calibration_images.shape))
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".gpconv-int8-") as folder:
         prepared, quantized = Path(folder) / "prepared.onnx", Path(folder) / "int8.onnx"
         with warnings.catch_warnings(), _quiet_loggers():

@@ -6,22 +6,36 @@ images, and prints the test accuracy of torch, ONNX Runtime fp32 and ONNX Runtim
 that line is the int8 accuracy report, re-runnable on any checkpoint. With ``--openvino`` it runs the
 file in OpenVINO, in OpenVINO's default precision for this CPU (bf16 where the CPU has it) and in f32,
 and prints each one's largest difference from torch and its test accuracy.
+
+A checkpoint is verified, calibrated and evaluated on its run's own splits (the dataset, data folder,
+seed and synthetic size it was trained with: the helper ``gpconv evaluate`` and ``gpconv cam`` use),
+so the torch accuracy printed is ``gpconv evaluate``'s and no test image is used for calibration. ``ARCH``
+builds the model ``gpconv train --arch ARCH`` builds with the same options (their defaults are
+:class:`~gpconv.experiments.config.ModelConfig`'s). Both files follow the output rule: an existing
+file is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.plan import PLAN_VERSIONS
 from ..experiments import DATASETS
 from ..models import list_models
-from ..experiments.config import positive_int
+from ..experiments.config import int_at_least, positive_float, positive_int
+from .train import MODEL_OPTIONS, add_model_arguments
 
 __all__ = ["add_export_command", "run_export", "runtime_accuracy"]
+
+# options that describe an untrained ARCH; a checkpoint brings its own
+ARCH_OPTIONS = MODEL_OPTIONS + ("num_classes",)
 
 
 def add_export_command(commands) -> None:
     """Add ``export`` to the ``gpconv`` subparsers ``commands``."""
+    import argparse
+
+    from ..export import MIN_VERIFY_IMAGES
+
     export = commands.add_parser("export", help="export a model to ONNX (optionally int8), verified against torch")
     export.add_argument("arch", nargs="?", default=None, choices=list_models(), metavar="ARCH",
                         help="an untrained model (one of: " + ", ".join(list_models()) + "); or --checkpoint")
@@ -29,6 +43,8 @@ def add_export_command(commands) -> None:
     export.add_argument("--format", default="onnx", choices=("onnx",))
     export.add_argument("--output", default=None,
                         help="the .onnx file (default: beside the checkpoint, or ARCH[-VARIANT].onnx here)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the .onnx (and .int8.onnx) files of an earlier gpconv export")
     export.add_argument("--int8", action="store_true",
                         help="also write NAME.int8.onnx (static post-training quantization) and compare accuracies")
     export.add_argument("--openvino", action="store_true",
@@ -39,57 +55,62 @@ def add_export_command(commands) -> None:
     export.add_argument("--data-dir", "--calibration-data", dest="data_dir", default=None,
                         help="where the dataset is (default: the checkpoint's)")
     export.add_argument("--calibration-images", type=positive_int, default=256, help="training images for int8")
-    export.add_argument("--verify-images", type=positive_int, default=128, help="test images to verify on")
-    export.add_argument("--tolerance", type=float, default=1e-4,
+    export.add_argument("--verify-images", type=int_at_least(MIN_VERIFY_IMAGES), default=128,
+                        help=f"test images to verify on (at least {MIN_VERIFY_IMAGES})")
+    export.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="largest accepted |ONNX - torch| of an output (times the largest |output| when > 1)")
-    export.add_argument("--channels-per-group", type=positive_int, default=None, help="ARCH only; default: baseline")
-    export.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
-    export.add_argument("--no-l-layer", dest="l_layer", action="store_false")
-    export.add_argument("--activation", default="swish")
-    export.add_argument("--skip-strides", type=int, default=0)
-    export.add_argument("--num-classes", type=positive_int, default=10)
+    add_model_arguments(export, defaults=False)  # ARCH only; the defaults of gpconv train (ModelConfig's)
+    export.add_argument("--num-classes", type=positive_int, default=argparse.SUPPRESS, help="ARCH only (default 10)")
     export.add_argument("--image-size", type=positive_int, default=None,
                         help="input size (default: the checkpoint's, else 224)")
     export.add_argument("--threads", type=positive_int, default=None, help="torch and ONNX Runtime CPU threads")
     export.set_defaults(run=run_export)
 
 
+def _arch_config(args):
+    """The ModelConfig of ``ARCH`` and the given options (ModelConfig's defaults for the others)."""
+    from ..experiments.config import ModelConfig
+
+    given = {name: getattr(args, name) for name in ARCH_OPTIONS if hasattr(args, name)}
+    return ModelConfig(args.arch, image_size=args.image_size or 224, **given)
+
+
 def _output_path(args) -> Path:
     """``--output``, else ``RUN/best.onnx`` beside the checkpoint, else ``ARCH-VARIANT.onnx`` here."""
     from ..experiments.cam import variant_label
-    from ..experiments.config import ModelConfig
 
     if args.output:
         return Path(args.output)
     if args.checkpoint:
         return Path(args.checkpoint).with_suffix(".onnx")
-    config = ModelConfig(args.arch, channels_per_group=args.channels_per_group, version=args.version,
-                         l_layer=args.l_layer, activation=args.activation)
-    return Path(f"{args.arch}-{variant_label(config)}.onnx")
+    return Path(f"{args.arch}-{variant_label(_arch_config(args))}.onnx")
 
 
 def _model_and_data(args):
-    """(eval model, ModelConfig, dataset splits) for ``args``."""
-    from ..experiments.checkpoint import checkpoint_dataset, load_model_from_checkpoint
+    """(eval model, ModelConfig, dataset splits, where the images come from) for ``args``."""
+    from ..experiments.checkpoint import checkpoint_test_split, load_model_from_checkpoint
     from ..experiments.data import load_dataset
-    from ..experiments.config import ModelConfig
     from ..experiments.metrics import recalibrate_batch_norm
 
     if args.checkpoint:
         model, config, checkpoint = load_model_from_checkpoint(args.checkpoint)
-        dataset, data_dir = checkpoint_dataset(args.checkpoint, checkpoint, args.dataset, args.data_dir)
         config.image_size = args.image_size or config.image_size
-    else:
-        config = ModelConfig(args.arch, args.num_classes, args.channels_per_group, args.version, args.l_layer,
-                             args.activation, args.skip_strides, args.image_size or 224)
-        model, dataset, data_dir = config.build(), args.dataset or "synthetic", args.data_dir
-    splits = load_dataset(dataset, data_dir, image_size=config.image_size,
+        # the run's own splits (dataset, data folder, seed, synthetic size): what gpconv evaluate measures
+        dataset, splits = checkpoint_test_split(args.checkpoint, checkpoint, config, args.dataset, args.data_dir)
+        seed = checkpoint["train_config"].get("seed", 0)
+        source = f"the run's split, seed {seed}" if dataset == checkpoint["train_config"].get("dataset") else \
+            f"split with the run's seed {seed}"
+        return model.eval(), config, splits, source
+    config = _arch_config(args)
+    model = config.build()
+    splits = load_dataset(args.dataset or "synthetic", args.data_dir, image_size=config.image_size,
                           synthetic_size=(max(args.calibration_images, 64), args.verify_images))
     if splits.num_classes != config.num_classes:
-        raise ValueError(f"the model has {config.num_classes} classes, {dataset} has {splits.num_classes}")
-    if not args.checkpoint:  # untrained: give batch norm real statistics, so outputs (and the check) mean something
-        recalibrate_batch_norm(model, splits.train, batches=4, batch_size=32, device="cpu")
-    return model.eval(), config, splits
+        raise ValueError(f"the model has {config.num_classes} classes, {splits.name} has {splits.num_classes}: "
+                         "pass --num-classes")
+    # untrained: give batch norm real statistics, so outputs (and the check) mean something
+    recalibrate_batch_norm(model, splits.train, batches=4, batch_size=32, device="cpu")
+    return model.eval(), config, splits, "seed 0"
 
 
 def runtime_accuracy(predict, data, batch_size: int = 64) -> float:
@@ -115,22 +136,27 @@ def _int8_path(fp32_path: Path) -> Path:
     return fp32_path.with_name(fp32_path.stem + ".int8.onnx")
 
 
-def _report_int8(args, torch_accuracy: float, fp32_path: Path, splits) -> None:
+def _test_images(splits, source: str) -> str:
+    return f"the {len(splits.test)} {splits.name} test images ({source})"
+
+
+def _report_int8(args, torch_accuracy: float, fp32_path: Path, splits, source: str) -> None:
     from ..experiments.data import to_float
     from ..export import quantize_onnx
 
     int8_path = _int8_path(fp32_path)  # checked by run_export
-    calibration = to_float(splits.train.images[:args.calibration_images])
-    print(f"quantizing to int8 on {len(calibration)} images, then evaluating on {len(splits.test)} ...", flush=True)
-    quantize_onnx(fp32_path, int8_path, calibration)
+    calibration = to_float(splits.train.images[:args.calibration_images])  # training images only, never test
+    print(f"quantizing to int8 on {len(calibration)} training images, then evaluating on {len(splits.test)} test "
+          "images ...", flush=True)
+    quantize_onnx(fp32_path, int8_path, calibration, overwrite=args.overwrite)
     fp32 = runtime_accuracy(_onnx_runtime(fp32_path, args.threads), splits.test)
     int8 = runtime_accuracy(_onnx_runtime(int8_path, args.threads), splits.test)
-    print(f"wrote {int8_path} (int8, calibrated on {len(calibration)} {splits.name} training images)")
-    print(f"test accuracy on {len(splits.test)} {splits.name} images: torch {torch_accuracy:.4f}  "
+    print(f"wrote {int8_path} (int8, calibrated on {len(calibration)} {splits.name} training images, {source})")
+    print(f"test accuracy on {_test_images(splits, source)}: torch {torch_accuracy:.4f}  "
           f"ONNX Runtime fp32 {fp32:.4f}  int8 {int8:.4f} ({100 * (int8 - fp32):+.2f} points)")
 
 
-def _report_openvino(args, model, torch_accuracy: float, path: Path, splits, images) -> None:
+def _report_openvino(args, model, torch_accuracy: float, path: Path, splits, images, source: str) -> None:
     """Print OpenVINO's largest difference from torch on ``images`` and its test accuracy, in OpenVINO's
     default precision for this CPU and in f32."""
     import torch
@@ -147,40 +173,59 @@ def _report_openvino(args, model, torch_accuracy: float, path: Path, splits, ima
         difference = float(abs(predict(images.numpy()) - expected).max())
         parts.append(f"OpenVINO {precision} {runtime_accuracy(predict, splits.test):.4f} "
                      f"(max |difference| {difference:.2g})")
-    print(f"OpenVINO (default precision on this CPU: {default}): test accuracy on {len(splits.test)} {splits.name} "
-          "images, and the largest difference from torch on the verification images: " + "  ".join(parts))
+    print(f"OpenVINO (default precision on this CPU: {default}): test accuracy on {_test_images(splits, source)}, "
+          f"and the largest difference from torch on the {len(images)} verification images: " + "  ".join(parts))
+
+
+def _check_arguments(args) -> None:
+    """One-line ValueError for options that do not go together."""
+    if (args.arch is None) == (args.checkpoint is None):
+        raise ValueError("export needs exactly one of ARCH or --checkpoint")
+    given = [name for name in ARCH_OPTIONS if hasattr(args, name)]
+    if args.checkpoint and given:
+        flag = "--no-l-layer" if given[0] == "l_layer" else "--" + given[0].replace("_", "-")
+        raise ValueError(f"{flag} describes an untrained ARCH; the model of --checkpoint comes from the checkpoint")
 
 
 def run_export(args) -> None:
     """``gpconv export``."""
+    import warnings
+
     import torch
 
     from ..experiments.data import to_float
     from ..export import check_output, export_onnx, require_deploy
 
-    if (args.arch is None) == (args.checkpoint is None):
-        raise ValueError("export needs exactly one of ARCH or --checkpoint")
+    _check_arguments(args)
     needed = ("onnx", "onnxscript", "onnxruntime") + (("openvino",) if args.openvino else ())
     for module in needed:  # fail before any work when the extra is missing
         require_deploy(module)
     output = _output_path(args)
-    check_output(output)
+    if args.checkpoint and output.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"--output {output} is the checkpoint itself: choose another path")
+    check_output(output, args.overwrite)
     if args.int8:
-        check_output(_int8_path(output))
+        check_output(_int8_path(output), args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, config, splits = _model_and_data(args)
+    model, config, splits, source = _model_and_data(args)
     images = to_float(splits.test.images[:args.verify_images])
-    print(f"exporting {config.arch} to {output} and checking it on {len(images)} images ...", flush=True)
-    result = export_onnx(model, output, images[:2], verify_input=images, tolerance=args.tolerance)
+    print(f"exporting {config.arch} to {output} and checking it on {len(images)} {splits.name} test images ...",
+          flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export_onnx's note is printed below
+        result = export_onnx(model, output, images[:2], verify_input=images, tolerance=args.tolerance,
+                             overwrite=args.overwrite)
     print(f"wrote {result.path} ({config.arch}, {config.image_size}x{config.image_size} input, dynamic batch); "
           f"ONNX Runtime vs torch on {result.images} {splits.name} test images: max |difference| "
           f"{result.max_difference:.2g} (outputs up to {result.max_output:.3g})")
+    if result.note:
+        print(f"note: {result.note}")
     if args.int8 or args.openvino:
         from ..experiments.metrics import evaluate_model
 
         torch_accuracy = evaluate_model(model, splits.test, splits.num_classes).accuracy
     if args.int8:
-        _report_int8(args, torch_accuracy, result.path, splits)
+        _report_int8(args, torch_accuracy, result.path, splits, source)
     if args.openvino:
-        _report_openvino(args, model, torch_accuracy, result.path, splits, images)
+        _report_openvino(args, model, torch_accuracy, result.path, splits, images, source)

@@ -13,7 +13,8 @@ from ..experiments import DATASETS
 from ..experiments.config import non_negative_int, positive_float, positive_int
 from ..models import CLASSIFIER_INITS, list_models
 
-__all__ = ["add_training_commands", "run_train", "run_evaluate", "demo_training"]
+__all__ = ["add_training_commands", "add_model_arguments", "MODEL_OPTIONS", "run_train", "run_evaluate",
+           "demo_training"]
 
 
 def _pair(text: str):
@@ -26,18 +27,37 @@ def _pair(text: str):
     return values
 
 
+# the options of ModelConfig that describe an architecture's variant (train, export ARCH)
+MODEL_OPTIONS = ("channels_per_group", "version", "l_layer", "activation", "skip_strides")
+
+
+def add_model_arguments(parser, *, defaults: bool = True) -> None:
+    """Add the variant options of ``gpconv train`` (:data:`MODEL_OPTIONS`) to ``parser``. Their defaults
+    are :class:`~gpconv.experiments.config.ModelConfig`'s, the one source of them (``activation`` None:
+    the family's own); ``defaults=False`` leaves an option out of the parsed arguments unless given
+    (``gpconv export`` refuses them with ``--checkpoint``)."""
+    from dataclasses import fields
+
+    from ..experiments.config import ModelConfig
+
+    default = {item.name: item.default for item in fields(ModelConfig)} if defaults else {}
+    given = lambda name: default.get(name, argparse.SUPPRESS)  # noqa: E731
+    parser.add_argument("--channels-per-group", type=positive_int, default=given("channels_per_group"),
+                        help="k-variant with this many channels per group (default: the dense baseline)")
+    parser.add_argument("--version", type=int, default=given("version"), choices=PLAN_VERSIONS)
+    parser.add_argument("--no-l-layer", dest="l_layer", action="store_false", default=given("l_layer"))
+    parser.add_argument("--activation", default=given("activation"),
+                        help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")
+    parser.add_argument("--skip-strides", type=non_negative_int, default=given("skip_strides"),
+                        help="3 is the papers' 32x32 setting")
+
+
 def add_training_commands(commands) -> None:
     """Add ``train`` and ``evaluate`` to the ``gpconv`` subparsers ``commands``."""
     train = commands.add_parser("train", help="train a model with the papers' protocol (see docs/training.md)")
     train.add_argument("--arch", required=True, choices=list_models(), metavar="ARCH",
                        help="one of: " + ", ".join(list_models()))
-    train.add_argument("--channels-per-group", type=positive_int, default=None,
-                       help="k-variant with this many channels per group (default: the dense baseline)")
-    train.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
-    train.add_argument("--no-l-layer", dest="l_layer", action="store_false")
-    train.add_argument("--activation", default=None,
-                       help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")
-    train.add_argument("--skip-strides", type=non_negative_int, default=0, help="3 is the papers' 32x32 setting")
+    add_model_arguments(train)
     train.add_argument("--dataset", required=True, choices=DATASETS, metavar="NAME",
                        help="one of: " + ", ".join(DATASETS))
     train.add_argument("--data-dir", default=None, help="where the dataset is (or is downloaded to: CIFAR and the papers' named datasets)")
@@ -90,9 +110,8 @@ def run_train(args, callbacks: Sequence = ()) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config = ModelConfig(args.arch, channels_per_group=args.channels_per_group, version=args.version,
-                               l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides,
-                               image_size=args.image_size, classifier_init=args.classifier_init)
+    model_config = ModelConfig(args.arch, image_size=args.image_size, classifier_init=args.classifier_init,
+                               **{name: getattr(args, name) for name in MODEL_OPTIONS})
     model_config.build()  # fail early, with create_model's one-line message, on a bad combination
     config = TrainConfig(dataset=args.dataset, output=args.output, data_dir=args.data_dir, epochs=args.epochs,
                          batch_size=args.batch_size, lr=args.lr, lr_cycle=args.lr_cycle, max_train_batches=args.max_train_batches,

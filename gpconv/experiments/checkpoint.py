@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write
-from .config import ModelConfig, TrainConfig, field_default
+from .config import ModelConfig, TrainConfig, check_fields, field_default
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "MODEL_KEYS", "RESUME_KEYS", "RESUMABLE_CHANGES",
            "atomic_torch_save", "load_checkpoint", "model_checkpoint", "capture_rng_state", "restore_rng_state",
@@ -64,12 +64,28 @@ def load_checkpoint(path, map_location="cpu", require: Sequence[str] = ()) -> di
     missing = [key for key in require if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} is incomplete: it has no {', '.join(missing)}")
-    for key in {"model_config", "train_config", "model"} & set(require):
-        if not isinstance(checkpoint[key], dict):
-            raise CheckpointError(f"{path} is damaged: its {key} is not a mapping")
-    if "model_config" in require and not isinstance(checkpoint["model_config"].get("arch"), str):
-        raise CheckpointError(f"{path} is damaged: its model_config has no arch")
+    _check_shape(path, checkpoint)
     return checkpoint
+
+
+def _check_shape(path: Path, checkpoint: dict) -> None:
+    """:class:`CheckpointError` (one line, naming the file and the field) when a key of ``checkpoint``
+    that gpconv reads has the wrong type: the one check of a checkpoint's shape."""
+    try:
+        if "model" in checkpoint and not isinstance(checkpoint["model"], dict):
+            raise ValueError(f"its model is not a mapping of tensors (got {type(checkpoint['model']).__name__})")
+        if "model_config" in checkpoint:
+            ModelConfig.from_dict(checkpoint["model_config"], "its model_config")
+        if "train_config" in checkpoint:
+            check_fields(TrainConfig, checkpoint["train_config"], "its train_config")
+        epoch = checkpoint.get("epoch", 1)
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"its epoch is {epoch!r}, expected an integer >= 0")
+        names = checkpoint.get("class_names", [])
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise ValueError("its class_names is not a list of strings")
+    except ValueError as error:
+        raise CheckpointError(f"{path} is damaged: {error}") from None
 
 
 def capture_rng_state(augment_generator: torch.Generator) -> dict:

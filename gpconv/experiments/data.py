@@ -13,8 +13,10 @@ Inputs are scaled to ``[0, 1]`` when batched (the reference notebooks use ``bipo
 ``folder``
     Images in ``data_dir/<class>/*`` (then a seeded 10% validation / 10% test split) or in
     ``data_dir/train/<class>/*`` with ``val/`` (or ``validation/``) and/or ``test/`` beside it
-    (a missing split is taken, seeded, from ``train``). Images are resized to ``image_size``;
-    unreadable files are skipped with a warning and counted (``DatasetSplits.skipped_files``).
+    (a missing split is taken, seeded, from ``train``; a ``train/`` without subfolders is a class).
+    Images are converted to 8-bit RGB faithfully (:func:`to_rgb`: 16-bit and float images scaled, not
+    clipped) and resized to ``image_size``; files Pillow cannot open or convert are skipped with a
+    warning and counted (``DatasetSplits.skipped_files``).
 ``synthetic``
     Generated, seeded, 32x32, 10 classes, no download: see :func:`make_synthetic`.
 ``oxford_pets``, ``malaria``, ``colorectal_histology``, ``cropped_plantdoc``
@@ -53,7 +55,7 @@ from . import DATASETS, PAPER_DATASETS  # the names; numpy-free, so the CLI list
 __all__ = [
     "DataError", "ImageSet", "DatasetSplits", "DATASETS", "CIFAR_SOURCES", "load_dataset", "load_cifar", "SafeUnpickler",
     "check_splits",
-    "load_folder", "make_synthetic", "hold_out", "add_flipped_copies", "to_float", "KerasAugment",
+    "load_folder", "to_rgb", "make_synthetic", "hold_out", "add_flipped_copies", "to_float", "KerasAugment",
     "PAPER_DATASETS", "download_and_extract",
 ]
 
@@ -401,9 +403,33 @@ def _class_folders(root: Path) -> List[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+class _Unconvertible(ValueError):
+    """An image whose values cannot be mapped to 8 bits without guessing their range."""
+
+
+def to_rgb(image):
+    """An 8-bit RGB copy of the Pillow ``image``, its values scaled faithfully: 16-bit grey (``I;16*``,
+    and ``I`` with values in 0..65535) divided by 257, floating point (``F``) in ``[0, 1]`` times 255,
+    the EXIF orientation applied; every other mode through Pillow's ``convert("RGB")`` (which would
+    clip 16-bit values to 255: a 16-bit PNG would turn white). :class:`ValueError` for an ``I`` or
+    ``F`` image outside those ranges, whose scale cannot be known."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        high = 1.0 if image.mode == "F" else 65535.0
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= high):
+            raise _Unconvertible(f"mode {image.mode} values {values.min():g}..{values.max():g} are outside 0..{high:g}, "
+                                 "so their 8-bit scale is unknown")
+        grey = np.round(values * (255.0 / high)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
 def _read_image_folder(root: Path, class_names: List[str], image_size: int) -> Tuple[ImageSet, int]:
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency
         raise DataError("the folder dataset needs pillow (pip install pillow)") from None
     images, labels, skipped = [], [], 0
@@ -416,11 +442,12 @@ def _read_image_folder(root: Path, class_names: List[str], image_size: int) -> T
                 continue
             try:
                 with Image.open(path) as image:
-                    image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+                    image = to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
                     array = np.asarray(image, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            except Exception as error:  # noqa: BLE001 - Pillow's decoders raise many kinds for a damaged file
                 skipped += 1
-                warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
                 continue
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
             labels.append(label)
@@ -445,11 +472,17 @@ def load_folder(data_dir, image_size: int, seed: int) -> DatasetSplits:
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist")
     split_dirs = {name: root / name for name in ("train", "val", "validation", "test") if (root / name).is_dir()}
+    if "train" in split_dirs and not _class_folders(split_dirs["train"]):
+        split_dirs = {}  # train/ holds no class folders: it is a class of data_dir/<class>/*
     notes = []
     if "train" in split_dirs:
         class_names = [p.name for p in _class_folders(split_dirs["train"])]
-        if not class_names:
-            raise DataError(f"no class folders in {split_dirs['train']}")
+        for split in ("val", "validation", "test"):
+            unknown = [p.name for p in _class_folders(split_dirs[split])] if split in split_dirs else []
+            unknown = [name for name in unknown if name not in class_names]
+            if unknown:
+                raise DataError(f"{split_dirs[split] / unknown[0]} is a class that {split_dirs['train']} does not have: "
+                                "every split needs the classes of train/")
         train, skipped = _read_image_folder(split_dirs["train"], class_names, image_size)
         _check_class_folders(split_dirs["train"], class_names, train)
         val_dir = split_dirs.get("val") or split_dirs.get("validation")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,41 +87,31 @@ def summarize_variants(runs: Sequence[RunResult]) -> List[VariantSummary]:
     return [VariantSummary(name, members) for name, members in groups.items()]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error})") from None
-
-
 def load_run(folder) -> RunResult:
-    """Read one finished run folder (``metrics.json`` required; ``tta.json`` and ``history.csv`` optional)."""
+    """Read one finished run folder (``metrics.json`` required; ``tta.json``, ``history.csv`` and
+    ``config.json`` optional), each file's shape checked by its reader in
+    :mod:`gpconv.experiments.run_folder` (one-line error naming the file and the field)."""
+    from .run_folder import read_history, read_metrics, read_run_config, read_tta
+
     folder = Path(folder)
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{folder} is not a finished run (no metrics.json)")
-    metrics = _read_json(metrics_path)
-    for key in ("trainable_params", "computations", "test_accuracy"):
-        if key not in metrics:
-            raise ValueError(f"{metrics_path} has no {key!r}")
+    metrics = read_metrics(metrics_path)
     plain = tta = None
     if metrics.get("hflip_tta"):
         tta = metrics["test_accuracy"]
     else:
         plain = metrics["test_accuracy"]
     if (folder / "tta.json").is_file():
-        extra = _read_json(folder / "tta.json")
+        extra = read_tta(folder / "tta.json")
         plain = extra.get("test_accuracy", plain)
         tta = extra.get("test_accuracy_hflip_tta", tta)
-    history = []
-    if (folder / "history.csv").is_file():
-        with open(folder / "history.csv", newline="") as handle:
-            history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    history = read_history(folder / "history.csv") if (folder / "history.csv").is_file() else []
+    config = read_run_config(folder / "config.json") if (folder / "config.json").is_file() else {}
     seed = config.get("train", {}).get("seed")
-    return RunResult(folder.name, folder, int(metrics["trainable_params"]), int(metrics["computations"]), plain, tta,
-                     int(metrics.get("epochs", len(history))), str(metrics.get("dataset", "")), history,
-                     None if seed is None else int(seed),
+    return RunResult(folder.name, folder, metrics["trainable_params"], metrics["computations"], plain, tta,
+                     metrics.get("epochs", len(history)), metrics.get("dataset", ""), history, seed,
                      # the epochs' own times: also right for a run resumed after an interruption
                      round(sum(row["seconds"] for row in history), 2) if history else metrics.get("train_seconds"))
 
@@ -130,6 +119,8 @@ def load_run(folder) -> RunResult:
 def collect_runs(paths: Sequence) -> List[RunResult]:
     """Run folders named in ``paths``; a folder without ``metrics.json`` is taken as a sweep folder and
     its finished run folders are used (in ``sweep.json`` order when present, else by name)."""
+    from .sweep import read_sweep_plan
+
     runs: List[RunResult] = []
     for path in paths:
         path = Path(path)
@@ -140,7 +131,7 @@ def collect_runs(paths: Sequence) -> List[RunResult]:
             continue
         order = []
         if (path / "sweep.json").is_file():
-            order = [run["name"] for run in _read_json(path / "sweep.json").get("runs", [])]
+            order = [run["name"] for run in read_sweep_plan(path / "sweep.json")]
         children = [child for child in sorted(path.iterdir()) if (child / "metrics.json").is_file()]
         children.sort(key=lambda child: order.index(child.name) if child.name in order else len(order))
         if not children:

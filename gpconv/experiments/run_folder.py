@@ -1,7 +1,12 @@
 """The files of a training run's folder (``TrainConfig.output``) besides its checkpoints:
 ``config.json``, ``history.csv``, ``training_curves.png`` (``metrics.json`` is written by
 :func:`~gpconv.experiments.training.train`), and the output rule (docs/training.md) applied to the
-folder before anything is written. Every file is written atomically (:mod:`gpconv.io`)."""
+folder before anything is written. Every file is written atomically (:mod:`gpconv.io`).
+
+The readers of the files gpconv writes (:func:`read_run_config`, :func:`read_history`,
+:func:`read_metrics`, :func:`read_tta`, and :func:`read_json_object` under them and under the sweep
+plan's reader) check each file's shape in this one place: a damaged or foreign file is a one-line
+:class:`RunFileError` naming the file and the field."""
 
 from __future__ import annotations
 
@@ -10,13 +15,14 @@ import io
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, check_fields
 from .data import DatasetSplits
 
-__all__ = ["RUN_FILES", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history"]
+__all__ = ["RUN_FILES", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
+           "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
@@ -64,3 +70,98 @@ def write_history(output: Path, history: List[dict]) -> None:
         writer.writerow({k: row[k] for k in HISTORY_FIELDS})
     atomic_write_text(output / "history.csv", out.getvalue())
     plot_training_curves(history, output / "training_curves.png")
+
+
+class RunFileError(ValueError):
+    """A file of a run or sweep folder is damaged or not gpconv's (one line naming the file and field)."""
+
+
+_NUMBER = ((int, float), "a number")
+_INTEGER = ((int,), "an integer")
+_TEXT = ((str,), "a string")
+_FLAG = ((bool,), "true or false")
+# field -> (types, description, required) of the JSON files of a run folder
+METRICS_FIELDS = {"trainable_params": (*_INTEGER, True), "computations": (*_INTEGER, True),
+                  "test_accuracy": (*_NUMBER, True), "epochs": (*_INTEGER, False), "dataset": (*_TEXT, False),
+                  "hflip_tta": (*_FLAG, False), "train_seconds": (*_NUMBER, False)}
+TTA_FIELDS = {"test_accuracy": (*_NUMBER, False), "test_accuracy_hflip_tta": (*_NUMBER, False),
+              "epoch": (*_INTEGER, False)}
+CONFIG_FIELDS = {"model": ((dict,), "a mapping", True), "train": ((dict,), "a mapping", True),
+                 "class_names": ((list,), "a list", False)}
+
+
+def read_json_object(path, schema: Dict[str, Tuple[tuple, str, bool]]) -> dict:
+    """The JSON object in ``path``, each field of ``schema`` (``name -> (types, description,
+    required)``) checked; :class:`RunFileError` (one line, naming the file and the field) otherwise.
+    Booleans never count as numbers; accuracies (fields ending in ``accuracy``) must be in [0, 1]."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as error:
+        raise RunFileError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    except ValueError as error:
+        raise RunFileError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise RunFileError(f"{path} is not a gpconv file: it holds a {type(value).__name__}, not a JSON object")
+    for name, (types, description, required) in schema.items():
+        if name not in value:
+            if required:
+                raise RunFileError(f"{path} has no field {name!r}")
+            continue
+        item = value[name]
+        bad = not isinstance(item, types) or (isinstance(item, bool) and bool not in types)
+        if not bad and name.endswith("accuracy") and not 0 <= item <= 1:
+            description, bad = "a number in [0, 1]", True
+        if bad:
+            raise RunFileError(f"{path}: field {name!r} is {item!r}, expected {description}")
+    return value
+
+
+def read_metrics(path) -> dict:
+    """``metrics.json`` of a finished run (:data:`METRICS_FIELDS` checked)."""
+    return read_json_object(path, METRICS_FIELDS)
+
+
+def read_tta(path) -> dict:
+    """``tta.json`` of a sweep's run (:data:`TTA_FIELDS` checked)."""
+    return read_json_object(path, TTA_FIELDS)
+
+
+def read_run_config(path) -> dict:
+    """``config.json`` of a run: its ``model`` and ``train`` mappings with the types of
+    :class:`ModelConfig` and :class:`TrainConfig`, ``class_names`` a list of strings."""
+    config = read_json_object(path, CONFIG_FIELDS)
+    try:
+        ModelConfig.from_dict(config["model"], f"{path} model")
+        check_fields(TrainConfig, config["train"], f"{path} train")
+    except ValueError as error:
+        raise RunFileError(str(error)) from None
+    if not all(isinstance(name, str) for name in config.get("class_names", [])):
+        raise RunFileError(f"{path}: field 'class_names' is not a list of strings")
+    return config
+
+
+def read_history(path) -> List[dict]:
+    """``history.csv``: one dict of floats per epoch with every column of :data:`HISTORY_FIELDS`;
+    :class:`RunFileError` naming the file, the line and the column when one is missing or not a number."""
+    path = Path(path)
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [name for name in HISTORY_FIELDS if name not in (reader.fieldnames or [])]
+            if missing:
+                raise RunFileError(f"{path} has no column {missing[0]!r} (expected: {', '.join(HISTORY_FIELDS)})")
+            rows = []
+            for row in reader:
+                parsed = {}
+                for name in HISTORY_FIELDS:
+                    try:
+                        parsed[name] = float(row[name])
+                    except (TypeError, ValueError):
+                        shown = "missing" if row[name] is None else repr(row[name])
+                        raise RunFileError(f"{path} line {reader.line_num}: column {name!r} is {shown}, expected a "
+                                           "number (a truncated or damaged file)") from None
+                rows.append(parsed)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise RunFileError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    return rows

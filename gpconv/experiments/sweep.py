@@ -51,7 +51,7 @@ from .paper_numbers import VERSION_PATTERN, parse_variant
 from .config import ModelConfig, TrainConfig, field_default, non_negative_int, positive_float, positive_int
 
 __all__ = ["RunSpec", "load_sweep_config", "expand_runs", "run_sweep", "TRAIN_KEYS", "SWEEP_KEYS", "TTA_FILE",
-           "OPTION_RULES", "check_options"]
+           "OPTION_RULES", "check_options", "read_sweep_plan"]
 
 TTA_FILE = "tta.json"
 # the options of one training run a sweep config sets: these TrainConfig fields, and the ModelConfig
@@ -79,6 +79,8 @@ OPTION_RULES: Dict[str, Callable] = {
     "precise_bn_batches": non_negative_int, "channels_per_group": positive_int, "lr_cycle": positive_int,
 }
 _TEMPLATE = re.compile(rf"^v(?:{VERSION_PATTERN})((-noL|-relu)*)$")
+# a run folder's name (and a group's tag): one path component, no leading dot
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -133,22 +135,23 @@ def _check_keys(mapping: dict, where: str) -> None:
         raise ValueError(f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(SWEEP_KEYS))}")
 
 
-def check_options(options: dict, where: str) -> dict:
+def check_options(options: dict, where: str, key: Optional[str] = None) -> dict:
     """``options`` with every numeric value checked (and converted) by the rule of its CLI flag
-    (:data:`OPTION_RULES`), booleans and ``monitor`` checked too; ValueError (one line) otherwise."""
+    (:data:`OPTION_RULES`), booleans and ``monitor`` checked too; ValueError (one line, naming the key,
+    or ``key`` when given: an element of a list such as ``seeds``) otherwise."""
     import argparse
 
     checked = dict(options)
-    for key, rule in OPTION_RULES.items():
-        value = checked.get(key)
+    for name, rule in OPTION_RULES.items():
+        value = checked.get(name)
         if value is None:
             continue
         try:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                raise argparse.ArgumentTypeError(f"got {value!r}")
-            checked[key] = rule(str(value))
+                raise argparse.ArgumentTypeError(f"expected a single value, got {value!r}")
+            checked[name] = rule(str(value))
         except argparse.ArgumentTypeError as error:
-            raise ValueError(f"{key} in {where}: {error}") from None
+            raise ValueError(f"{key or name} in {where}: {error}") from None
     for key in ("val_flips", "augment"):
         if key in checked and not isinstance(checked[key], bool):
             raise ValueError(f"{key} in {where}: expected true or false, got {checked[key]!r}")
@@ -162,8 +165,10 @@ def check_options(options: dict, where: str) -> dict:
 def _as_list(value, name: str) -> list:
     if value is None:
         return []
-    if isinstance(value, (str, int)):
-        return [v.strip() for v in str(value).split(",") if v.strip()]
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (int, float)):
+        return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
     raise ValueError(f"{name} must be a list or a comma-separated string, got {value!r}")
@@ -197,13 +202,24 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         where = f"group {index + 1} ({arch})"
         cpg = [check_options({"channels_per_group": n}, where)["channels_per_group"]
                for n in _as_list(merged.get("channels_per_group"), "channels_per_group")]
-        variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
+        try:
+            variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
+        except ValueError as error:
+            raise ValueError(f"variants in {where}: {error}") from None
         options = check_options({k: merged[k] for k in TRAIN_KEYS}, where)
         check_input_size(arch, options["image_size"], options["skip_strides"])
-        seeds = [int(n) for n in _as_list(merged.get("seeds"), "seeds")] or [int(options["seed"])]
+        if options["dataset"] != "synthetic" and options["data_dir"] is None:
+            raise ValueError(f"{where}: dataset {options['dataset']} needs data_dir (or --data-dir)")
+        seeds = [check_options({"seed": n}, where, key="seeds")["seed"] for n in _as_list(merged.get("seeds"), "seeds")]
+        seeds = seeds or [options["seed"]]
+        tag = merged.get("tag")
+        if tag is not None and not (isinstance(tag, (str, int)) and not isinstance(tag, bool)
+                                    and _NAME.match(str(tag))):
+            raise ValueError(f"tag in {where}: expected a word of letters, digits, '-', '_' or '.' (it ends the run "
+                             f"folder's name), got {tag!r}")
         for seed in seeds:
             for variant in variants:
-                spec = RunSpec(variant, arch, variant, {**options, "seed": seed}, str(merged.get("tag") or ""))
+                spec = RunSpec(variant, arch, variant, {**options, "seed": seed}, str(tag or ""))
                 spec.train_config(Path("unused"))  # checks epochs, batch_size ... (one-line ValueError)
                 spec.model_config()  # checks classifier_init
                 specs.append(spec)
@@ -217,6 +233,8 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
         spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant] + suffix)
     seen = set()
     for spec in specs:
+        if not _NAME.match(spec.name):  # one folder inside --output, never a path out of it
+            raise ValueError(f"run name {spec.name!r} is not a plain folder name")
         if spec.name in seen:
             raise ValueError(f"run {spec.name!r} appears twice in the sweep")
         seen.add(spec.name)
@@ -285,7 +303,7 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
     from .data import load_dataset
     from ..io import OutputError, check_writable, existing_outputs
     from .distributed import check_device
-    from .run_folder import RUN_FILES
+    from .run_folder import RUN_FILES, read_tta
     from .training import TrainingDiverged, train
 
     if not specs:
@@ -296,8 +314,16 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         raise OutputError(f"{output} is the folder of one training run, not of a sweep: choose another --output")
     if threads:
         torch.set_num_threads(threads)
-    check_writable(output)
-    _write_plan(output, specs)
+    plan = _merged_plan(output, specs)  # refuses a foreign sweep.json
+    for spec in specs:  # every saved run must have this sweep's settings: checked before anything is written
+        _check_saved_run(output / spec.name, spec, device)
+    pending = [plan]
+
+    def write_plan_once():  # after the checks and the first dataset: a sweep refused before writes nothing
+        if pending:
+            check_writable(output)
+            _write_plan(output, pending.pop())
+
     cached_splits: Dict[tuple, object] = {}
     summaries = []
     started = time.perf_counter()
@@ -305,15 +331,16 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         folder = output / spec.name
         head = f"[{number}/{len(specs)}] {spec.name}"
         if run_is_finished(folder):
-            _check_finished(folder, spec, device)
+            write_plan_once()
             log(f"{head}: finished before ({folder / 'metrics.json'}), skipped")
-            summaries.append({"name": spec.name, "status": "skipped", **_read_json(folder / TTA_FILE)})
+            summaries.append({"name": spec.name, "status": "skipped", **read_tta(folder / TTA_FILE)})
             continue
         key = (spec.options["dataset"], spec.options["data_dir"], spec.options["image_size"], spec.options["seed"],
                spec.options["val_flips"])
         if key not in cached_splits:
             cached_splits[key] = load_dataset(key[0], key[1], image_size=key[2], seed=key[3], val_flips=key[4])
         splits = cached_splits[key]
+        write_plan_once()
         model_config = spec.model_config(splits.num_classes)
         config = spec.train_config(folder)
         config.device = device
@@ -336,41 +363,63 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
     return summaries
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
+def read_sweep_plan(path) -> List[dict]:
+    """The runs of a ``sweep.json`` (each a mapping with a ``name``); :class:`RunFileError` (one line
+    naming the file and the field) when it is not a gpconv sweep plan."""
+    from .run_folder import RunFileError, read_json_object
+
+    runs = read_json_object(path, {"runs": ((list,), "a list of runs", True)})["runs"]
+    for index, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str):
+            raise RunFileError(f"{path}: runs[{index}] is not a run with a name")
+    return runs
 
 
-def _check_finished(folder: Path, spec: RunSpec, device: str) -> None:
-    """Refuse (one line) to skip a finished run whose saved settings differ from ``spec``'s."""
-    from .checkpoint import resume_differences
+def _check_saved_run(folder: Path, spec: RunSpec, device: str) -> None:
+    """Refuse (one line) a run folder whose saved settings differ from ``spec``'s: a finished run
+    (``metrics.json``: its ``config.json``) or an interrupted one (``last.pt``)."""
+    from .checkpoint import RESUME_KEYS, load_checkpoint, resume_differences
+    from .run_folder import read_run_config
 
-    saved = _read_json(folder / "config.json")
-    if not isinstance(saved.get("model"), dict) or not isinstance(saved.get("train"), dict):
-        raise ValueError(f"{folder} holds a finished run without a readable config.json: its settings cannot be "
-                         "checked; move it away or choose another --output")
-    names = list(saved.get("class_names") or [])
+    if (folder / "metrics.json").is_file():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} holds a finished run without config.json: its settings cannot be checked; "
+                             "move it away or choose another --output")
+        saved = read_run_config(folder / "config.json")
+        saved = {"model_config": saved["model"], "train_config": saved["train"],
+                 "class_names": list(saved.get("class_names") or [])}
+    elif (folder / "last.pt").is_file():
+        saved = load_checkpoint(folder / "last.pt", require=RESUME_KEYS)
+    else:
+        return
+    names = saved["class_names"]  # the dataset is not loaded yet; training checks the class names again
     config = spec.train_config(folder)
     config.device = device
-    differences = resume_differences({"model_config": saved["model"], "train_config": saved["train"],
-                                      "class_names": names}, config, spec.model_config(len(names) or 10), names)
+    differences = resume_differences(saved, config, spec.model_config(len(names) or 10), names)
     if differences:
         raise ValueError(f"{folder} was trained with other settings: {'; '.join(differences)}; use the saved "
                          "settings or choose another --output")
 
 
-def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
-    """Write ``sweep.json``: the runs of this sweep, after those of an earlier ``sweep.json`` that it does
-    not name (a sweep run with ``--only`` keeps the others). Refused when ``sweep.json`` is not gpconv's."""
-    from ..io import OutputError, atomic_write_text
+def _merged_plan(output: Path, specs: Sequence[RunSpec]) -> List[dict]:
+    """The runs ``sweep.json`` will list: those of an earlier ``sweep.json`` that ``specs`` do not name
+    (a sweep run with ``--only`` keeps the others), then ``specs``'. Refused when ``sweep.json`` is not
+    gpconv's."""
+    from ..io import OutputError
+    from .run_folder import RunFileError
 
     path = output / "sweep.json"
-    earlier = _read_json(path) if path.exists() else {"runs": []}
-    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list) or not all(isinstance(r, dict) for r in earlier["runs"]):
-        raise OutputError(f"{path} exists and is not a gpconv sweep plan: choose another --output")
+    try:
+        earlier = read_sweep_plan(path) if path.exists() else []
+    except RunFileError as error:
+        raise OutputError(f"{error}: it is not a gpconv sweep plan; choose another --output") from None
     names = {s.name for s in specs}
-    runs = [r for r in earlier["runs"] if r.get("name") not in names]
-    runs += [{"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]
-    atomic_write_text(path, json.dumps({"runs": runs}, indent=2))
+    return [r for r in earlier if r["name"] not in names] + [
+        {"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]
+
+
+def _write_plan(output: Path, runs: List[dict]) -> None:
+    """Write ``sweep.json`` (the runs of :func:`_merged_plan`)."""
+    from ..io import atomic_write_text
+
+    atomic_write_text(output / "sweep.json", json.dumps({"runs": runs}, indent=2))
