@@ -315,3 +315,135 @@ def test_damaged_checkpoints_are_one_line(run, tmp_path, capsys):
     (folder / "last.pt").write_bytes((tmp_path / "no-rng.pt").read_bytes())
     refused(["train", *TINY, "--output", folder, "--resume"], capsys, tmp_path, "has no rng")
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+# ------------------------------------------------------------------------------------------ issue 22: files gpconv wrote
+
+
+def _copy_run(run, folder):
+    folder.mkdir(parents=True)
+    for name in ("config.json", "history.csv", "metrics.json", "best.pt", "last.pt"):
+        (folder / name).write_bytes((run / name).read_bytes())
+    return folder
+
+
+def _drop_column(text, column):
+    rows = [line.split(",") for line in text.splitlines()]
+    index = rows[0].index(column)
+    return "\n".join(",".join(row[:index] + row[index + 1:]) for row in rows) + "\n"
+
+
+@pytest.mark.parametrize("name,damage,message", [
+    ("history.csv", lambda text: _drop_column(text, "seconds"), "history.csv has no column 'seconds'"),
+    ("history.csv", lambda text: _drop_column(text, "epoch"), "history.csv has no column 'epoch'"),
+    ("history.csv", lambda text: text[:text.index("\n") + 12], "history.csv line 2: column"),
+    ("history.csv", lambda text: text.replace("\n1,", "\n1,x"), "history.csv line 2: column 'lr' is 'x"),
+    ("config.json", lambda text: "[]", "config.json is not a gpconv file: it holds a list"),
+    ("config.json", lambda text: text.replace('"seed": 0', '"seed": "zero"'), "field seed is 'zero'"),
+    ("config.json", lambda text: text.replace('"arch": "efficientnet_b0"', '"arch": 3'), "model: field arch is 3"),
+    ("config.json", lambda text: "{", "config.json is not valid JSON"),
+    ("metrics.json", lambda text: text.replace('"trainable_params": ', '"trainable_params": "many", "x": '),
+     "field 'trainable_params' is 'many'"),
+    ("metrics.json", lambda text: json.dumps({**json.loads(text), "test_accuracy": 7}), "a number in [0, 1]"),
+    ("metrics.json", lambda text: json.dumps({**json.loads(text), "hflip_tta": "no"}), "field 'hflip_tta'"),
+    ("metrics.json", lambda text: "null", "metrics.json is not a gpconv file"),
+    ("tta.json", lambda text: "[0.5]", "tta.json is not a gpconv file"),
+    ("tta.json", lambda text: '{"test_accuracy": "high"}', "field 'test_accuracy' is 'high'"),
+])
+def test_report_on_damaged_run_files_is_one_line_naming_file_and_field(run, name, damage, message, tmp_path, capsys):
+    folder = _copy_run(run, tmp_path / "runs" / "damaged")
+    path = folder / name
+    path.write_text(damage(path.read_text() if path.exists() else "{}"))
+    refused(["report", folder, "--output", tmp_path / "report"], capsys, tmp_path, message)
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("plan,message", [("[]", "holds a list"), ('{"runs": 3}', "field 'runs' is 3"),
+                                          ('{"runs": [{"variant": "x"}]}', "runs[0] is not a run with a name")])
+def test_report_and_sweep_refuse_a_damaged_sweep_plan(run, plan, message, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    _copy_run(run, sweep / "baseline")
+    (sweep / "sweep.json").write_text(plan)
+    refused(["report", sweep, "--output", tmp_path / "report"], capsys, tmp_path, message)
+    refused(["sweep", "--arch", "efficientnet_b0", "--variants", "baseline", "--dataset", "synthetic", "--image-size",
+             "16", "--epochs", "1", "--device", "cpu", "--output", sweep], capsys, tmp_path, "not a gpconv sweep plan")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model_config", lambda c: {**c, "channels_per_group": "16"}, "field channels_per_group is '16'"),
+    ("model_config", lambda c: {**c, "l_layer": 1}, "field l_layer is 1"),
+    ("model_config", lambda c: [c], "model_config is not a mapping"),
+    ("train_config", lambda c: {**c, "seed": 1.5}, "field seed is 1.5"),
+    ("train_config", lambda c: {**c, "synthetic_size": "60,20"}, "field synthetic_size"),
+    ("epoch", lambda c: "1", "its epoch is '1'"),
+    ("class_names", lambda c: "0123456789", "class_names is not a list"),
+    ("model", lambda c: [1, 2], "its model is not a mapping"),
+])
+def test_damaged_checkpoint_fields_are_one_line(run, key, value, message, tmp_path, capsys):
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    checkpoint[key] = value(checkpoint[key])
+    torch.save(checkpoint, tmp_path / "best.pt")
+    err = refused(["evaluate", "--checkpoint", tmp_path / "best.pt"], capsys, tmp_path, message)
+    assert "best.pt is damaged" in err
+    refused(["cam", "--checkpoint", tmp_path / "best.pt", "--output", tmp_path / "cam"], capsys, tmp_path, message)
+
+
+SWEEP = ["sweep", "--arch", "efficientnet_b0", "--variants", "baseline", "--dataset", "synthetic", "--image-size", "16",
+         "--epochs", "1", "--max-train-batches", "1", "--device", "cpu", "--threads", "1"]
+
+
+def _sweep_with_saved_run(run, tmp_path, finished: bool):
+    """A sweep folder whose plan and run ``baseline`` were written before (the tiny run's files)."""
+    sweep = tmp_path / "sweep"
+    folder = _copy_run(run, sweep / "baseline")
+    if finished:
+        (folder / "tta.json").write_text(json.dumps({"test_accuracy": 0.1, "test_accuracy_hflip_tta": 0.1}))
+    else:
+        for name in ("metrics.json", "best.pt"):
+            (folder / name).unlink()
+    (sweep / "sweep.json").write_text(json.dumps({"runs": [{"name": "baseline", "arch": "efficientnet_b0"}]}))
+    return sweep
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
+def test_a_sweep_refused_for_other_settings_writes_nothing(run, finished, tmp_path, capsys):
+    sweep = _sweep_with_saved_run(run, tmp_path, finished)
+    err = refused([*SWEEP, "--batch-size", "4", "--output", sweep], capsys, tmp_path, "trained with other settings")
+    assert "batch_size 8 (now 4)" in err
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("seeds: [-1]", "seeds in group 1 (efficientnet_b0): expected an integer >= 0, got '-1'"),
+    ("seeds: [2.7]", "seeds in group 1 (efficientnet_b0): expected an integer >= 0, got '2.7'"),
+    ("seeds: [0, a]", "seeds in group 1 (efficientnet_b0): expected an integer >= 0, got 'a'"),
+    ("seeds: [true]", "seeds in group 1"),
+    ("seeds: [[1]]", "seeds in group 1"),
+    ("seeds: 2.5", "seeds in group 1"),
+    ("seed: 1.5", "seed in group 1"),
+    ("channels_per_group: [16, x]", "channels_per_group in group 1"),
+    ("variants: [baseline, 3]", "variants in group 1"),
+    ("tag: ../../elsewhere", "tag in group 1"),
+    ("tag: a/b", "tag in group 1"),
+    ("tag: .hidden", "tag in group 1"),
+    ("tag: [x]", "tag in group 1"),
+    ("dataset: folder", "needs data_dir"),
+    ("data_dir: [a]", "data_dir in group 1"),
+    ("monitor: accuracy", "monitor in group 1"),
+    ("groups: [{tag: ../x}]", "tag in group 1"),
+])
+def test_every_sweep_yaml_key_is_checked_like_its_flag(yaml_text, message, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("arch: efficientnet_b0\nvariants: [baseline, v2]\nchannels_per_group: [16]\n"
+                      "dataset: synthetic\nimage_size: 16\n" + yaml_text + "\n")
+    for argv in (["--dry-run"], []):
+        refused(["sweep", "--config", config, "--output", tmp_path / "s", *argv], capsys, tmp_path, message)
+    assert not (tmp_path / "s").exists() and not (tmp_path.parent / "elsewhere").exists()
+
+
+def test_sweep_seeds_name_the_runs_inside_the_output(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("arch: efficientnet_b0\nvariants: [baseline]\ndataset: synthetic\nimage_size: 16\n"
+                      "seeds: '1,2'\ntag: keras-init\n")
+    assert main(["sweep", "--config", str(config), "--output", str(tmp_path / "s"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline-keras-init-seed1, baseline-keras-init-seed2" in out and not (tmp_path / "s").exists()

@@ -170,3 +170,74 @@ def test_real_cifar10_subset_loads_with_a_seeded_validation_split():
     splits = load_dataset("cifar10", CIFAR_SUBSET, seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (4577, 508, 1017)
     assert splits.class_names[0] == "airplane" and splits.num_classes == 10
+
+
+# ------------------------------------------------------------------------------------------ issue 22: image modes
+
+
+def _save(path, array, mode=None):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(path)
+
+
+@pytest.mark.parametrize("dtype,values,suffix,expected", [
+    (np.uint16, (1000, 30000), ".png", (4, 117)),  # I;16 PNG: divided by 257, not clipped to 255
+    (np.uint16, (0, 65535), ".tif", (0, 255)),
+    (np.int32, (1000, 65535), ".tif", (4, 255)),  # mode I within 16 bits
+    (np.float32, (0.25, 1.0), ".tif", (64, 255)),  # mode F in [0, 1]
+    (np.uint8, (10, 200), ".png", (10, 200)),  # mode L: unchanged
+], ids=["I;16-png", "I;16-tif", "I", "F", "L"])
+def test_folder_images_of_any_depth_keep_their_values(dtype, values, suffix, expected, tmp_path):
+    import warnings
+
+    for name, value in zip(("dark", "bright"), values):
+        for index in range(10):
+            _save(tmp_path / name / f"{index}{suffix}", np.full((6, 6), value, dtype))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped
+        splits = load_dataset("folder", tmp_path, image_size=6)
+    images = torch.cat([splits.train.images, splits.val.images, splits.test.images])
+    labels = torch.cat([splits.train.labels, splits.val.labels, splits.test.labels])
+    for label, value in zip((splits.class_names.index("dark"), splits.class_names.index("bright")), expected):
+        assert set(images[labels == label].unique().tolist()) == {value}
+    assert splits.skipped_files == 0
+
+
+def test_images_pillow_cannot_open_or_scale_are_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        for index in range(10):
+            _save(tmp_path / name / f"{index}.png", np.full((6, 6, 3), 50 * (name == "b"), np.uint8))
+    (tmp_path / "a" / "garbage.png").write_bytes(b"not an image")
+    good = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "truncated.png").write_bytes(good[:len(good) // 2])
+    _save(tmp_path / "a" / "negative.tif", np.full((6, 6), -3, np.int32))  # mode I: scale unknown
+    _save(tmp_path / "b" / "large.tif", np.full((6, 6), 7.5, np.float32))  # mode F outside [0, 1]
+    (tmp_path / "b" / "empty.jpg").write_bytes(b"")
+    Image.new("LAB", (6, 6), (0, 128, 128)).save(tmp_path / "b" / "lab.tif")  # CIELAB black: read, as black
+    with pytest.warns(UserWarning, match="skipping unreadable image") as caught:
+        splits = load_dataset("folder", tmp_path, image_size=6)
+    assert splits.skipped_files == 5 == len([w for w in caught if "skipping" in str(w.message)])
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 21
+    everything = torch.cat([splits.train.images, splits.val.images, splits.test.images])
+    assert int(everything.max()) == 50 and int((everything.flatten(1).amax(1) <= 1).sum()) == 11
+
+
+def test_a_class_named_train_is_a_class(tmp_path):
+    for name in ("train", "cars", "bikes"):
+        for index in range(10):
+            _save(tmp_path / name / f"{index}.png", np.full((4, 4, 3), 20 * index, np.uint8))
+    splits = load_dataset("folder", tmp_path, image_size=4)
+    assert splits.class_names == ["bikes", "cars", "train"]
+
+
+def test_a_test_split_with_a_class_train_lacks_is_refused(tmp_path):
+    for split, names in (("train", ("a", "b")), ("test", ("a", "c"))):
+        for name in names:
+            for index in range(10):
+                _save(tmp_path / split / name / f"{index}.png", np.full((4, 4, 3), index, np.uint8))
+    with pytest.raises(DataError, match=r"test/c is a class that .*train does not have"):
+        load_dataset("folder", tmp_path, image_size=4)

@@ -389,7 +389,8 @@ def test_export_arch_builds_the_model_train_builds(arch, options):
                                                                          for name in MODEL_OPTIONS}
     with torch.device("meta"):
         built = [type(m) for m in exported.build().modules()]
-        reference = [type(m) for m in ModelConfig(arch, **{n: getattr(trained, n) for n in MODEL_OPTIONS}).build().modules()]
+        reference = [type(m) for m in ModelConfig(arch, image_size=224, **{n: getattr(trained, n) for n in MODEL_OPTIONS})
+                     .build().modules()]
     assert built == reference  # same activations (ReLU, ReLU6, hard-swish ...), not SiLU everywhere
 
 

@@ -410,12 +410,16 @@ class _Unconvertible(ValueError):
 def to_rgb(image):
     """An 8-bit RGB copy of the Pillow ``image``, its values scaled faithfully: 16-bit grey (``I;16*``,
     and ``I`` with values in 0..65535) divided by 257, floating point (``F``) in ``[0, 1]`` times 255,
-    the EXIF orientation applied; every other mode through Pillow's ``convert("RGB")`` (which would
-    clip 16-bit values to 255: a 16-bit PNG would turn white). :class:`ValueError` for an ``I`` or
-    ``F`` image outside those ranges, whose scale cannot be known."""
-    from PIL import Image, ImageOps
+    the EXIF orientation applied; CIELAB (``LAB``) through a colour transform to sRGB (Pillow's
+    ``convert`` would reinterpret its channels); every other mode through Pillow's ``convert("RGB")``
+    (which would clip 16-bit values to 255: a 16-bit PNG would turn white). :class:`ValueError` for an
+    ``I`` or ``F`` image outside those ranges, whose scale cannot be known."""
+    from PIL import Image, ImageCms, ImageOps
 
     image = ImageOps.exif_transpose(image)
+    if image.mode == "LAB":
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(image, transform)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float64)
         high = 1.0 if image.mode == "F" else 65535.0
