@@ -247,9 +247,12 @@ def _load_weights(model: nn.Module, path: Path) -> nn.Module:
         state = load_file(str(path))
     except SafetensorError as error:
         raise ValueError(f"{path} is not a safetensors file: {error}") from None
-    result = model.load_state_dict(state, strict=False)
-    problems = [f"missing {key}" for key in result.missing_keys] + [f"unexpected {key}" for key in
-                                                                     result.unexpected_keys]
+    try:
+        result = model.load_state_dict(state, strict=False)
+        problems = [f"missing {key}" for key in result.missing_keys] + [f"unexpected {key}" for key in
+                                                                         result.unexpected_keys]
+    except RuntimeError as error:  # shapes that differ: torch lists them on the lines after the first
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
     if problems:
         raise ValueError(f"{path} does not fit the converted model: {problems[0]} ({len(problems)} tensors differ)")
     return model
