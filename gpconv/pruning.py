@@ -24,6 +24,7 @@ when a function runs.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from .core.block import GroupedPointwiseConv2d, GroupedPointwiseLinear
 
-__all__ = ["torch_pruning_options", "block_pruner", "opaque_blocks"]
+__all__ = ["prune_channels", "torch_pruning_options", "block_pruner", "opaque_blocks"]
 
 _BLOCKS = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
 
@@ -145,3 +146,36 @@ def torch_pruning_options(model: nn.Module, example_inputs: Any,
                         if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
     unique = list({id(module): module for module in ignored}.values())
     return {"ignored_layers": unique, "customized_pruners": pruners, "forward_fn": forward}
+
+
+def prune_channels(model: nn.Module, example_inputs: Any, pruning_ratio: float, *, ignored_layers: Sequence[nn.Module] = (),
+                   round_to: Optional[int] = None, importance: Any = None, **pruner_options) -> nn.Module:
+    """A copy of ``model`` with a fraction of its channels removed by Torch-Pruning (structured pruning:
+    the layers become narrower, the parameters fewer).
+
+    ``tp.pruner.MetaPruner`` with ``pruning_ratio`` (the fraction of each prunable layer's channels to
+    remove), magnitude importance by default (``importance``: any ``tp.importance``), ``round_to``
+    (channel counts kept multiples of it, e.g. the channels per group you will convert with) and one
+    ``step()``. ``ignored_layers``: modules of ``model`` to keep whole, such as the classifier (its
+    outputs are the classes); they are mapped onto the copy. A model with grouped pointwise blocks is
+    declared with :func:`torch_pruning_options`, so its blocks come out unchanged.
+    ``pruner_options`` go to the pruner. The input model is not modified.
+
+    Prune, then convert: ``gpconv.convert(prune_channels(model, x, 0.5, ignored_layers=[head]), 16)``.
+    """
+    import torch_pruning as tp
+
+    if not 0 <= pruning_ratio < 1:
+        raise ValueError(f"pruning_ratio must be in [0, 1), got {pruning_ratio!r}")
+    names = {id(module): name for name, module in model.named_modules()}
+    unknown = [type(module).__name__ for module in ignored_layers if id(module) not in names]
+    if unknown:
+        raise ValueError(f"ignored_layers must be modules of the model; {unknown[0]} is not")
+    pruned = copy.deepcopy(model)
+    modules = dict(pruned.named_modules())
+    options = torch_pruning_options(pruned, example_inputs) if _top_level_blocks(pruned) else {"ignored_layers": []}
+    options["ignored_layers"] = options["ignored_layers"] + [modules[names[id(module)]] for module in ignored_layers]
+    pruner = tp.pruner.MetaPruner(pruned, example_inputs, importance or tp.importance.MagnitudeImportance(p=2),
+                                  pruning_ratio=pruning_ratio, round_to=round_to, **options, **pruner_options)
+    pruner.step()
+    return pruned
