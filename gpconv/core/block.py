@@ -499,6 +499,8 @@ class GroupedPointwiseLinear(nn.Module):
             raise ValueError(f"GroupedPointwiseLinear expects an input of shape (..., {self.in_features}), "
                              f"got {tuple(x.shape)}")
         positions = x.reshape(1, -1, 1, self.in_features).permute(0, 3, 1, 2)  # (1, C, positions, 1)
+        if not is_traced(x) and x.numel() == 0:  # no positions: an empty batch of 1x1 maps instead of a 0-high map
+            positions = x.reshape(0, self.in_features, 1, 1)
         y = self.block(positions)
         return y.permute(0, 2, 3, 1).reshape(x.shape[:-1] + (self.out_features,))
 

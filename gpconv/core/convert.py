@@ -62,6 +62,17 @@ def _parameter_owners(model: nn.Module) -> Owners:
     return owners
 
 
+def copy_model(model: nn.Module, function: str) -> nn.Module:
+    """A deep copy of ``model`` for ``function`` to change, or a one-line ``ValueError`` naming why
+    torch cannot copy it (such as old-style ``torch.nn.utils.weight_norm``, whose computed weight is not
+    a leaf; ``torch.nn.utils.parametrizations.weight_norm`` copies)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as error:
+        raise ValueError(f"gpconv.{function} works on a copy of the model and torch cannot copy this one: "
+                         f"{str(error).strip().splitlines()[0]}") from None
+
+
 def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:
     """Why a grouped block in ``layer``'s place would lose part of what the layer is; None when nothing
     would: a parametrization, weight-norm or spectral-norm hooks, state_dict hooks, a subclass with a
@@ -209,7 +220,7 @@ def convert(model: nn.Module, channels_per_group: Union[int, PerLayer] = 16, *, 
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     settings = _settings(channels_per_group, version, l_layer, activation, exclude, linear)
-    converted = copy.deepcopy(model)
+    converted = copy_model(model, "convert")
     settings = dataclasses.replace(settings, owners=_parameter_owners(converted))
     matched: set = set()
     for name, _ in converted.named_modules():
@@ -239,10 +250,11 @@ def _check_mapping_names(settings: _Settings, converted: nn.Module, kept: List[K
 
 def _record(converted: nn.Module, settings: _Settings) -> dict:
     """The conversion record of a model ``convert`` just built (see :func:`conversion_record`)."""
-    layers = {}
+    layers, inner = {}, set()
     for name, module in converted.named_modules():
-        if isinstance(module, GROUPED_BLOCKS) and name not in layers:
+        if isinstance(module, GROUPED_BLOCKS) and id(module) not in inner and name not in layers:
             layers[name] = module.plan.channels_per_group
+            inner.update(id(m) for m in module.modules())
     activation = settings.activation if settings.activation is None or isinstance(settings.activation, str) else None
     return {"format": CONVERSION_RECORD_FORMAT, "channels_per_group": layers, "version": settings.version,
             "l_layer": settings.l_layer, "linear": settings.linear, "activation": activation}

@@ -77,7 +77,7 @@ _ELEMENTWISE = {
     aten.silu.default: 1, aten.silu_.default: 1,
     aten.hardswish.default: 2, aten.hardswish_.default: 2,
     aten.hardsigmoid.default: 1, aten.hardsigmoid_.default: 1,
-    aten._softmax.default: 5,
+    aten._softmax.default: 5, aten._safe_softmax.default: 5,
 }
 
 
@@ -96,7 +96,7 @@ _FREE = {aten.add, aten.add_, aten.native_batch_norm, aten._native_batch_norm_le
          aten.arange, aten.scalar_tensor, aten.lift_fresh, aten.lift_fresh_copy, aten.detach, aten._unsafe_view,
          aten.contiguous, aten.dropout, aten.native_dropout}
 # Operations without multiply-accumulates besides the elementwise ones: not worth a count_macs warning.
-_NO_MACS = {aten.native_layer_norm, aten.native_group_norm, aten._softmax, aten._log_softmax, aten.avg_pool2d,
+_NO_MACS = {aten.native_layer_norm, aten.native_group_norm, aten._softmax, aten._safe_softmax, aten._log_softmax, aten.avg_pool2d,
             aten.max_pool2d_with_indices, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
             aten.upsample_bilinear2d}
 

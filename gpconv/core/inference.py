@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from .block import (GroupedPointwiseConv2d, Index, LayerFolding, PointwiseConvAttributes, batch_norm_scale_shift,
                     gather_channels)
-from .convert import KeptLayer, is_plain_pointwise
+from .convert import KeptLayer, copy_model, is_plain_pointwise
 from .executions import FOLDED_DENSE_MAC_RATIO, FOLDED_EXECUTIONS
 from ..layers import KerasPad2d, ShiftOnlyBatchNorm2d
 from .plan import PointwisePlan
@@ -424,7 +424,7 @@ class _Rewrite:
         return result
 
     def refuse(self, name: str, reason: Optional[str]) -> bool:
-        if reason is not None:
+        if reason is not None and all(layer.name != name for layer in self.summary.kept):
             self.summary.kept.append(KeptLayer(name, reason))
         return reason is not None
 
@@ -600,7 +600,7 @@ def prepare_for_inference(model: nn.Module, example_input: Optional[torch.Tensor
     channels_last on, a 4-D output comes back contiguous for a contiguous input, as before.
     """
     summary = InferenceSummary()
-    prepared = copy.deepcopy(model).eval()
+    prepared = copy_model(model, "prepare_for_inference").eval()
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         summary.kept.append(KeptLayer("", "global forward hooks registered: nothing rewritten"))
     else:
