@@ -394,8 +394,12 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
         raise DeployError(f"verify_input has images of shape {tuple(images.shape[1:])}, example_input of "
                           f"{tuple(example_input.shape[1:])}: the file takes one size")
     reference = copy.deepcopy(model).cpu().eval()
-    with torch.inference_mode():
-        returned = reference(example_input[:1])
+    try:
+        with torch.inference_mode():
+            returned = reference(example_input[:1])
+    except Exception as error:  # noqa: BLE001 - whatever the model raises on a wrong input: one line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeployError(f"the model cannot run example_input of shape {tuple(example_input.shape)}: {message}") from None
     pick = _choose_output(returned, output)
     selected = _Logits(reference, pick)
     with torch.inference_mode():

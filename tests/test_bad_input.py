@@ -378,14 +378,20 @@ def test_report_and_sweep_refuse_a_damaged_sweep_plan(run, plan, message, tmp_pa
     ("epoch", lambda c: "1", "its epoch is '1'"),
     ("class_names", lambda c: "0123456789", "class_names is not a list"),
     ("model", lambda c: [1, 2], "its model is not a mapping"),
+    ("history", lambda c: [{"epoch": "one"}], "its history is not a list"),
+    ("best", lambda c: {"value": "high"}, "its best is"),
 ])
 def test_damaged_checkpoint_fields_are_one_line(run, key, value, message, tmp_path, capsys):
-    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
     checkpoint[key] = value(checkpoint[key])
     torch.save(checkpoint, tmp_path / "best.pt")
     err = refused(["evaluate", "--checkpoint", tmp_path / "best.pt"], capsys, tmp_path, message)
     assert "best.pt is damaged" in err
     refused(["cam", "--checkpoint", tmp_path / "best.pt", "--output", tmp_path / "cam"], capsys, tmp_path, message)
+    folder = tmp_path / "resume"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes((tmp_path / "best.pt").read_bytes())
+    refused(["train", *TINY, "--output", folder, "--resume"], capsys, tmp_path, message)
 
 
 SWEEP = ["sweep", "--arch", "efficientnet_b0", "--variants", "baseline", "--dataset", "synthetic", "--image-size", "16",
@@ -435,7 +441,7 @@ def test_every_sweep_yaml_key_is_checked_like_its_flag(yaml_text, message, tmp_p
     config = tmp_path / "sweep.yaml"
     config.write_text("arch: efficientnet_b0\nvariants: [baseline, v2]\nchannels_per_group: [16]\n"
                       "dataset: synthetic\nimage_size: 16\n" + yaml_text + "\n")
-    for argv in (["--dry-run"], []):
+    for argv in ([] if "data_dir" in message else ["--dry-run"], []):  # a dry run lists runs without data
         refused(["sweep", "--config", config, "--output", tmp_path / "s", *argv], capsys, tmp_path, message)
     assert not (tmp_path / "s").exists() and not (tmp_path.parent / "elsewhere").exists()
 

@@ -303,6 +303,8 @@ def test_export_refuses_what_it_cannot_export_before_the_work(model, images, mes
     monkeypatch.setattr(export, "_export_proto", no_export)
     with pytest.raises(export.DeployError, match=message):
         export.export_onnx(model, tmp_path / "m.onnx", images)
+    with pytest.raises(export.DeployError, match=r"cannot run example_input of shape \(4, 1, 8, 8\)"):
+        export.export_onnx(_Returns(lambda logits, features: logits), tmp_path / "m.onnx", torch.rand(4, 1, 8, 8))
     with pytest.raises(export.DeployError, match="no output named 'scores'"):
         export.export_onnx(_Returns(lambda logits, features: {"logits": logits}), tmp_path / "m.onnx",
                            torch.rand(4, 3, 8, 8), output="scores")

@@ -84,8 +84,20 @@ def _check_shape(path: Path, checkpoint: dict) -> None:
         names = checkpoint.get("class_names", [])
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
             raise ValueError("its class_names is not a list of strings")
+        history = checkpoint.get("history", [])
+        if not isinstance(history, list) or not all(isinstance(row, dict) and all(
+                _is_number(value) for value in row.values()) for row in history):
+            raise ValueError("its history is not a list of epochs (mappings of numbers)")
+        best = checkpoint.get("best")
+        if best is not None and not (isinstance(best, dict) and _is_number(best.get("value"))
+                                     and _is_number(best.get("epoch"))):
+            raise ValueError(f"its best is {best!r}, expected null or a mapping with epoch and value")
     except ValueError as error:
         raise CheckpointError(f"{path} is damaged: {error}") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def capture_rng_state(augment_generator: torch.Generator) -> dict:

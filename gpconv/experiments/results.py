@@ -108,7 +108,7 @@ def load_run(folder) -> RunResult:
         plain = extra.get("test_accuracy", plain)
         tta = extra.get("test_accuracy_hflip_tta", tta)
     history = read_history(folder / "history.csv") if (folder / "history.csv").is_file() else []
-    config = read_run_config(folder / "config.json") if (folder / "config.json").is_file() else {}
+    config = read_run_config(folder / "config.json", require=()) if (folder / "config.json").is_file() else {}
     seed = config.get("train", {}).get("seed")
     return RunResult(folder.name, folder, metrics["trainable_params"], metrics["computations"], plain, tta,
                      metrics.get("epochs", len(history)), metrics.get("dataset", ""), history, seed,

@@ -86,7 +86,7 @@ METRICS_FIELDS = {"trainable_params": (*_INTEGER, True), "computations": (*_INTE
                   "hflip_tta": (*_FLAG, False), "train_seconds": (*_NUMBER, False)}
 TTA_FIELDS = {"test_accuracy": (*_NUMBER, False), "test_accuracy_hflip_tta": (*_NUMBER, False),
               "epoch": (*_INTEGER, False)}
-CONFIG_FIELDS = {"model": ((dict,), "a mapping", True), "train": ((dict,), "a mapping", True),
+CONFIG_FIELDS = {"model": ((dict,), "a mapping", False), "train": ((dict,), "a mapping", False),
                  "class_names": ((list,), "a list", False)}
 
 
@@ -127,13 +127,16 @@ def read_tta(path) -> dict:
     return read_json_object(path, TTA_FIELDS)
 
 
-def read_run_config(path) -> dict:
-    """``config.json`` of a run: its ``model`` and ``train`` mappings with the types of
-    :class:`ModelConfig` and :class:`TrainConfig`, ``class_names`` a list of strings."""
-    config = read_json_object(path, CONFIG_FIELDS)
+def read_run_config(path, require: Tuple[str, ...] = ("model", "train")) -> dict:
+    """``config.json`` of a run: its ``model`` and ``train`` mappings (those in ``require`` must be
+    there) with the types of :class:`ModelConfig` and :class:`TrainConfig`, ``class_names`` a list of
+    strings."""
+    config = read_json_object(path, {name: (*rule[:2], name in require) for name, rule in CONFIG_FIELDS.items()})
     try:
-        ModelConfig.from_dict(config["model"], f"{path} model")
-        check_fields(TrainConfig, config["train"], f"{path} train")
+        if "model" in config:
+            ModelConfig.from_dict(config["model"], f"{path} model")
+        if "train" in config:
+            check_fields(TrainConfig, config["train"], f"{path} train")
     except ValueError as error:
         raise RunFileError(str(error)) from None
     if not all(isinstance(name, str) for name in config.get("class_names", [])):

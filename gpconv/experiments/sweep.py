@@ -208,8 +208,6 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
             raise ValueError(f"variants in {where}: {error}") from None
         options = check_options({k: merged[k] for k in TRAIN_KEYS}, where)
         check_input_size(arch, options["image_size"], options["skip_strides"])
-        if options["dataset"] != "synthetic" and options["data_dir"] is None:
-            raise ValueError(f"{where}: dataset {options['dataset']} needs data_dir (or --data-dir)")
         seeds = [check_options({"seed": n}, where, key="seeds")["seed"] for n in _as_list(merged.get("seeds"), "seeds")]
         seeds = seeds or [options["seed"]]
         tag = merged.get("tag")
@@ -316,6 +314,8 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         torch.set_num_threads(threads)
     plan = _merged_plan(output, specs)  # refuses a foreign sweep.json
     for spec in specs:  # every saved run must have this sweep's settings: checked before anything is written
+        if spec.options["dataset"] != "synthetic" and spec.options["data_dir"] is None:
+            raise ValueError(f"run {spec.name}: dataset {spec.options['dataset']} needs data_dir (or --data-dir)")
         _check_saved_run(output / spec.name, spec, device)
     pending = [plan]
 
