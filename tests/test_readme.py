@@ -1,7 +1,8 @@
 """The documentation runs: every ```python block of README.md, and the blocks of docs/*.md marked
 ``<!-- runnable -->`` on the line before, executed in order in one namespace per document.
 
-A block that imports a module that cannot be imported here (torchvision beside this torch) is skipped.
+A block that imports a module that cannot be imported here (an extra that is not installed) is skipped;
+torchvision 0.28.0 beside the CPU torch imports, through conftest.py (tests/_torchvision_compat.py).
 """
 
 import functools
@@ -42,7 +43,7 @@ def missing_module(code: str):
     for name in IMPORT.findall(code):
         try:
             importlib.import_module(name)
-        except Exception:  # torchvision beside another torch raises RuntimeError, not ImportError
+        except Exception:  # a torchvision built for another torch raises RuntimeError, not ImportError
             return name
     return None
 
