@@ -380,6 +380,7 @@ def test_report_and_sweep_refuse_a_damaged_sweep_plan(run, plan, message, tmp_pa
     ("model", lambda c: [1, 2], "its model is not a mapping"),
     ("history", lambda c: [{"epoch": "one"}], "its history is not a list"),
     ("best", lambda c: {"value": "high"}, "its best is"),
+    ("model_config", lambda c: {**c, "num_classes": 0}, "num_classes must be >= 1, got 0"),
 ])
 def test_damaged_checkpoint_fields_are_one_line(run, key, value, message, tmp_path, capsys):
     checkpoint = torch.load(run / "last.pt", weights_only=True)
@@ -436,6 +437,9 @@ def test_a_sweep_refused_for_other_settings_writes_nothing(run, finished, tmp_pa
     ("data_dir: [a]", "data_dir in group 1"),
     ("monitor: accuracy", "monitor in group 1"),
     ("groups: [{tag: ../x}]", "tag in group 1"),
+    ("epochs: null", "epochs in group 1 (efficientnet_b0): expected a value, got null"),
+    ("image_size: null", "image_size in group 1"),
+    ("val_flips: null", "val_flips in group 1"),
 ])
 def test_every_sweep_yaml_key_is_checked_like_its_flag(yaml_text, message, tmp_path, capsys):
     config = tmp_path / "sweep.yaml"

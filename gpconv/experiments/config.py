@@ -70,6 +70,10 @@ class ModelConfig:
     conversion: Optional[dict] = None
 
     def __post_init__(self):
+        for name, minimum in (("num_classes", 1), ("image_size", 1), ("skip_strides", 0), ("channels_per_group", 1)):
+            value = getattr(self, name)
+            if value is not None and isinstance(value, int) and value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
         if self.classifier_init not in CLASSIFIER_INITS:
             raise ValueError(f"classifier_init must be one of {', '.join(CLASSIFIER_INITS)}, got "
                              f"{self.classifier_init!r}")

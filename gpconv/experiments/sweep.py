@@ -206,6 +206,9 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
             variants = expand_variants(_as_list(merged.get("variants"), "variants"), cpg)
         except ValueError as error:
             raise ValueError(f"variants in {where}: {error}") from None
+        unset = [k for k, default in TRAIN_KEYS.items() if merged[k] is None and default is not None]
+        if unset:
+            raise ValueError(f"{unset[0]} in {where}: expected a value, got null (leave the key out for its default)")
         options = check_options({k: merged[k] for k in TRAIN_KEYS}, where)
         check_input_size(arch, options["image_size"], options["skip_strides"])
         seeds = [check_options({"seed": n}, where, key="seeds")["seed"] for n in _as_list(merged.get("seeds"), "seeds")]
