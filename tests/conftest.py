@@ -26,6 +26,36 @@ def assert_matches_paper(model, row):
     assert computations == row["computations"]
 
 
+def groupable_layers(model, classifier, linear, channels_per_group):
+    """Name -> (in, out, bias) of the layers ``gpconv.convert(model, channels_per_group,
+    exclude=[classifier], linear=linear)`` should group, found on the dense model."""
+    import gpconv
+    from gpconv.core.convert import is_plain_linear, is_plain_pointwise
+
+    found = {}
+    for name, module in model.named_modules():
+        if name == classifier or name.startswith(classifier + "."):
+            continue
+        if is_plain_pointwise(module):
+            shape = (module.in_channels, module.out_channels)
+        elif linear and is_plain_linear(module):
+            shape = (module.in_features, module.out_features)
+        else:
+            continue
+        if gpconv.make_plan(*shape, channels_per_group).grouped:
+            found[name] = shape + (module.bias is not None,)
+    return found
+
+
+def predicted_parameter_drop(layers, channels_per_group):
+    """Trainable parameters removed by grouping ``layers`` (``groupable_layers``'s values), by the plans."""
+    import gpconv
+
+    return sum(cin * cout + (cout if bias else 0)
+               - gpconv.make_plan(cin, cout, channels_per_group).parameter_count(batch_norm=False, bias=bias)
+               for cin, cout, bias in layers)
+
+
 @pytest.fixture
 def paper_numbers_path():
     if not PAPER_NUMBERS.exists():

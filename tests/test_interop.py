@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import gpconv
-from conftest import SHARED
-from gpconv.core.convert import GROUPED_BLOCKS, is_plain_linear, is_plain_pointwise
+from conftest import SHARED, groupable_layers, predicted_parameter_drop
+from gpconv.core.convert import GROUPED_BLOCKS
 from gpconv.experiments.data import load_cifar, to_float
 
 transformers = pytest.importorskip("transformers")
@@ -114,37 +114,16 @@ def test_converted_model_runs_in_both_modes_and_trains_every_parameter(name):
     assert blocks and all(any(p.grad.abs().sum() > 0 for p in block.parameters()) for block in blocks)
 
 
-def groupable_layers(model, linear):
-    """Name -> (in, out, bias) of the layers convert should replace, found on the original model."""
-    found = {}
-    for name, module in model.named_modules():
-        if name.startswith("classifier"):
-            continue
-        if is_plain_pointwise(module):
-            shape = (module.in_channels, module.out_channels)
-        elif linear and is_plain_linear(module):
-            shape = (module.in_features, module.out_features)
-        else:
-            continue
-        if gpconv.make_plan(*shape, CHANNELS_PER_GROUP).grouped:
-            found[name] = shape + (module.bias is not None,)
-    return found
-
-
 @pytest.mark.parametrize("name", [*MODELS, *MORE_MODELS])
 def test_parameter_drop_is_what_the_plans_predict(name):
     original, model = converted(name)
     _, options, least_drop = {**MODELS, **MORE_MODELS}[name]
-    expected = groupable_layers(original, options.get("linear", False))
+    expected = groupable_layers(original, "classifier", options.get("linear", False), CHANNELS_PER_GROUP)
     summary = gpconv.summarize(model)
     assert {row.name: (row.in_channels, row.out_channels) for row in summary.rows} == {
         layer: shape[:2] for layer, shape in expected.items()}
-    predicted_drop = 0
-    for cin, cout, bias in expected.values():
-        plan = gpconv.make_plan(cin, cout, CHANNELS_PER_GROUP)
-        predicted_drop += cin * cout + (cout if bias else 0) - plan.parameter_count(batch_norm=False, bias=bias)
     before, after = gpconv.count_parameters(original), gpconv.count_parameters(model)
-    assert before - after == predicted_drop
+    assert before - after == predicted_parameter_drop(expected.values(), CHANNELS_PER_GROUP)
     assert summary.params_before == before and summary.model_params == after
     assert 1 - after / before >= least_drop
 

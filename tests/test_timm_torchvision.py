@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import gpconv
-from gpconv.core.convert import GROUPED_BLOCKS, is_plain_linear, is_plain_pointwise
+from conftest import groupable_layers, predicted_parameter_drop
+from gpconv.core.convert import GROUPED_BLOCKS, is_plain_linear
 
 timm = pytest.importorskip("timm")
 tv_models = pytest.importorskip("torchvision.models")
@@ -94,33 +95,14 @@ def test_forward_in_both_modes_and_a_gradient_for_every_parameter(pair):
     assert blocks and all(any(p.grad.abs().sum() > 0 for p in block.parameters()) for block in blocks)
 
 
-def groupable(dense, classifier, linear):
-    """``(in, out, bias)`` of each layer of the dense model that convert should group."""
-    found = []
-    for name, module in dense.named_modules():
-        if name == classifier or name.startswith(classifier + "."):
-            continue
-        if is_plain_pointwise(module):
-            shape = (module.in_channels, module.out_channels)
-        elif linear and is_plain_linear(module):
-            shape = (module.in_features, module.out_features)
-        else:
-            continue
-        if gpconv.make_plan(*shape, CHANNELS_PER_GROUP).grouped:
-            found.append(shape + (module.bias is not None,))
-    return found
-
-
 def test_parameter_drop_is_what_the_plans_predict(pair):
     name, dense, model = pair
     _, classifier, options, (million_before, million_after) = MODELS[name]
-    layers = groupable(dense, classifier, options.get("linear", False))
-    assert len(gpconv.summarize(model).rows) == len(layers) > 0
-    predicted = sum(cin * cout + (cout if bias else 0)
-                    - gpconv.make_plan(cin, cout, CHANNELS_PER_GROUP).parameter_count(batch_norm=False, bias=bias)
-                    for cin, cout, bias in layers)
+    expected = groupable_layers(dense, classifier, options.get("linear", False), CHANNELS_PER_GROUP)
+    assert expected and {row.name: (row.in_channels, row.out_channels) for row in gpconv.summarize(model).rows} == {
+        layer: shape[:2] for layer, shape in expected.items()}
     before, after = gpconv.count_parameters(dense), gpconv.count_parameters(model)
-    assert before - after == predicted
+    assert before - after == predicted_parameter_drop(expected.values(), CHANNELS_PER_GROUP)
     assert (round(before / 1e6, 2), round(after / 1e6, 2)) == (million_before, million_after)
 
 
