@@ -216,7 +216,7 @@ def _local_folder(source: PathLike) -> Path:
         return path
     if path.exists():
         raise NotADirectoryError(f"{path} is a file: from_pretrained reads a folder (config.json, model.safetensors)")
-    if str(source).count("/") != 1 or str(source).startswith((".", "/")):
+    if str(source).count("/") != 1 or str(source).startswith((".", "/")) or path.parent.is_dir():
         raise FileNotFoundError(f"{path} is not a folder (nor a hub repository id USER/NAME)")
     from huggingface_hub import snapshot_download  # not reachable where gpconv is developed
 

@@ -195,9 +195,9 @@ def test_existing_files_are_not_replaced_without_overwrite(tmp_path):
     assert json.loads((folder / "config.json").read_text())["gpconv"]["channels_per_group"] == CHANNELS_PER_GROUP
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "no config", "no record", "bad json", "bad weights",
+@pytest.mark.parametrize("case", ["missing", "missing, relative", "file", "no config", "no record", "bad json", "bad weights",
                                   "old format", "dense model"])
-def test_bad_folders_give_one_line_errors(case, tmp_path):
+def test_bad_folders_give_one_line_errors(case, tmp_path, monkeypatch):
     folder = tmp_path / "folder"
     folder.mkdir()
     base = tv_models.resnet18(num_classes=10)
@@ -211,6 +211,9 @@ def test_bad_folders_give_one_line_errors(case, tmp_path):
     source, error = folder, ValueError
     if case == "missing":
         source, error = tmp_path / "nowhere" / "folder", FileNotFoundError
+    elif case == "missing, relative":  # "folder/nothing" could be a hub id, but folder/ is here: a typo
+        monkeypatch.chdir(tmp_path)
+        source, error = Path("folder") / "nothing", FileNotFoundError
     elif case == "file":
         source, error = folder / "model.safetensors", NotADirectoryError
     elif case == "no config":
