@@ -340,9 +340,9 @@ def test_fx_traces_converted_models_in_train_and_eval_mode():
     for mode in (True, False):
         model.train(mode)
         traced = torch.fx.symbolic_trace(model)
-        assert any(node.op == "call_function" and "index_select" in str(node.target) or
-                   node.op == "call_method" and node.target == "index_select" for node in traced.graph.nodes) or \
-            any("conv2d" in str(node.target) for node in traced.graph.nodes)
+        modules = [traced.get_submodule(node.target) for node in traced.graph.nodes if node.op == "call_module"]
+        assert not any(isinstance(module, gpconv.GroupedPointwiseConv2d) for module in modules)  # traced through
+        assert any(node.op == "call_function" and node.target is torch.conv2d for node in traced.graph.nodes)
         torch.manual_seed(0)
         expected = model(x)
         torch.manual_seed(0)
