@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401 (nn.utils.prune)
 from torch import nn
 
 import gpconv
@@ -476,9 +477,15 @@ def test_tied_and_shared_parameters_stay_shared():
         warnings.simplefilter("ignore")
         converted = gpconv.convert(layers, 8, linear=True)
     kept = {layer.name: layer.reason for layer in gpconv.summarize(converted).kept}
-    assert kept == {"0": "parametrized weight", "1": "weight_norm/spectral_norm hooks", "2": "parametrized weight"}
+    assert kept == {"0": "parametrized weight", "1": "weight computed by a hook", "2": "parametrized weight"}
     assert isinstance(converted[3], gpconv.GroupedPointwiseConv2d)
     assert not any(parameter.requires_grad for parameter in converted[3].parameters())
+    pruned = nn.Sequential(nn.Conv2d(32, 32, 1)).requires_grad_(False)  # frozen: torch can copy it
+    nn.utils.prune.l1_unstructured(pruned[0], "weight", 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = gpconv.convert(pruned, 8)
+    assert [(k.name, k.reason) for k in gpconv.summarize(converted).kept] == [("0", "weight computed by a hook")]
     nn.utils.weight_norm(layers[3])  # old-style weight norm: torch cannot deep-copy the module
     for function in (gpconv.convert, gpconv.prepare_for_inference):
         with pytest.raises(ValueError, match=r"^gpconv\.\w+ works on a copy of the model and torch cannot copy "

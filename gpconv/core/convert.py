@@ -21,8 +21,6 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from ..layers import ActivationSpec, check_activation
@@ -44,8 +42,7 @@ EXCLUDED, TOO_SMALL = "excluded", "too small to group"
 NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
 # Parts of the reasons of layers kept dense because a block in their place would lose part of what they
 # are (:func:`_identity_refusal`); they get a warning of their own.
-IDENTITY_REASONS = ("parametrized", "weight_norm/spectral_norm hooks", "state_dict hooks", " has its own forward",
-                    " tied to ")
+IDENTITY_REASONS = ("parametrized", "computed by a hook", "state_dict hooks", " has its own forward", " tied to ")
 # The hooks a replacement takes over: it sees the same inputs and outputs (and gradients) as the layer.
 MOVED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
@@ -75,13 +72,15 @@ def copy_model(model: nn.Module, function: str) -> nn.Module:
 
 def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:
     """Why a grouped block in ``layer``'s place would lose part of what the layer is; None when nothing
-    would: a parametrization, weight-norm or spectral-norm hooks, state_dict hooks, a subclass with a
-    forward of its own, or a parameter shared with another module (tied weights: the block would
-    untie them and add parameters)."""
+    would: a parametrization, a weight or bias computed by a hook (old-style ``spectral_norm``,
+    ``torch.nn.utils.prune``), state_dict hooks, a subclass with a forward of its own, or a parameter
+    shared with another module (tied weights: the block would untie them and add parameters)."""
     if parametrize.is_parametrized(layer):
         return f"parametrized {', '.join(layer.parametrizations)}"
-    if any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in layer._forward_pre_hooks.values()):
-        return "weight_norm/spectral_norm hooks"
+    computed = [name for name in ("weight", "bias") if name not in layer._parameters and
+                getattr(layer, name, None) is not None]
+    if computed:
+        return f"{' and '.join(computed)} computed by a hook"
     if (layer._state_dict_hooks or layer._state_dict_pre_hooks or layer._load_state_dict_pre_hooks
             or layer._load_state_dict_post_hooks):
         return "state_dict hooks"
