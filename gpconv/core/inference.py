@@ -3,7 +3,9 @@
 ``prepare_for_inference(model)`` returns an eval-mode copy whose outputs equal ``model.eval()``'s
 (within float rounding) and that runs fewer passes over memory:
 
-* every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution;
+* every ``Conv2d -> BatchNorm2d`` pair inside an ``nn.Sequential`` becomes one convolution (exactly
+  these classes, no parametrizations, no forward hooks: only what provably computes the same thing is
+  rewritten; the rest is kept and listed by :func:`inference_summary`);
 * dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
 * every :class:`~gpconv.core.block.GroupedPointwiseConv2d` folds itself
   (:meth:`~gpconv.core.block.GroupedPointwiseConv2d.fold`) into a :class:`FoldedGroupedPointwiseConv2d`
@@ -14,7 +16,8 @@
   that faster;
 * Keras' pad-then-convolve (``KerasPad2d`` + convolution) becomes one convolution without the padded
   copy (:class:`KerasSameConv2d`);
-* weights in ``channels_last`` memory format where that helps (the default on CPU and CUDA).
+* weights in ``channels_last`` memory format where the model's own code accepts channels_last maps
+  (an example batch is tried; without one, models made of torch's and gpconv's modules only).
 """
 
 from __future__ import annotations
