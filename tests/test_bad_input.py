@@ -457,3 +457,14 @@ def test_sweep_seeds_name_the_runs_inside_the_output(tmp_path, capsys):
     assert main(["sweep", "--config", str(config), "--output", str(tmp_path / "s"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "baseline-keras-init-seed1, baseline-keras-init-seed2" in out and not (tmp_path / "s").exists()
+
+
+def test_every_saved_config_field_has_a_checked_type():
+    """check_fields knows each field's type: a field added later is checked too, not let through."""
+    from dataclasses import fields
+
+    from gpconv.experiments.config import ModelConfig, TrainConfig, _type_check
+
+    for kind in (ModelConfig, TrainConfig):
+        unknown = [item.name for item in fields(kind) if _type_check(str(item.type))[1] == "anything"]
+        assert not unknown, f"{kind.__name__} fields without a type check: {unknown}"

@@ -152,14 +152,15 @@ def field_default(item: Field):
 
 def _type_check(annotation: str):
     """``(test(value) -> bool, description)`` for a field annotation of :class:`ModelConfig` or
-    :class:`TrainConfig` (``int``, ``float``, ``bool``, ``str``, ``List[int]``, ``Optional[...]``)."""
+    :class:`TrainConfig` (``int``, ``float``, ``bool``, ``str``, ``dict``, ``List[int]``, ``Optional[...]``)."""
     if annotation.startswith("Optional[") and annotation.endswith("]"):
         test, description = _type_check(annotation[len("Optional["):-1])
         return (lambda value: value is None or test(value)), description + " or null"
     simple = {"int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
               "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
               "bool": (lambda v: isinstance(v, bool), "true or false"),
-              "str": (lambda v: isinstance(v, str), "a string")}
+              "str": (lambda v: isinstance(v, str), "a string"),
+              "dict": (lambda v: isinstance(v, dict), "a mapping")}
     if annotation in simple:
         return simple[annotation]
     if annotation == "List[int]":
