@@ -1,15 +1,12 @@
 """Share converted models as people share models: safetensors weights and a conversion record.
 
 A model from :func:`gpconv.convert` cannot be rebuilt from its base architecture alone: its pointwise
-layers are grouped blocks whose shapes the base model does not have. The **conversion record** says
-how to convert a freshly built base model again (a JSON object, key ``"gpconv"`` of the folder's
-``config.json``):
-
-* ``channels_per_group``, ``version``, ``l_layer``, ``activation``, ``exclude``, ``linear``: the
-  arguments of :func:`gpconv.convert` (Entropy 2022, Eq. 7's ``Ch``; version 1 is Mendel 2022);
-* ``layers``: every grouped layer, ``name -> {"kind": "conv" | "linear", "in_channels",
-  "out_channels", "channels_per_group"}``, checked after converting again;
-* ``format`` (of the record) and ``gpconv_version``.
+layers are grouped blocks whose shapes the base model does not have. Its **conversion record**
+(:func:`gpconv.core.convert.conversion_record`: the channels per group of every grouped layer, a
+layer not named staying dense, and ``version``, ``l_layer``, ``activation``, ``linear``; here with
+``gpconv_version`` added) says how to convert a freshly built base model again
+(:func:`gpconv.core.convert.apply_conversion`). It is stored under the key ``"gpconv"`` of the
+folder's ``config.json``.
 
 :func:`save_pretrained` writes ``config.json`` and ``model.safetensors`` in the layout of the model's
 library: ``model.save_pretrained`` for transformers (the record in its config, as ``config.gpconv``),
@@ -36,10 +33,10 @@ from typing import Any, Dict, Iterable, Optional, Union
 
 from torch import nn
 
-from .core.block import GroupedPointwiseConv2d, GroupedPointwiseLinear
-from .core.convert import EXCLUDED, KEPT_ATTRIBUTE, convert
+from .core.block import GroupedPointwiseConv2d
+from .core.convert import apply_conversion, convert
+from .core.convert import conversion_record as _convert_record
 from .io import atomic_write, atomic_write_text, existing_outputs
-from .layers import ACTIVATIONS
 
 __all__ = ["RECORD_KEY", "CONFIG_FILE", "WEIGHTS_FILE", "conversion_record", "apply_record", "save_pretrained",
            "from_pretrained", "create_model"]
@@ -47,42 +44,15 @@ __all__ = ["RECORD_KEY", "CONFIG_FILE", "WEIGHTS_FILE", "conversion_record", "ap
 RECORD_KEY = "gpconv"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # the name transformers, timm and huggingface_hub use
-RECORD_FORMAT = 1
-_SETTINGS = ("channels_per_group", "version", "l_layer", "activation", "exclude", "linear")
 _TIMM_SOURCES = ("local-dir:", "hf-hub:")
 
 PathLike = Union[str, Path]
 
 
-def _grouped_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """Name -> block of every top-level grouped layer (a linear block's inner convolution block is not
-    listed apart)."""
-    found: Dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        inside = any(name.startswith(parent + ".") for parent in found)
-        if isinstance(module, (GroupedPointwiseConv2d, GroupedPointwiseLinear)) and not inside:
-            found[name] = module
-    return found
-
-
-def _layer_entry(block: nn.Module) -> Dict[str, Any]:
-    plan = block.plan
-    return {"kind": "linear" if isinstance(block, GroupedPointwiseLinear) else "conv",
-            "in_channels": plan.in_channels, "out_channels": plan.out_channels,
-            "channels_per_group": plan.channels_per_group}
-
-
-def _activation_name(block: nn.Module) -> Optional[str]:
-    """The activation word of a converted block (None: no activation)."""
-    inner = block.block if isinstance(block, GroupedPointwiseLinear) else block
-    act = inner.k.act
-    if isinstance(act, nn.Identity):
-        return None
-    names = [name for name, kind in ACTIVATIONS.items() if type(act) is kind]
-    if not names:
-        raise ValueError(f"the blocks' activation {type(act).__name__} has no name gpconv can record: convert with "
-                         f"one of {', '.join(ACTIVATIONS)} or None")
-    return names[0]
+def _has_unrecorded_activation(model: nn.Module) -> bool:
+    """True when a block applies an activation the record cannot name (an ``nn.Module`` given to convert)."""
+    return any(not isinstance(layer.act, nn.Identity) for module in model.modules()
+               if isinstance(module, GroupedPointwiseConv2d) for layer in module.layers)
 
 
 def _gpconv_version() -> str:
@@ -93,70 +63,40 @@ def _gpconv_version() -> str:
 
 
 def conversion_record(model: nn.Module) -> Dict[str, Any]:
-    """The conversion record of a model from :func:`gpconv.convert` (or loaded by this module).
+    """The conversion record of a model from :func:`gpconv.convert` (or loaded by this module), with the
+    gpconv version that wrote it: what :func:`save_pretrained` stores.
 
-    The settings are read from the model: channels per group, plan version, ``l_layer`` and activation
-    from its blocks (the same in every block, as ``convert`` builds them), ``exclude`` as the exact
-    names of the layers ``convert`` kept dense because they were excluded, ``linear`` from its grouped
-    linear layers. Raises ValueError (one line) for a model without grouped layers, or whose blocks
-    differ in their settings (it was not made by one ``convert`` call).
+    ValueError (one line) for a model ``convert`` did not build, one without grouped layers, and one
+    whose blocks apply an activation given as an ``nn.Module`` (a record names activations by word).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"conversion_record expects an nn.Module, got {type(model).__name__}")
-    blocks = _grouped_layers(model)
-    if not blocks:
+    record = _convert_record(model)
+    if record is None:
+        raise ValueError("the model has no conversion record: build it with gpconv.convert or gpconv.hub.create_model")
+    if not record["channels_per_group"]:
         raise ValueError("the model has no grouped pointwise layers: there is no conversion to record")
-    settings = {(block.plan.channels_per_group, block.plan.version, block.plan.l_layer, _activation_name(block))
-                for block in blocks.values()}
-    if len(settings) > 1:
-        raise ValueError(f"the model's blocks differ in their settings ({len(settings)} kinds): a record describes "
-                         "one gpconv.convert call")
-    (channels_per_group, version, l_layer, activation), = settings
-    kept = getattr(model, KEPT_ATTRIBUTE, ())
-    return {"format": RECORD_FORMAT, "gpconv_version": _gpconv_version(),
-            "channels_per_group": channels_per_group, "version": version, "l_layer": l_layer,
-            "activation": activation, "exclude": [layer.name for layer in kept if layer.reason == EXCLUDED],
-            "linear": any(isinstance(block, GroupedPointwiseLinear) for block in blocks.values()),
-            "layers": {name: _layer_entry(block) for name, block in blocks.items()}}
+    if record["activation"] is None and _has_unrecorded_activation(model):
+        raise ValueError("the blocks' activation was given as a module, which a record cannot name: convert with an "
+                         "activation word (\"relu\", \"swish\"...) to save the model")
+    return {**record, "gpconv_version": _gpconv_version()}
 
 
-def _check_record(record: Any, where: str) -> Dict[str, Any]:
-    """``record`` if it is a conversion record this gpconv reads; ValueError (one line) otherwise."""
+def apply_record(model: nn.Module, record: Any, *, where: str = "the record") -> nn.Module:
+    """A converted copy of ``model`` (a freshly built base model) as ``record`` says
+    (:func:`gpconv.core.convert.apply_conversion`; convert's notes, given when the model was first
+    converted, are not repeated). ValueError (one line, naming ``where``) when ``record`` is not a
+    conversion record or names layers the base model cannot group. The new blocks are freshly
+    initialised: load the weights next (:func:`from_pretrained` does, and refuses weights of another shape).
+    """
     if not isinstance(record, dict):
         raise ValueError(f"{where} holds no gpconv conversion record (key {RECORD_KEY!r})")
-    if record.get("format") != RECORD_FORMAT:
-        raise ValueError(f"{where}: conversion record format {record.get('format')!r} is not one this gpconv reads "
-                         f"({RECORD_FORMAT})")
-    missing = [key for key in _SETTINGS + ("layers",) if key not in record]
-    if missing:
-        raise ValueError(f"{where}: the conversion record lacks {', '.join(missing)}")
-    if not isinstance(record["layers"], dict) or not isinstance(record["exclude"], list):
-        raise ValueError(f"{where}: the conversion record's layers must be an object and exclude a list")
-    return record
-
-
-def apply_record(model: nn.Module, record: Dict[str, Any], *, where: str = "the record") -> nn.Module:
-    """A converted copy of ``model`` (a freshly built base model) as ``record`` says.
-
-    Calls :func:`gpconv.convert` with the recorded settings, then checks that exactly the recorded
-    layers were grouped, with their channels and channels per group. ValueError (one line) when the
-    record is malformed or the base model does not fit it (another architecture or size). The new
-    blocks are freshly initialised: load the weights next (:func:`from_pretrained` does).
-    """
-    record = _check_record(record, where)
-    options = {key: record[key] for key in _SETTINGS}
-    with warnings.catch_warnings():  # convert's notes were given when the model was first converted
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        converted = convert(model, options.pop("channels_per_group"), **options)
-    found = {name: _layer_entry(block) for name, block in _grouped_layers(converted).items()}
-    expected = record["layers"]
-    if found != expected:
-        differing = sorted(set(found) ^ set(expected)) or sorted(n for n in found if found[n] != expected[n])
-        name = differing[0]
-        raise ValueError(f"the base model does not fit {where}: layer {name!r} is {found.get(name, 'not grouped')} "
-                         f"after converting, the record says {expected.get(name, 'not grouped')} "
-                         f"({len(differing)} layers differ)")
-    return converted
+        try:
+            return apply_conversion(model, record)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def _library(model: nn.Module) -> str:
@@ -263,7 +203,6 @@ def _transformers_model(folder: Path, model_class: Any) -> nn.Module:
 
     config = transformers.AutoConfig.from_pretrained(folder)
     record = getattr(config, RECORD_KEY, None)
-    _check_record(record, f"{folder / CONFIG_FILE}")
     if model_class is None:
         architectures = getattr(config, "architectures", None) or []
         if not architectures or not hasattr(transformers, architectures[0]):
@@ -271,7 +210,7 @@ def _transformers_model(folder: Path, model_class: Any) -> nn.Module:
         model_class = getattr(transformers, architectures[0])
     base = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     converted = apply_record(base, record, where=str(folder / CONFIG_FILE))
-    setattr(converted.config, RECORD_KEY, record)
+    setattr(converted.config, RECORD_KEY, conversion_record(converted))
     return _load_weights(converted, folder / WEIGHTS_FILE).eval()
 
 
@@ -295,7 +234,9 @@ def from_pretrained(source: PathLike, model: Optional[nn.Module] = None, *, mode
         return _transformers_model(folder, model_class)
     if "architecture" in config and "pretrained_cfg" in config:
         return create_model(f"local-dir:{folder}", pretrained=True)
-    record = _check_record(config.get(RECORD_KEY), str(folder / CONFIG_FILE))
+    record = config.get(RECORD_KEY)
+    if not isinstance(record, dict):
+        raise ValueError(f"{folder / CONFIG_FILE} holds no gpconv conversion record (key {RECORD_KEY!r})")
     if model is None:
         raise ValueError(f"{folder} holds a converted model whose architecture gpconv cannot build: pass model=<the "
                          "base model, freshly built>")
@@ -311,8 +252,7 @@ def _timm_record(model_name: str) -> Optional[Dict[str, Any]]:
         from huggingface_hub import hf_hub_download  # not reachable where gpconv is developed
 
         config = _read_config(Path(hf_hub_download(location, CONFIG_FILE)).parent)
-    record = config.get(RECORD_KEY)
-    return None if record is None else _check_record(record, f"{model_name} ({CONFIG_FILE})")
+    return config.get(RECORD_KEY)
 
 
 def _classifier_patterns(model: nn.Module) -> Iterable[str]:

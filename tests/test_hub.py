@@ -114,7 +114,7 @@ def test_timm_model_round_trip_through_local_dir_in_a_new_process(tmp_path):
     hub.save_pretrained(model, tmp_path / "saved")
     assert_saved_as_safetensors(tmp_path / "saved", model)
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert config["architecture"] == "mobilenetv3_small_050" and config["gpconv"]["channels_per_group"] == 8
+    assert config["architecture"] == "mobilenetv3_small_050" and set(config["gpconv"]["channels_per_group"].values()) == {8}
     assert "gpconv" not in config["pretrained_cfg"]  # timm's own loader builds a PretrainedCfg from it
     with torch.no_grad():
         expected = model(X)
@@ -139,20 +139,27 @@ def test_torchvision_model_round_trip_with_the_base_model_given(tmp_path):
         assert torch.equal(loaded(X), model(X))
 
 
-def test_record_names_every_grouped_layer_and_the_settings():
+def test_record_names_every_grouped_layer_and_the_settings(tmp_path):
     model = gpconv.convert(hf_convnext(), 4, version=1, l_layer=False, activation="relu",
                            exclude=["classifier", "convnext.encoder.stages.3.*"], linear=True)
     record = hub.conversion_record(model)
-    rows = gpconv.summarize(model).rows
-    assert set(record["layers"]) == {row.name for row in rows}
-    assert all(entry["kind"] == "linear" and entry["channels_per_group"] == 4 for entry in record["layers"].values())
-    assert (record["channels_per_group"], record["version"], record["l_layer"], record["activation"],
-            record["linear"]) == (4, 1, False, "relu", True)
-    assert record["exclude"] and all(name.startswith(("classifier", "convnext.encoder.stages.3."))
-                                     for name in record["exclude"])
-    again = hub.apply_record(hf_convnext(), json.loads(json.dumps(record)))
-    assert hub.conversion_record(again)["layers"] == record["layers"]
-    assert gpconv.count_parameters(again) == gpconv.count_parameters(model)
+    assert record["channels_per_group"] == {row.name: 4 for row in gpconv.summarize(model).rows}
+    assert not [name for name in record["channels_per_group"] if name.startswith("convnext.encoder.stages.3.")]
+    assert (record["version"], record["l_layer"], record["activation"], record["linear"]) == (1, False, "relu", True)
+    assert record["gpconv_version"] == gpconv.__version__
+    hub.save_pretrained(model, tmp_path / "saved")
+    again = hub.from_pretrained(tmp_path / "saved")
+    assert hub.conversion_record(again) == record
+    with torch.no_grad():
+        assert torch.equal(logits(again, X), logits(model.eval(), X))
+
+
+def test_an_activation_given_as_a_module_cannot_be_recorded(tmp_path):
+    model = gpconv.convert(tv_models.resnet18(num_classes=10), CHANNELS_PER_GROUP, activation=torch.nn.GELU(),
+                           exclude=["fc"])
+    with pytest.raises(ValueError, match="activation was given as a module") as info:
+        hub.save_pretrained(model, tmp_path / "saved")
+    assert "\n" not in str(info.value) and not (tmp_path / "saved").exists()
 
 
 def test_create_model_gives_a_timm_k_variant_with_the_classifier_dense():
@@ -192,7 +199,7 @@ def test_existing_files_are_not_replaced_without_overwrite(tmp_path):
     assert "\n" not in str(info.value)
     assert (folder / "config.json").read_text() == "{}" and not (folder / "model.safetensors").exists()
     hub.save_pretrained(model, folder, overwrite=True)
-    assert json.loads((folder / "config.json").read_text())["gpconv"]["channels_per_group"] == CHANNELS_PER_GROUP
+    assert json.loads((folder / "config.json").read_text())["gpconv"] == hub.conversion_record(model)
 
 
 @pytest.mark.parametrize("case", ["missing", "missing, relative", "file", "no config", "no record", "bad json", "bad weights",
@@ -202,7 +209,7 @@ def test_bad_folders_give_one_line_errors(case, tmp_path, monkeypatch):
     folder.mkdir()
     base = tv_models.resnet18(num_classes=10)
     if case == "dense model":
-        with pytest.raises(ValueError, match="no grouped pointwise layers") as info:
+        with pytest.raises(ValueError, match="no conversion record") as info:
             hub.save_pretrained(base, folder)
         assert "\n" not in str(info.value) and not list(folder.iterdir())
         return
