@@ -241,3 +241,35 @@ def test_a_test_split_with_a_class_train_lacks_is_refused(tmp_path):
                 _save(tmp_path / split / name / f"{index}.png", np.full((4, 4, 3), index, np.uint8))
     with pytest.raises(DataError, match=r"test/c is a class that .*train does not have"):
         load_dataset("folder", tmp_path, image_size=4)
+
+
+def _png16(path, array):
+    """A 16-bit PNG (RGB, or grey + alpha) written by hand: Pillow cannot write these."""
+    import struct
+    import zlib
+
+    height, width, channels = array.shape
+    raw = b"".join(b"\x00" + array[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xffffffff)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 2: 4}[channels], 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 2], ids=["RGB-48-bit", "grey-alpha-32-bit"])
+def test_16_bit_colour_pngs_keep_their_values(channels, tmp_path):
+    for name, value in (("dark", 1000), ("bright", 30000)):
+        for index in range(10):
+            pixels = np.full((4, 4, channels), value, np.uint16)
+            pixels[..., -1] = 65535 if channels == 2 else value  # opaque alpha
+            _png16(tmp_path / name / f"{index}.png", pixels)
+    splits = load_dataset("folder", tmp_path, image_size=4)
+    images = torch.cat([splits.train.images, splits.val.images, splits.test.images]).float()
+    labels = torch.cat([splits.train.labels, splits.val.labels, splits.test.labels])
+    for name, value in (("dark", 1000), ("bright", 30000)):
+        chosen = images[labels == splits.class_names.index(name)]
+        assert (chosen - value / 257).abs().max() <= 1  # Pillow keeps the high byte: within one level
