@@ -44,6 +44,25 @@ def test_prune_then_convert_ends_smaller_than_either_step_alone():
     assert all(width % 8 == 0 for width in widths) and both(X).shape == (2, 10) and trains(both)
 
 
+def test_prune_convert_then_fit_brings_the_blocks_towards_the_pruned_layers():
+    """The recipe's last step, the weight transfer (gpconv.core.fit): the fitted model is closer to the
+    pruned dense model than the same conversion with fresh blocks (batch norms recomputed in both)."""
+    from gpconv.core.fit import fit_to_dense, recompute_batch_norm
+
+    dense, head = dense_and_head("mobilenetv3_small_050")
+    pruned = prune_channels(dense, X, 0.5, ignored_layers=[dense.get_classifier()], round_to=8)
+    calibration = [torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) for seed in range(4)]
+    recompute_batch_norm(pruned, calibration)
+    fresh, fitted = (gpconv.convert(pruned, 16, exclude=[head]) for _ in range(2))
+    recompute_batch_norm(fresh, calibration)
+    fit_to_dense(pruned, fitted, calibration, steps=20)
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        target = pruned.eval()(images)
+        errors = [(model.eval()(images) - target).norm() / target.norm() for model in (fresh, fitted)]
+    assert errors[1] < 0.9 * errors[0], errors
+
+
 @pytest.mark.parametrize("name,options,prunable", [("resnet18", {}, True), ("resnet26", {}, False),
                                                    ("convnext_atto", {"linear": True}, False)])
 def test_pruning_a_converted_model_keeps_every_block_whole(name, options, prunable):
