@@ -212,6 +212,16 @@ def test_fx_symbolic_trace(case):
         assert torch.allclose(traced(x), model(x), **TOLERANCE)
 
 
+def test_torch_jit_trace(case):
+    _, model, x, _ = case
+    if isinstance(model, Logits):
+        pytest.skip("transformers models return ModelOutput objects, which torch.jit.trace does not take")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model families' own shape checks become constants
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert torch.allclose(traced(x), model(x), **TOLERANCE)
+
+
 def test_torch_export(case):
     _, model, x, _ = case
     if isinstance(model, Logits) or "densenet" in str(type(model)).lower():

@@ -47,9 +47,10 @@ def set_recompute(model: nn.Module, mode: str) -> nn.Module:
 
 
 def is_traced(x) -> bool:
-    """True while ``torch.fx.symbolic_trace`` runs (``x`` is a proxy): a forward then records its
-    operations without shape checks or memory-format choices, which would be control flow on the proxy."""
-    return isinstance(x, torch.fx.Proxy)
+    """True while ``torch.fx.symbolic_trace`` (``x`` is a proxy) or ``torch.jit.trace`` runs: a forward
+    then records its operations without shape checks or memory-format choices, which would be control
+    flow on the proxy (or constants in the trace)."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
 
 
 def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
