@@ -213,9 +213,10 @@ def test_fx_symbolic_trace(case):
 
 
 def test_torch_jit_trace(case):
-    _, model, x, _ = case
-    if isinstance(model, Logits):
-        pytest.skip("transformers models return ModelOutput objects, which torch.jit.trace does not take")
+    name, model, x, _ = case
+    if isinstance(model, Logits) or name.startswith("densenet"):
+        pytest.skip("transformers models return ModelOutput objects, which torch.jit.trace does not take; "
+                    "DenseNet-BC-100 takes seconds (its blocks are covered by the others)")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model families' own shape checks become constants
         traced = torch.jit.trace(model, x, check_trace=False)
@@ -223,8 +224,8 @@ def test_torch_jit_trace(case):
 
 
 def test_torch_export(case):
-    _, model, x, _ = case
-    if isinstance(model, Logits) or "densenet" in str(type(model)).lower():
+    name, model, x, _ = case
+    if isinstance(model, Logits) or name.startswith("densenet"):
         pytest.skip("covered by the smaller models (export takes seconds per model)")
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
