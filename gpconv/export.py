@@ -41,6 +41,7 @@ from torch import nn
 
 from .core.executions import FOLDED_EXECUTIONS
 from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
+from .io import atomic_write, first_line
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
@@ -104,7 +105,14 @@ def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime's own kinds (InvalidProtobuf, Fail, NoSuchFile ...)
+        raise DeployError(f"ONNX Runtime cannot load {_shown(model)}: {first_line(error)}") from None
+
+
+def _shown(model) -> str:
+    return "the exported model" if isinstance(model, bytes) else str(model)
 
 
 OPENVINO_PRECISIONS = ("f32", "bf16")
@@ -132,7 +140,10 @@ def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Option
     OpenVINO would run another size with wrong outputs; :class:`DeployError` (one line) instead."""
     ov = require_deploy("openvino")
     core = ov.Core()
-    network = core.read_model(str(model))
+    try:
+        network = core.read_model(str(model))
+    except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError for a missing or damaged file
+        raise DeployError(f"OpenVINO cannot read {model}: {first_line(error)}") from None
     if input_shape is not None:
         _check_input_shape(model, [None if d.is_dynamic else d.get_length() for d in network.inputs[0].get_partial_shape()],
                            input_shape)
@@ -234,9 +245,7 @@ def check_output(path: Path, overwrite: bool = False) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    from .io import atomic_write  # the one atomic writer (temporary file, then os.replace)
-
-    return atomic_write(path, lambda out: out.write(data))
+    return atomic_write(path, lambda out: out.write(data))  # the one atomic writer (temporary file, then rename)
 
 
 def _written_by_gpconv(path: Path) -> bool:
@@ -398,8 +407,8 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
         with torch.inference_mode():
             returned = reference(example_input[:1])
     except Exception as error:  # noqa: BLE001 - whatever the model raises on a wrong input: one line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DeployError(f"the model cannot run example_input of shape {tuple(example_input.shape)}: {message}") from None
+        raise DeployError(f"the model cannot run example_input of shape {tuple(example_input.shape)}: "
+                          f"{first_line(error)}") from None
     pick = _choose_output(returned, output)
     selected = _Logits(reference, pick)
     with torch.inference_mode():

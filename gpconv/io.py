@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs",
-           "remove_stale_temporaries", "check_writable", "render_table"]
+           "remove_stale_temporaries", "check_writable", "render_table", "first_line"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
 
@@ -60,6 +60,12 @@ def _reason(error: BaseException, folder: Path) -> str:
             return "no space left on device"
     except OSError:
         pass
+    return first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none): what a one-line error
+    quotes of a library's exception."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 

@@ -327,7 +327,7 @@ def test_verification_refuses_an_empty_or_tiny_set(count, tmp_path):
 
 @needs_deploy
 def test_near_zero_outputs_are_said_and_files_follow_the_output_rule(tmp_path):
-    from gpconv.export import DeployError, quantize_onnx
+    from gpconv.export import DeployError, onnx_session, quantize_onnx
 
     images = torch.rand(8, 3, 8, 8)
     tiny = _Returns(lambda logits, features: logits, scale=1e-9).eval()
@@ -342,6 +342,12 @@ def test_near_zero_outputs_are_said_and_files_follow_the_output_rule(tmp_path):
         with pytest.raises(DeployError):
             call()
     assert result.path.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    (tmp_path / "notes.onnx").write_text("not a model")
+    with pytest.raises(DeployError, match="ONNX Runtime cannot load .*notes.onnx"):
+        onnx_session(tmp_path / "notes.onnx")
+    with pytest.raises(DeployError, match="not an ONNX file"):
+        quantize_onnx(tmp_path / "notes.onnx", tmp_path / "q.onnx", images)
+    (tmp_path / "notes.onnx").unlink()
     quantize_onnx(result.path, tmp_path / "q.onnx", images)
     with pytest.raises(DeployError, match="already exists; pass --overwrite"):
         quantize_onnx(result.path, tmp_path / "q.onnx", images)
@@ -364,6 +370,8 @@ def test_openvino_refuses_a_size_the_file_was_not_exported_for(tmp_path):
             openvino_compile(path, shape, threads=1, precision="f32")
     with pytest.raises(DeployError, match="takes inputs of shape"):
         openvino_chunked(path, 4, (3, 33, 33), threads=1, precision="f32")
+    with pytest.raises(DeployError, match="OpenVINO cannot read"):
+        openvino_compile(tmp_path / "absent.onnx")
     run = openvino_chunked(path, 4, (3, 32, 32), threads=1, precision="f32", streams=1)
     with pytest.raises(DeployError, match="compiled for images of shape"):
         run(torch.rand(4, 3, 33, 33).numpy())

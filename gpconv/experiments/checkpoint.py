@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ..io import atomic_write, first_line
 from .config import ModelConfig, TrainConfig, check_fields, field_default
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "MODEL_KEYS", "RESUME_KEYS", "RESUMABLE_CHANGES",
@@ -164,8 +164,7 @@ def resume_from(path: Path, config: TrainConfig, model_config: ModelConfig, clas
         scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"], augment_generator)
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} cannot be resumed: {message}") from None
+        raise CheckpointError(f"{path} cannot be resumed: {first_line(error)}") from None
     return checkpoint
 
 

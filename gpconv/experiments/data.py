@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import first_line
 from . import DATASETS, PAPER_DATASETS  # the names; numpy-free, so the CLI lists them with torch alone
 
 __all__ = [
@@ -313,8 +314,7 @@ def _unpickle(path: Path, keys: Sequence[str] = ()) -> dict:
             entry = SafeUnpickler(handle, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             MemoryError, OverflowError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"cannot read {path}: {message}") from None
+        raise DataError(f"cannot read {path}: {first_line(error)}") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path} is not a CIFAR batch file (expected a mapping, got {type(entry).__name__})")
     entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
@@ -450,8 +450,7 @@ def _read_image_folder(root: Path, class_names: List[str], image_size: int) -> T
                     array = np.asarray(image, dtype=np.uint8)
             except Exception as error:  # noqa: BLE001 - Pillow's decoders raise many kinds for a damaged file
                 skipped += 1
-                reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                warnings.warn(f"skipping unreadable image {path}: {reason}", stacklevel=2)
+                warnings.warn(f"skipping unreadable image {path}: {first_line(error)}", stacklevel=2)
                 continue
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
             labels.append(label)
