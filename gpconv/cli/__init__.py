@@ -19,7 +19,7 @@ from ..experiments.paper_tables import format_table, paper_table
 from .export import add_export_command
 from .results import add_results_commands
 from .shrink import add_shrink_command
-from .train import add_training_commands, demo_training
+from .train import add_model_arguments, add_training_commands, demo_training
 
 DEMO_VARIANTS = ("baseline", "v1-16ch", "v1-32ch", "v2-2ch", "v2-4ch", "v2-8ch", "v2-16ch", "v2-32ch")
 
@@ -144,11 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser("summary", help="per-layer table of the grouped pointwise convolutions and totals")
     summary.add_argument("arch", choices=list_models(), metavar="ARCH", help="one of: " + ", ".join(list_models()))
-    summary.add_argument("--channels-per-group", type=int, default=None, help="omit for the dense baseline")
-    summary.add_argument("--version", type=int, default=2, choices=PLAN_VERSIONS)
-    summary.add_argument("--no-l-layer", dest="l_layer", action="store_false")
-    summary.add_argument("--activation", default=None, help="default: the family's reference activation")
-    summary.add_argument("--skip-strides", type=int, default=0)
+    add_model_arguments(summary)  # the variant options of gpconv train, ModelConfig's defaults
     summary.add_argument("--num-classes", type=int, default=10)
     summary.add_argument("--input-size", type=int, default=None, help="default: 32 for densenet_bc_100, else 224")
     summary.add_argument("--compare", action="store_true", help="also count the dense baseline")
