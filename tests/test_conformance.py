@@ -531,3 +531,13 @@ def test_transposed_convolutions_are_counted_by_their_input():
     with pytest.warns(UserWarning, match=r"^gpconv.count_computations: 2 operations outside the rules \(module "
                                          r"docstring\) were counted as zero: gelu \(1x\), native_layer_norm \(1x\)$"):
         gpconv.count_computations(nn.Sequential(nn.GELU(), nn.LayerNorm(6)), (2, 6, 6), softmax_output=False)
+
+
+def test_lazy_layers_are_converted_once_initialized():
+    model = nn.Sequential(nn.LazyConv2d(32, 1), nn.LazyConv2d(48, 1))
+    with pytest.warns(UserWarning, match=r"0 \(lazy, not initialized yet: run a batch through the model first\)"):
+        converted = gpconv.convert(model, 8)
+    assert not any(isinstance(m, gpconv.GroupedPointwiseConv2d) for m in converted.modules())
+    model(torch.randn(1, 32, 2, 2))  # now nn.Conv2d(32, 32, 1) and nn.Conv2d(32, 48, 1)
+    converted = gpconv.convert(model, 8)
+    assert all(isinstance(m, gpconv.GroupedPointwiseConv2d) for m in converted)

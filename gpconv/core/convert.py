@@ -42,7 +42,8 @@ EXCLUDED, TOO_SMALL = "excluded", "too small to group"
 NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
 # Parts of the reasons of layers kept dense because a block in their place would lose part of what they
 # are (:func:`_identity_refusal`); they get a warning of their own.
-IDENTITY_REASONS = ("parametrized", "computed by a hook", "state_dict hooks", " has its own forward", " tied to ")
+IDENTITY_REASONS = ("lazy, not initialized", "parametrized", "computed by a hook", "state_dict hooks",
+                    " has its own forward", " tied to ")
 # The hooks a replacement takes over: it sees the same inputs and outputs (and gradients) as the layer.
 MOVED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
@@ -75,6 +76,8 @@ def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:
     would: a parametrization, a weight or bias computed by a hook (old-style ``spectral_norm``,
     ``torch.nn.utils.prune``), state_dict hooks, a subclass with a forward of its own, or a parameter
     shared with another module (tied weights: the block would untie them and add parameters)."""
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+        return "lazy, not initialized yet: run a batch through the model first"
     if parametrize.is_parametrized(layer):
         return f"parametrized {', '.join(layer.parametrizations)}"
     computed = [name for name in ("weight", "bias") if name not in layer._parameters and
