@@ -46,6 +46,7 @@ def add_shrink_command(commands) -> None:
     shrink.add_argument("--fit-steps", type=non_negative_int, default=default["fit_steps"],
                         help="L-BFGS iterations refining each block after its closed-form start")
     shrink.add_argument("--seed", type=int, default=default["seed"])
+    shrink.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     shrink.add_argument("--output", required=True, help="the new run folder")
     shrink.add_argument("--resume", action="store_true", help="continue a stopped shrink in --output")
     shrink.add_argument("--overwrite", action="store_true", help="replace the run files in --output")
@@ -53,8 +54,12 @@ def add_shrink_command(commands) -> None:
 
 
 def run_shrink(args) -> None:
+    import torch
+
     from ..experiments.shrink import ShrinkConfig, shrink
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = {item.name for item in fields(ShrinkConfig)}
     config = ShrinkConfig(**{name: value for name, value in vars(args).items() if name in names})
     metrics = shrink(config, resume=args.resume, overwrite=args.overwrite)

@@ -22,9 +22,10 @@ the same fits (the papers' stated future work). Torch only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,29 +39,45 @@ __all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block
 
 # Channels per group that choose_channels_per_group tries by default (None: the layer stays dense).
 CHANNEL_CHOICES: Tuple[Optional[int], ...] = (4, 8, 16, 32, 64, None)
-RIDGE = 1e-5  # ridge added to the statistics, relative to their mean diagonal (dead channels make them singular)
+# ridge added to the input statistics, relative to their mean diagonal: dead channels make them singular, and
+# directions the calibration data barely covers would otherwise get large weights (measured in docs/convert.md)
+RIDGE = 1e-2
 
 
 @dataclass
 class LayerStatistics:
-    """What a dense layer saw on the calibration data.
+    """What a dense layer saw on the calibration data, float64, with ``x~ = [x; 1]`` (the last row and
+    column of each moment hold the means):
 
-    ``moment``: ``(in + 1, in + 1)`` float64 ``E[x~ x~^T]`` with ``x~ = [x; 1]`` (its last row/column holds
-    the mean); ``samples``: input vectors seen (positions x images); ``positions``: output positions per
-    image (``H_out * W_out``; 1 for a linear layer on vectors); ``output_scale``: ``(out,)`` scale of the
-    batch norm fed by the layer's output, or None.
+    * ``moment``: ``(in + 1, in + 1)`` ``E[x~ x~^T]`` of the dense model's inputs to the layer (the target's);
+    * ``student_moment`` and ``cross_moment``: ``E[s~ s~^T]`` and ``E[s~ x~^T]`` where ``s`` is what the
+      block receives in the converted model, its earlier blocks already fitted (sequential fit); None:
+      the block is fitted on the dense model's inputs;
+    * ``samples``: input vectors seen (positions x images); ``positions``: output positions per image
+      (``H_out * W_out``; 1 for a linear layer on vectors); ``output_scale``: ``(out,)`` scale of the
+      batch norm fed by the layer's output, or None.
     """
 
     moment: torch.Tensor
     samples: int
     positions: int
     output_scale: Optional[torch.Tensor] = None
+    student_moment: Optional[torch.Tensor] = None
+    cross_moment: Optional[torch.Tensor] = None
 
-    @property
-    def centered(self) -> torch.Tensor:
-        """``(in, in)`` covariance ``E[x x^T] - mu mu^T``."""
-        mean = self.moment[:-1, -1]
-        return self.moment[:-1, :-1] - torch.outer(mean, mean)
+    def moments(self, centered: bool, with_bias: bool):
+        """``(gram E[s s^T], cross E[s x^T], target E[x x^T])``: covariances when ``centered`` (a batch norm
+        follows and re-learns offsets), else second moments, with the constant input when ``with_bias``."""
+        target = self.moment
+        gram = target if self.student_moment is None else self.student_moment
+        cross = target if self.cross_moment is None else self.cross_moment
+        if centered:
+            mean_t, mean_s = target[:-1, -1], gram[:-1, -1]
+            return (gram[:-1, :-1] - torch.outer(mean_s, mean_s), cross[:-1, :-1] - torch.outer(mean_s, mean_t),
+                    target[:-1, :-1] - torch.outer(mean_t, mean_t))
+        if with_bias:
+            return gram, cross, target
+        return gram[:-1, :-1], cross[:-1, :-1], target[:-1, :-1]
 
 
 @dataclass(frozen=True)
@@ -86,13 +103,18 @@ def _batches(calibration: Iterable):
 
 
 def _layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``(samples, in)`` input vectors of a 1x1 convolution (stride applied) or linear layer."""
-    if isinstance(module, nn.Conv2d):
-        step = module.stride[0]
+    """``(samples, in + 1)`` float64 input vectors ``[x; 1]`` of a 1x1 convolution (stride applied) or
+    linear layer, or of the block that replaced it."""
+    stride = getattr(module, "stride", 1)
+    if isinstance(module, (nn.Conv2d, GroupedPointwiseConv2d)):
+        step = stride[0] if isinstance(stride, tuple) else stride
         if x.dim() == 3:
             x = x.unsqueeze(0)
-        return x[:, :, ::step, ::step].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-    return x.reshape(-1, x.shape[-1])
+        x = x[:, :, ::step, ::step].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    else:
+        x = x.reshape(-1, x.shape[-1])
+    x = x.detach().double()
+    return torch.cat([x, x.new_ones(len(x), 1)], 1)
 
 
 def _bn_scale(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
@@ -104,8 +126,9 @@ def _bn_scale(norm: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
 def collect_layer_statistics(dense: nn.Module, calibration: Iterable, names: Sequence[str], *,
                              device: Optional[torch.device] = None) -> Dict[str, LayerStatistics]:
     """Run ``dense`` (eval mode, unchanged) on every calibration batch and gather, for each module named
-    in ``names`` (1x1 ``nn.Conv2d`` or ``nn.Linear``), its :class:`LayerStatistics`. A batch norm is said to
-    follow a layer when it receives that layer's output tensor itself."""
+    in ``names`` (1x1 ``nn.Conv2d`` or ``nn.Linear``), its :class:`LayerStatistics` (dense inputs only). A
+    batch norm is said to follow a layer when it receives that layer's output tensor itself. The result
+    is in the order the layers ran."""
     modules = dict(dense.named_modules())
     missing = [name for name in names if name not in modules]
     if missing:
@@ -118,8 +141,7 @@ def collect_layer_statistics(dense: nn.Module, calibration: Iterable, names: Seq
 
     def record_input(name):
         def hook(module, args, output):
-            x = _layer_input(module, args[0].detach()).double()
-            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
+            x = _layer_input(module, args[0])
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] += len(x)
             positions[name] = output[0, 0].numel() if isinstance(module, nn.Conv2d) and output.dim() == 4 else 1
@@ -134,21 +156,79 @@ def collect_layer_statistics(dense: nn.Module, calibration: Iterable, names: Seq
     handles = [modules[name].register_forward_hook(record_input(name)) for name in names]
     handles += [m.register_forward_pre_hook(record_follower) for m in dense.modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    was_training = dense.training
-    dense.eval()
-    try:
-        for batch in _batches(calibration):
-            produced.clear()
-            dense(batch.to(device) if device is not None else batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        dense.train(was_training)
+    with _mode(dense, train=False):
+        try:
+            for batch in _batches(calibration):
+                produced.clear()
+                dense(batch.to(device) if device is not None else batch)
+        finally:
+            for handle in handles:
+                handle.remove()
     empty = [name for name in names if counts[name] == 0]
     if empty:
         raise ValueError(f"layer {empty[0]!r} saw no input on the calibration data")
     return {name: LayerStatistics(sums[name] / counts[name], counts[name], positions[name],
-                                  _bn_scale(followers[name]) if name in followers else None) for name in names}
+                                  _bn_scale(followers[name]) if name in followers else None) for name in sums}
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layer of interest has its input."""
+
+
+def _input_of(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The first input ``module`` receives when ``model`` runs on ``batch`` (the rest is not run)."""
+    seen = []
+
+    def hook(_, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        model(batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("a converted layer saw no input on the calibration data")
+    return seen[0]
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, *, train: bool, batch_norm_train: bool = False):
+    """The model in eval (or train) mode, its batch norms in train mode when ``batch_norm_train``; every
+    module's flag restored afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    if batch_norm_train:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@torch.no_grad()
+def _sequential_statistics(dense: nn.Module, converted: nn.Module, name: str, stats: LayerStatistics,
+                           calibration: Iterable, device) -> LayerStatistics:
+    """``stats`` with the student and cross moments of the converted block ``name`` (its earlier blocks as
+    fitted so far; batch norms normalising with the batch's statistics, as they will once recomputed)."""
+    layer, block = dense.get_submodule(name), converted.get_submodule(name)
+    gram = cross = 0
+    count = 0
+    with _mode(dense, train=False), _mode(converted, train=False, batch_norm_train=True):
+        for batch in _batches(calibration):
+            batch = batch.to(device) if device is not None else batch
+            x = _layer_input(layer, _input_of(dense, layer, batch))
+            s = _layer_input(layer, _input_of(converted, block, batch))
+            gram = gram + s.T @ s
+            cross = cross + s.T @ x
+            count += len(x)
+    return replace(stats, student_moment=gram / count, cross_moment=cross / count)
 
 
 def _dense_target(layer: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -157,21 +237,17 @@ def _dense_target(layer: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor
     return weight, None if layer.bias is None else layer.bias.detach().double()
 
 
-def _objective(stats: LayerStatistics, has_bias: bool):
-    """``(factor R, with_bias)``: the expected squared error of an output row ``d`` is ``||d R||^2``. With a
-    batch norm after the layer, offsets are re-learnt by its statistics, so the covariance is used."""
-    centered = stats.output_scale is not None
-    moment = stats.centered if centered else (stats.moment if has_bias else stats.moment[:-1, :-1])
-    ridge = RIDGE * moment.diagonal().mean().clamp_min(1e-12)
-    factor = torch.linalg.cholesky(moment + ridge * torch.eye(len(moment), dtype=moment.dtype))
-    return factor, has_bias and not centered
+def _ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    return ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype)
 
 
-def _fit_rows(moment: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _fit_rows(gram: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, rhs: torch.Tensor,
+              ridge: float) -> torch.Tensor:
     """Values at ``(rows, columns)`` (a layer's weights scattered, as ``GroupedConvLayer.scattered_weight``)
-    minimising ``sum_r (t_r - v_r) M (t_r - v_r)^T``, each row on its own columns (the first of repeated ones)."""
-    values = torch.zeros(len(rows), dtype=moment.dtype)
-    ridge = RIDGE * moment.diagonal().mean().clamp_min(1e-12)
+    solving, row by row on the row's own columns (the first of repeated ones), the ridge-regularised
+    normal equations ``(G_SS + ridge) v = rhs[S, row]``."""
+    values = torch.zeros(len(rows), dtype=gram.dtype)
+    regularised = gram + _ridge(gram, ridge)
     order = torch.argsort(rows, stable=True)
     for where in torch.split(order, torch.bincount(rows).tolist()):
         if not len(where):
@@ -180,8 +256,7 @@ def _fit_rows(moment: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, t
         unique, inverse = torch.unique(cols, return_inverse=True)
         first = torch.full((len(unique),), len(cols)).scatter_reduce(0, inverse, torch.arange(len(cols)), "amin")
         where, cols = where[first], cols[first]
-        system = moment[cols][:, cols] + ridge * torch.eye(len(cols), dtype=moment.dtype)
-        values[where] = torch.linalg.solve(system, moment[cols] @ targets[rows[where[0]]])
+        values[where] = torch.linalg.solve(regularised[cols][:, cols], rhs[cols, rows[where[0]]])
     return values
 
 
@@ -199,40 +274,10 @@ def _set_layer(layer: GroupedConvLayer, values: torch.Tensor, bias: Optional[tor
             bias_start += count
 
 
-def _closed_form(block: GroupedPointwiseConv2d, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 moment: torch.Tensor, with_bias: bool) -> None:
-    """Steps 1 and 2 of the module docstring on a float64 block: K with L = 0, then L given K."""
-    inputs = weight.shape[1]
-    target = torch.cat([weight, bias[:, None] if bias is not None else weight.new_zeros(len(weight), 1)], 1)
-    target = target if with_bias else target[:, :inputs]
-    k_rows = block.k.scattered_rows
-    if block.l is None and block.output_index is not None:  # output o is K's row output_index[o]
-        inverse = torch.empty_like(block.output_index)
-        inverse[block.output_index] = torch.arange(len(inverse))
-        target = target[inverse]
-    k_values, k_bias = _solve_layer(block.k, moment, target, with_bias, inputs)
-    _set_layer(block.k, k_values, k_bias)
-    if block.l is None:
-        return
-    k_dense = _augmented(block.k, with_bias, inputs)  # (out [+1], in [+1]): K's outputs (and the constant 1)
-    l_moment = k_dense @ moment @ k_dense.T
-    residual = target - k_dense[:len(target)]
-    l_values, l_bias = _solve_layer(block.l, l_moment, _project_targets(l_moment, k_dense, moment, residual),
-                                    with_bias, len(target))
-    _set_layer(block.l, l_values, l_bias)
-
-
-def _project_targets(l_moment, k_dense, moment, residual):
-    """Row targets ``t`` for :func:`_fit_rows` on L: ``_fit_rows`` solves ``M_SS v = M_S: t``, and the
-    least-squares L row needs ``M_SS v = E[z_S r]`` with ``E[z r] = K~ M r^T``; ``t = M^-1 K~ M r^T``."""
-    ridge = RIDGE * l_moment.diagonal().mean()
-    rhs = k_dense @ moment @ residual.T
-    return torch.linalg.solve(l_moment + ridge * torch.eye(len(l_moment), dtype=l_moment.dtype), rhs).T
-
-
-def _solve_layer(layer: GroupedConvLayer, moment: torch.Tensor, targets: torch.Tensor, with_bias: bool,
-                 inputs: int):
-    """Row-wise least squares for one layer: ``(weight values in scattered order, bias per row or None)``."""
+def _solve_layer(layer: GroupedConvLayer, gram: torch.Tensor, rhs: torch.Tensor, with_bias: bool, inputs: int,
+                 ridge: float):
+    """Row-wise least squares for one layer: ``(weight values in scattered order, bias per row or None)``.
+    ``rhs``: ``(inputs [+ 1], rows)``, the correlation of each input with each row's target."""
     rows, columns = layer.scattered_rows, layer.scattered_columns
     has_bias = layer.paths[0].conv.bias is not None and with_bias
     if has_bias:  # the bias is the weight of the constant input, column ``inputs``
@@ -240,13 +285,14 @@ def _solve_layer(layer: GroupedConvLayer, moment: torch.Tensor, targets: torch.T
         rows = torch.cat([rows, torch.arange(out)])
         columns = torch.cat([columns, torch.full((out,), inputs, dtype=columns.dtype)])
     else:
-        moment, targets = moment[:inputs, :inputs], targets[:, :inputs]
-    values = _fit_rows(moment, rows, columns, targets)
+        gram, rhs = gram[:inputs, :inputs], rhs[:inputs]
+    values = _fit_rows(gram, rows, columns, rhs, ridge)
     count = len(layer.scattered_rows)
     return values[:count], values[count:] if has_bias else None
 
 
 def _augmented(layer: GroupedConvLayer, with_bias: bool, inputs: int) -> torch.Tensor:
+    """The layer's dense matrix ``(out, in)``; with ``with_bias`` ``[[W, b], [0, 1]]`` acting on ``[x; 1]``."""
     weight, bias = layer.scattered_weight()
     weight = weight[:, :, 0, 0]
     if not with_bias:
@@ -257,27 +303,53 @@ def _augmented(layer: GroupedConvLayer, with_bias: bool, inputs: int) -> torch.T
     return torch.cat([top, bottom], 0)
 
 
-def _error(block: GroupedPointwiseConv2d, weight, bias, factor, with_bias, scale) -> torch.Tensor:
-    """Relative expected squared output error of ``block`` against the dense ``(weight, bias)``."""
+def _target(weight: torch.Tensor, bias: Optional[torch.Tensor], with_bias: bool) -> torch.Tensor:
+    """The dense layer as ``(out, in [+ 1])``, its bias as the weight of the constant input."""
+    if not with_bias:
+        return weight
+    return torch.cat([weight, bias[:, None] if bias is not None else weight.new_zeros(len(weight), 1)], 1)
+
+
+def _closed_form(block: GroupedPointwiseConv2d, target: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor,
+                 with_bias: bool, ridge: float) -> None:
+    """Steps 1 and 2 of the module docstring on a float64 block: K with L = 0, then L given K."""
+    inputs = block.in_channels
+    rhs = cross @ target.T  # E[s y^T]: (inputs [+ 1], out)
+    if block.l is None and block.output_index is not None:  # output o is K's row output_index[o]
+        inverse = torch.empty_like(block.output_index)
+        inverse[block.output_index] = torch.arange(len(inverse))
+        k_rhs = rhs[:, inverse]
+    else:
+        k_rhs = rhs
+    _set_layer(block.k, *_solve_layer(block.k, gram, k_rhs, with_bias, inputs, ridge))
+    if block.l is None:
+        return
+    k_dense = _augmented(block.k, with_bias, inputs)  # (out [+ 1], inputs [+ 1]): K's outputs (and the constant)
+    l_gram = k_dense @ gram @ k_dense.T
+    l_rhs = k_dense @ (rhs - gram @ k_dense[:len(target)].T)  # E[z r^T], r = y - K s: what K misses
+    _set_layer(block.l, *_solve_layer(block.l, l_gram, l_rhs, with_bias, len(target), ridge))
+
+
+def _error(block: GroupedPointwiseConv2d, target: torch.Tensor, moments, with_bias: bool,
+           scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """Relative expected squared output error ``E||S (W~ s - W x)||^2 / E||S W x||^2`` of ``block``."""
     block_weight, block_bias = block.dense_equivalent()
-    difference = block_weight[:, :, 0, 0] - weight
-    reference = weight
-    if with_bias:
-        zeros = weight.new_zeros(len(weight), 1)
-        difference = torch.cat([difference, (block_bias[:, None] if block_bias is not None else zeros)
-                                - (bias[:, None] if bias is not None else zeros)], 1)
-        reference = torch.cat([weight, bias[:, None] if bias is not None else zeros], 1)
+    estimate = _target(block_weight[:, :, 0, 0], block_bias, with_bias)
     if scale is not None:
-        difference, reference = difference * scale[:, None], reference * scale[:, None]
-    return (difference @ factor).pow(2).sum() / (reference @ factor).pow(2).sum().clamp_min(1e-30)
+        estimate, target = estimate * scale[:, None], target * scale[:, None]
+    gram, cross, reference = moments
+    energy = ((target @ reference) * target).sum()
+    squared = ((estimate @ gram) * estimate).sum() - 2 * ((estimate @ cross) * target).sum() + energy
+    return squared.clamp_min(0) / energy.clamp_min(1e-30)
 
 
 def fit_block(block: GroupedPointwiseConv2d, dense: nn.Module, stats: LayerStatistics, *, steps: int = 100,
-              closed_form: bool = True) -> Tuple[float, float]:
+              closed_form: bool = True, ridge: float = RIDGE) -> Tuple[float, float]:
     """Fit a linear block (no batch norm or activation inside: what ``convert`` builds) to the dense 1x1
     ``nn.Conv2d`` / ``nn.Linear`` ``dense`` on ``stats`` (module docstring); in place. ``steps``: L-BFGS
-    iterations of the joint refinement (0: closed form only). Returns the relative output error
-    ``(before, after)``. ``ValueError`` for a block with batch norm or activation inside."""
+    iterations of the joint refinement (0: closed form only); ``ridge``: added to the input statistics,
+    relative to their mean diagonal. Returns the relative output error ``(before, after)``.
+    ``ValueError`` for a block with batch norm or activation inside, or of another shape."""
     if block.dense_equivalent() is None:
         raise ValueError("only linear blocks (no batch norm or activation inside, as convert builds them) can be "
                          "fitted to a dense layer")
@@ -285,20 +357,22 @@ def fit_block(block: GroupedPointwiseConv2d, dense: nn.Module, stats: LayerStati
     if tuple(weight.shape) != (block.out_channels, block.in_channels):
         raise ValueError(f"block {block.in_channels} -> {block.out_channels} does not match the dense layer "
                          f"{weight.shape[1]} -> {weight.shape[0]}")
-    factor, with_bias = _objective(stats, bias is not None or _block_has_bias(block))
-    moment = factor @ factor.T
+    centered = stats.output_scale is not None
+    with_bias = not centered and (bias is not None or _block_has_bias(block))
+    moments = stats.moments(centered, with_bias)
+    target = _target(weight, bias, with_bias)
     work = copy.deepcopy(block).double()
     scale = stats.output_scale
     with torch.no_grad():
-        before = _error(work, weight, bias, factor, with_bias, scale).item()
+        before = _error(work, target, moments, with_bias, scale).item()
         if closed_form:
-            _closed_form(work, weight, bias, moment, with_bias)
+            _closed_form(work, target, moments[0], moments[1], with_bias, ridge)
     if steps:
-        _refine(work, weight, bias, factor, with_bias, scale, steps)
+        _refine(work, target, moments, with_bias, scale, steps, ridge)
     with torch.no_grad():
-        after = _error(work, weight, bias, factor, with_bias, scale).item()
-        for target, source in zip(block.parameters(), work.parameters()):
-            target.copy_(source.to(target.dtype))
+        after = _error(work, target, moments, with_bias, scale).item()
+        for destination, source in zip(block.parameters(), work.parameters()):
+            destination.copy_(source.to(destination.dtype))
     setattr(block, FIT_ERROR_ATTRIBUTE, after)
     return before, after
 
@@ -307,15 +381,18 @@ def _block_has_bias(block: GroupedPointwiseConv2d) -> bool:
     return block.k.paths[0].conv.bias is not None
 
 
-def _refine(work, weight, bias, factor, with_bias, scale, steps: int) -> None:
-    """Joint L-BFGS refinement of K and L on the relative error (step 3 of the module docstring)."""
+def _refine(work, target, moments, with_bias, scale, steps: int, ridge: float) -> None:
+    """Joint L-BFGS refinement of K and L on the relative error (step 3 of the module docstring), with the
+    same ridge as the closed form."""
+    gram, cross, reference = moments
+    moments = (gram + _ridge(gram, ridge), cross, reference)
     parameters = [p for p in work.parameters() if p.requires_grad]
     optimizer = torch.optim.LBFGS(parameters, lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
                                   tolerance_grad=1e-12, tolerance_change=1e-14)
 
     def closure():
         optimizer.zero_grad()
-        loss = _error(work, weight, bias, factor, with_bias, scale)
+        loss = _error(work, target, moments, with_bias, scale)
         loss.backward()
         return loss
 
@@ -369,26 +446,42 @@ def recompute_batch_norm(model: nn.Module, calibration: Iterable, *, device: Opt
 
 
 def fit_to_dense(dense: nn.Module, converted: nn.Module, calibration: Iterable, *, steps: int = 100,
-                 batch_norm: bool = True, device: Optional[torch.device] = None,
-                 progress=None) -> List[LayerFit]:
+                 sequential: bool = False, ridge: float = RIDGE, batch_norm: bool = True,
+                 device: Optional[torch.device] = None, progress=None) -> List[LayerFit]:
     """Fit every grouped block of ``converted`` (from ``gpconv.convert(dense, ...)``) to the dense layer it
     replaced, on the inputs that layer sees when ``dense`` runs on ``calibration`` (an iterable of input
     batches, ``(inputs, labels)`` pairs -- a ``DataLoader`` -- or dicts with ``pixel_values``); then, with
     ``batch_norm``, recompute ``converted``'s batch-norm statistics on the same batches. In place; the
-    dense model is unchanged. Returns one :class:`LayerFit` per block (also shown by
-    :func:`gpconv.summarize`, column "fit error"). ``calibration`` is read twice, so it must be re-iterable
-    (a list or a ``DataLoader``, not a generator). ``progress``: an optional wrapper for the per-layer loop
+    dense model is unchanged.
+
+    Each block is fitted on the dense model's inputs. With ``sequential``, blocks are fitted in the order
+    they run, each on the inputs it receives in ``converted`` with the blocks before it already fitted
+    (batch norms on batch statistics), towards the dense layer's outputs, so that each block also
+    corrects the error of those before it (one forward pass of both models per block): measured worse
+    on the CIFAR-10 study's EfficientNet-B0 (docs/convert.md), hence off by default.
+    ``steps``: L-BFGS iterations per block after the closed form; ``ridge``: see :func:`fit_block`.
+
+    Returns one :class:`LayerFit` per block (also shown by :func:`gpconv.summarize`, column "fit error").
+    ``calibration`` is read several times, so it must be re-iterable (a list of batches or a
+    ``DataLoader``, not a generator). ``progress``: an optional wrapper for the per-block loop
     (``tqdm``). ``ValueError`` (one line) when ``converted`` was not converted from ``dense``."""
     if iter(calibration) is calibration:
         raise TypeError("calibration must be re-iterable (a list of batches or a DataLoader), not an iterator")
-    pairs = _pairs(dense, converted)
-    stats = collect_layer_statistics(dense, calibration, [name for name, _, _ in pairs], device=device)
+    pairs = {name: (block, layer) for name, block, layer in _pairs(dense, converted)}
+    stats = collect_layer_statistics(dense, calibration, list(pairs), device=device)
+    saved = {k: v.clone() for k, v in converted.state_dict().items() if "running_" in k or "num_batches" in k}
     results = []
-    for name, block, layer in (progress(pairs) if progress is not None else pairs):
-        before, after = fit_block(block, layer, stats[name], steps=steps)
+    for name in (progress(list(stats)) if progress is not None else stats):
+        block, layer = pairs[name]
+        layer_stats = stats[name]
+        if sequential:
+            layer_stats = _sequential_statistics(dense, converted, name, layer_stats, calibration, device)
+        before, after = fit_block(block, layer, layer_stats, steps=steps, ridge=ridge)
         results.append(LayerFit(name, block.plan.channels_per_group, before, after))
     if batch_norm:
         recompute_batch_norm(converted, calibration, device=device)
+    else:
+        converted.load_state_dict(saved, strict=False)
     return results
 
 

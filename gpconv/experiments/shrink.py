@@ -41,6 +41,7 @@ from .training import train
 __all__ = ["ShrinkConfig", "shrink", "SHRINK_INITS", "calibration_batches"]
 
 SHRINK_INITS = ("fit", "random")
+BUDGET_FIT_STEPS = 30  # refinement steps of each (layer, choice) fit that ranks the choices under a budget
 FIT_FILE = "fit.json"  # each block's fit error, the budget's choice, the fit's time
 
 
@@ -116,7 +117,8 @@ def _convert(teacher, config: ShrinkConfig, calibration, log):
         return convert(teacher, config.channels_per_group, version=config.version, l_layer=config.l_layer), None
     log(f"choosing channels per group for each layer under a budget of {config.budget:g} of the parameters")
     choice = choose_channels_per_group(teacher, calibration, config.budget, version=config.version,
-                                       l_layer=config.l_layer, progress=_bar("fit choices"))
+                                       l_layer=config.l_layer, steps=min(config.fit_steps, BUDGET_FIT_STEPS),
+                                       progress=_bar("fit choices"))
     log(f"chosen: {choice.parameters:,} of {choice.budget_parameters:,} allowed parameters, total fit error "
         f"{choice.total_error:.3f}")
     return convert(teacher, choice.mapping, version=config.version, l_layer=config.l_layer), choice
