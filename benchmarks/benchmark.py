@@ -3,18 +3,23 @@
 Not a test: run it on a quiet machine, e.g.
 
     .venv/bin/python benchmarks/benchmark.py --threads 2
+    python3 benchmarks/benchmark.py --device cuda --amp --train-batch 256   # GPU, bf16 autocast
 
 It measures, alternating the models round by round so that drifts hit all of them alike:
 
 * inference latency (each model in its ``prepare_for_inference`` form) at 224x224 batch 1 and 16,
   and at 32x32 batch 64 with ``skip_strides=3``;
-* training step time (forward, backward, RMSprop step; fast execution; channels_last unless
-  ``--training-format contiguous``; ``--recompute`` as GroupedPointwiseConv2d.recompute) at 32x32 batch 64;
+* training step time and images/s (forward, backward, RMSprop step; fast execution; channels_last unless
+  ``--training-format contiguous``; ``--recompute`` as GroupedPointwiseConv2d.recompute) at 32x32 batch 64
+  (``--train-batch``);
+* with ``--amp``, everything under ``torch.autocast`` in ``--amp-dtype`` (bfloat16 by default, no loss
+  scaling; float16 with a GradScaler);
 * peak memory of a training step (peak RSS of a fresh process per model on CPU; max allocated on CUDA);
 * the "Amdahl limit" of each inference setting: baseline time / (baseline time - time the baseline
   spends in its pointwise convolutions), measured with the profiler.
 
-It prints ratios baseline / k-model (> 1 means the k-model is faster or smaller).
+It prints the machine (the CPU's model and matrix/vector features, the GPU) and ratios baseline / k-model
+(> 1 means the k-model is faster or smaller); ``--json FILE`` also writes the figures.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,9 +41,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
 from gpconv.core.block import RECOMPUTE, set_recompute  # noqa: E402
 from gpconv.core.inference import prepare_for_inference  # noqa: E402
+from gpconv.export import cpu_description  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 INFERENCE = [(224, 1, 0), (224, 16, 0), (32, 64, 3)]  # (input size, batch, skip_strides)
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_settings(text: str):
+    """``"224x1,224x16,32x64s3"`` -> [(224, 1, 0), (224, 16, 0), (32, 64, 3)] (SIZExBATCH[sSKIP_STRIDES])."""
+    settings = []
+    for item in filter(None, text.split(",")):
+        size_batch, _, skip = item.partition("s")
+        size, _, batch = size_batch.partition("x")
+        try:
+            settings.append((int(size), int(batch), int(skip or 0)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not SIZExBATCH or SIZExBATCHsSKIP (e.g. 32x64s3)") from None
+    return settings
 
 
 def build(channels_per_group, skip_strides):
@@ -74,20 +93,21 @@ def alternate(functions, device, rounds, iterations):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def inference_functions(size, batch, skip, device, amp, timed=True):
+def inference_functions(size, batch, skip, device, amp, timed=True, amp_dtype=torch.bfloat16):
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     functions = {}
     for name, channels_per_group in MODELS.items():
         model = prepare_for_inference(build(channels_per_group, skip).to(device), example_input=x if timed else None)
 
         def run(model=model):
-            with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 model(x)
         functions[name] = run
     return functions
 
 
-def training_functions(device, amp, channels_last=True, recompute="all", models=tuple(MODELS), batch=64, size=32):
+def training_functions(device, amp, channels_last=True, recompute="all", models=tuple(MODELS), batch=64, size=32,
+                       amp_dtype=torch.bfloat16):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -96,11 +116,11 @@ def training_functions(device, amp, channels_last=True, recompute="all", models=
         model = build(MODELS[name], 3).to(device, memory_format=memory_format).train()
         set_recompute(model, recompute)
         optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)  # bf16: no scaling
 
         def step(model=model, optimizer=optimizer, scaler=scaler):
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 loss = nn.functional.cross_entropy(model(x), y)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -135,11 +155,11 @@ def amdahl_limit(size, batch, skip, device):
     return total / (total - pointwise), pointwise / total
 
 
-def memory_child(channels_per_group, device_name, amp, channels_last, recompute):
+def memory_child(channels_per_group, device_name, amp, channels_last, recompute, batch, amp_dtype):
     """Runs in a fresh process: peak memory of two training steps of one model."""
     device = torch.device(device_name)
     name = next(n for n, c in MODELS.items() if c == channels_per_group)
-    step = training_functions(device, amp, channels_last, recompute, models=(name,))
+    step = training_functions(device, amp, channels_last, recompute, models=(name,), batch=batch, amp_dtype=amp_dtype)
     before = _high_water_mark_mib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -166,22 +186,17 @@ def peak_memory(device, args):
     for name, channels_per_group in MODELS.items():
         command = [sys.executable, __file__, "--memory-child", str(channels_per_group), "--device", device.type,
                    "--threads", str(args.threads), "--training-format", args.training_format,
-                   "--recompute", args.recompute] + (["--amp"] if args.amp else [])
+                   "--recompute", args.recompute, "--train-batch", str(args.train_batch),
+                   "--amp-dtype", args.amp_dtype] + (["--amp"] if args.amp else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[name] = json.loads(output.strip().splitlines()[-1])["peak_mib"]
     return results
 
 
-def describe_machine(device):
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+def describe_machine(device=torch.device("cpu")):
+    """One line: the CPU (model, cores, matrix/vector features: gpconv.export.cpu_description), torch's
+    threads and version, and the GPU when ``device`` is CUDA. Every timing script prints it first."""
+    text = f"{cpu_description()}; {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if device.type == "cuda":
         text += f", {torch.cuda.get_device_name()}"
     return text
@@ -199,7 +214,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: torch.autocast in --amp-dtype")
+    parser.add_argument("--amp-dtype", choices=list(AMP_DTYPES), default="bfloat16",
+                        help="autocast dtype with --amp (default bfloat16, no loss scaling; float16 uses a GradScaler)")
+    parser.add_argument("--settings", type=parse_settings, default=INFERENCE,
+                        help="inference settings SIZExBATCH[sSKIP_STRIDES], comma-separated (default 224x1,224x16,32x64s3)")
+    parser.add_argument("--train-batch", type=int, default=64, help="training batch at 32x32 (default 64)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per measurement")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--training-format", choices=["channels_last", "contiguous"], default="channels_last",
@@ -217,41 +238,50 @@ def main():
     device = torch.device(args.device)
     if args.memory_child is not None:
         memory_child(None if args.memory_child == "None" else int(args.memory_child), args.device, args.amp,
-                     args.training_format == "channels_last", args.recompute)
+                     args.training_format == "channels_last", args.recompute, args.train_batch, AMP_DTYPES[args.amp_dtype])
         return
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
     print(f"machine: {describe_machine(device)}; malloc: "
           + ("glibc defaults" if args.system_malloc else " ".join(f"{k}={v}" for k, v in MALLOC_SETTINGS.items())))
+    amp_dtype = AMP_DTYPES[args.amp_dtype]
     print(f"training: {args.training_format}, k-models recompute={args.recompute!r}; inference: prepare_for_inference "
-          + ("without an example batch" if args.no_example else "with an example batch"))
+          + ("without an example batch" if args.no_example else "with an example batch")
+          + (f"; autocast {args.amp_dtype}" if args.amp else "; float32"))
     names = list(MODELS)
     header = f"{'setting':34s}" + "".join(f"{name:>22s}" for name in names) + "   ratios (baseline / k)"
     print(header)
+    figures = {"machine": describe_machine(device), "amp": args.amp_dtype if args.amp else None}
     parts = {args.only} if args.only else {"inference", "training"} | (set() if args.skip_memory else {"memory"})
-    for size, batch, skip in INFERENCE if "inference" in parts else ():
+    for size, batch, skip in args.settings if "inference" in parts else ():
         iterations = 10 if batch == 1 else 2
-        times = alternate(inference_functions(size, batch, skip, device, args.amp, not args.no_example),
+        times = alternate(inference_functions(size, batch, skip, device, args.amp, not args.no_example, amp_dtype),
                           device, args.rounds, iterations)
         base = times[names[0]]
         ratios = ", ".join(f"{base / times[n]:.2f}x" for n in names[1:])
         limit, share = amdahl_limit(size, batch, skip, device)
         print(f"{f'inference {size}x{size} batch {batch} (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
               + f"   {ratios}   (Amdahl limit {limit:.2f}x: pointwise = {share:.0%} of baseline time)")
+        figures[f"inference {size}x{size} batch {batch} skip {skip} (ms)"] = {n: times[n] * 1e3 for n in names}
     if "training" in parts:
-        times = alternate(training_functions(device, args.amp, args.training_format == "channels_last", args.recompute),
-                          device, args.rounds, 1)
+        batch = args.train_batch
+        times = alternate(training_functions(device, args.amp, args.training_format == "channels_last", args.recompute,
+                                             batch=batch, amp_dtype=amp_dtype), device, args.rounds, 1)
         base = times[names[0]]
-        print(f"{'training step 32x32 batch 64 (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
-              + "   " + ", ".join(f"{base / times[n]:.2f}x" for n in names[1:])
-              + f"   ({64 / times[names[1]]:.0f} vs {64 / base:.0f} images/s for 16ch vs baseline)")
+        print(f"{f'training step 32x32 batch {batch} (ms)':34s}" + "".join(f"{times[n] * 1e3:22.1f}" for n in names)
+              + "   " + ", ".join(f"{base / times[n]:.2f}x" for n in names[1:]))
+        print(f"{'training images/s':34s}" + "".join(f"{batch / times[n]:22.1f}" for n in names))
+        figures[f"training step 32x32 batch {batch} (ms)"] = {n: times[n] * 1e3 for n in names}
+        figures["training images/s"] = {n: batch / times[n] for n in names}
     if "memory" in parts:
         peaks = peak_memory(device, args)
         kind = "max allocated" if device.type == "cuda" else "peak RSS"
         print(f"{f'training peak memory, {kind} (MiB)':34s}" + "".join(f"{peaks[n]:22.0f}" for n in names)
               + "   " + ", ".join(f"{peaks[names[0]] / peaks[n]:.2f}x" for n in names[1:]))
-
+        figures[f"training peak memory, {kind} (MiB)"] = peaks
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -46,7 +46,7 @@ from .io import atomic_write, first_line
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
            "OPENVINO_PRECISIONS", "openvino_chunked", "check_openvino_precision", "onnx_input_shape",
-           "MIN_VERIFY_IMAGES"]
+           "MIN_VERIFY_IMAGES", "cpu_description", "CPU_FEATURES"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
@@ -58,6 +58,39 @@ GPCONV_MARK = "gpconv.export"
 # Timed in ONNX Runtime (benchmarks/runtimes.py --onnx-forms, docs/performance.md), none was clearly
 # faster than "rule", which is the default.
 ONNX_FORMS = ("rule",) + FOLDED_EXECUTIONS
+
+
+# The /proc/cpuinfo flags that decide which CPU kernels the runtimes pick (oneDNN, MLAS, OpenVINO) and how
+# fast grouped vs dense 1x1 convolutions run (docs/performance.md), with the names Intel's manuals give them.
+CPU_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"),
+                ("avx512_fp16", "AVX512-FP16"), ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """This CPU's model name, core count and its matrix/vector features (:data:`CPU_FEATURES`), e.g.
+    ``"Intel(R) Xeon(R) Processor @ 2.80GHz, 2 cores; AVX2, AVX-512, AVX512-VNNI; no AVX512-BF16, ..."``:
+    printed with every timing table and recorded in a tuned export, since which form of a model is fastest
+    depends on them. Without ``cpuinfo`` (not Linux) the model is ``platform.processor()`` and the features
+    are "unknown"."""
+    import platform
+
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    fields = {}
+    for line in text.splitlines():  # the first processor's values (later blocks repeat the keys)
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags_line = fields.get("flags", fields.get("Features"))
+    head = f"{model}, {os.cpu_count()} cores"
+    if flags_line is None:
+        return head + "; features unknown"
+    flags = set(flags_line.split())
+    present = [name for flag, name in CPU_FEATURES if flag in flags]
+    absent = [name for flag, name in CPU_FEATURES if flag not in flags]
+    return "; ".join([head] + [", ".join(present)] * bool(present) + [f"no {', '.join(absent)}"] * bool(absent))
 
 
 class DeployError(ValueError):
