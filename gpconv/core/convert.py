@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from ..layers import ActivationSpec, check_activation
 from .plan import make_plan
-from ..io import render_table
+from ..io import first_line, render_table
 
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
            "is_plain_linear", "conversion_record", "apply_conversion", "CONVERSION_RECORD_FORMAT"]
@@ -68,7 +68,7 @@ def copy_model(model: nn.Module, function: str) -> nn.Module:
         return copy.deepcopy(model)
     except RuntimeError as error:
         raise ValueError(f"gpconv.{function} works on a copy of the model and torch cannot copy this one: "
-                         f"{str(error).strip().splitlines()[0]}") from None
+                         f"{first_line(error)}") from None
 
 
 def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:

@@ -50,6 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .block import GroupedPointwiseConv2d
+from ..io import first_line
 
 __all__ = ["count_parameters", "count_macs", "count_computations", "OperationCounter"]
 
@@ -196,7 +197,7 @@ def _run_counter(model: nn.Module, input_size: InputSize) -> Tuple[OperationCoun
             output = model(example)
     except RuntimeError as error:  # e.g. a kernel larger than the feature map of a too small input
         raise ValueError(f"the model cannot run on a {tuple(example.shape[1:])} input: "
-                         f"{str(error).strip().splitlines()[0]}") from None
+                         f"{first_line(error)}") from None
     finally:
         model.train(was_training)
         for block, execution in zip(blocks, executions):

@@ -39,6 +39,7 @@ from .convert import KeptLayer, copy_model, is_plain_pointwise
 from .executions import FOLDED_DENSE_MAC_RATIO, FOLDED_EXECUTIONS
 from ..layers import KerasPad2d, ShiftOnlyBatchNorm2d
 from .plan import PointwisePlan
+from ..io import first_line
 
 __all__ = ["prepare_for_inference", "choose_executions", "FoldedGroupedPointwiseConv2d", "KerasSameConv2d",
            "fold_batch_norm", "inference_summary", "InferenceSummary", "rewrite_refusal"]
@@ -576,7 +577,7 @@ def _use_channels_last(prepared: nn.Module, example_input: Optional[torch.Tensor
             prepared(example_input)
     except RuntimeError as error:
         prepared.to(memory_format=torch.contiguous_format)
-        return False, f"the model fails on channels_last maps: {str(error).strip().splitlines()[0]}"
+        return False, f"the model fails on channels_last maps: {first_line(error)}"
     return True, "the example batch runs"
 
 
