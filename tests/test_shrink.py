@@ -259,3 +259,22 @@ def test_gpconv_shrink_bad_input_is_one_line_and_writes_nothing(teacher, tmp_pat
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_third_party_model_and_a_dataloader_shrink_through_the_python_api():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[32, 64, 96, 128],
+                                       depths=[1, 1, 1, 1])
+    dense = transformers.ResNetForImageClassification(config).eval()
+    images = torch.randn(48, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(48).long()), batch_size=16)
+    converted, fits = gpconv.convert_and_fit(dense, loader, 8, exclude=["classifier"], steps=10)
+    assert fits and all(fit.relative_error < fit.initial_error for fit in fits)
+    with torch.no_grad():
+        assert converted.eval()(images[:4]).logits.shape == (4, 10)
+    total = sum(p.numel() for p in dense.parameters())
+    budgeted, _ = gpconv.convert_and_fit(dense, loader, budget=0.5, exclude=["classifier"], steps=5)
+    assert sum(p.numel() for p in budgeted.parameters()) <= 0.5 * total
+    with pytest.raises(ValueError, match="exactly one"):
+        gpconv.convert_and_fit(dense, loader)

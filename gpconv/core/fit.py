@@ -34,7 +34,7 @@ from torch import nn
 from .block import GroupedConvLayer, GroupedPointwiseConv2d, GroupedPointwiseLinear
 from .convert import FIT_ERROR_ATTRIBUTE, is_plain_linear, is_plain_pointwise
 
-__all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense",
+__all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense", "convert_and_fit",
            "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES"]
 
 # Channels per group that choose_channels_per_group tries by default (None: the layer stays dense).
@@ -483,6 +483,30 @@ def fit_to_dense(dense: nn.Module, converted: nn.Module, calibration: Iterable, 
     else:
         converted.load_state_dict(saved, strict=False)
     return results
+
+
+def convert_and_fit(dense: nn.Module, calibration: Iterable, channels_per_group: Optional[int] = None, *,
+                    budget: Optional[float] = None, steps: int = 100, **convert_options):
+    """Shrink any trained model (a transformers, timm or torchvision model; ``calibration`` a ``DataLoader``
+    or a list of input batches): ``gpconv.convert`` with one ``channels_per_group`` or, with ``budget``, a
+    per-layer choice (:func:`choose_channels_per_group`), then :func:`fit_to_dense`. Returns
+    ``(converted model, [LayerFit, ...])``; ``dense`` is unchanged. Fine-tune the result with the dense
+    model as teacher (``gpconv.experiments.training.distillation_loss``). ``convert_options``: ``version``,
+    ``l_layer``, ``exclude``, ``linear`` as in ``convert``. ``ValueError`` unless exactly one of
+    ``channels_per_group`` and ``budget`` is given."""
+    from .convert import convert
+
+    if (channels_per_group is None) == (budget is None):
+        raise ValueError("give exactly one of channels_per_group and budget")
+    if budget is not None:
+        choosing = {key: value for key, value in convert_options.items() if key in ("version", "l_layer", "exclude",
+                                                                                    "linear")}
+        choice = choose_channels_per_group(dense, calibration, budget, steps=min(steps, 30), **choosing)
+        options = {key: value for key, value in convert_options.items() if key != "exclude"}
+        converted = convert(dense, choice.mapping, **options)
+    else:
+        converted = convert(dense, channels_per_group, **convert_options)
+    return converted, fit_to_dense(dense, converted, calibration, steps=steps)
 
 
 @dataclass(frozen=True)
