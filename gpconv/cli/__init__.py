@@ -41,9 +41,18 @@ def _variants(text: str) -> List[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _widths(text: str) -> List[float]:
+    from ..experiments.config import positive_float
+
+    values = [positive_float(value.strip()) for value in text.split(",") if value.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}")
+    return values
+
+
 def _table(args) -> None:
     started = time.perf_counter()
-    rows = paper_table(args.arch, args.variants, args.num_classes, args.input_size)
+    rows = paper_table(args.arch, args.variants, args.num_classes, args.input_size, widths=getattr(args, "widths", [1.0]))
     print(f"{args.arch}, {args.num_classes} classes, {args.input_size}x{args.input_size} input "
           f"(counted in {time.perf_counter() - started:.1f} s)")
     print(format_table(rows, markdown=args.markdown))
@@ -78,31 +87,62 @@ def _demo(args) -> None:
               f"({metrics['test_images']} test images, 10 classes, chance 0.10); run folder {args.output}")
 
 
-def _variant_label(args) -> str:
-    if args.channels_per_group is None:
-        return "baseline"
-    return f"v{args.version}-{args.channels_per_group}ch" + ("" if args.l_layer else "-noL")
+def _variant_label(args, channels_per_group, width) -> str:
+    label = "baseline" if channels_per_group is None else \
+        f"v{args.version}-{channels_per_group}ch" + ("" if args.l_layer else "-noL")
+    return label + ("" if width == 1.0 else f" (width {width:g})")
 
 
-def _measure(args, channels_per_group):
+def _measure(args, channels_per_group, width):
     """Build on the meta device (shapes only: fast) and count parameters, MACs and computations."""
     check_input_size(args.arch, args.input_size, args.skip_strides)
     with torch.device("meta"):
         model = create_model(args.arch, args.num_classes, channels_per_group=channels_per_group, version=args.version,
-                             l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides)
+                             l_layer=args.l_layer, activation=args.activation, skip_strides=args.skip_strides,
+                             **({} if width == 1.0 else {"width": width}))
     return model, (count_parameters(model), count_macs(model, args.input_size),
                    count_computations(model, args.input_size))
 
 
+def _checkpoint_summary(path: str) -> None:
+    """``gpconv summary --checkpoint RUN/best.pt``: the model of a run (a shrunk one shows each layer's channels
+    per group and, from the run's fit.json, its fit error)."""
+    import json
+    from pathlib import Path
+
+    from ..core.convert import FIT_ERROR_ATTRIBUTE
+    from ..core.block import GroupedPointwiseLinear
+    from ..experiments.checkpoint import load_model_from_checkpoint
+
+    model, model_config, _ = load_model_from_checkpoint(path)
+    fit_file = Path(path).parent / "fit.json"
+    if fit_file.exists():
+        errors = {layer["name"]: layer["relative_error"] for layer in json.loads(fit_file.read_text()).get("layers", [])}
+        for name, module in model.named_modules():
+            if name in errors:
+                block = module.block if isinstance(module, GroupedPointwiseLinear) else module
+                setattr(block, FIT_ERROR_ATTRIBUTE, errors[name])
+    size = model_config.image_size
+    print(f"{path}: {model_config.arch}, {model_config.num_classes} classes, {size}x{size} input")
+    print(summarize(model))
+    print(f"parameters {count_parameters(model):,}, MACs {count_macs(model, size):,}, computations "
+          f"{count_computations(model, size):,}")
+
+
 def _summary(args) -> None:
+    if args.checkpoint is not None:
+        return _checkpoint_summary(args.checkpoint)
+    if args.arch is None:
+        raise ValueError("give an ARCH or --checkpoint")
     if args.input_size is None:
         args.input_size = 32 if args.arch == "densenet_bc_100" else 224
     started = time.perf_counter()
-    model, figures = _measure(args, args.channels_per_group)
-    rows = [(_variant_label(args), figures)]
-    if args.compare and args.channels_per_group is not None:
-        rows.insert(0, ("baseline", _measure(args, None)[1]))
-    print(f"{args.arch} {_variant_label(args)}, {args.num_classes} classes, {args.input_size}x{args.input_size} input")
+    model, figures = _measure(args, args.channels_per_group, args.width)
+    label = _variant_label(args, args.channels_per_group, args.width)
+    rows = [(label, figures)]
+    if args.compare and (args.channels_per_group is not None or args.width != 1.0):  # against the dense width-1 model
+        rows.insert(0, ("baseline", _measure(args, None, 1.0)[1]))
+    print(f"{args.arch} {label}, {args.num_classes} classes, {args.input_size}x{args.input_size} input")
     print(summarize(model))
     print()
     header = ("model", "parameters", "MACs", "computations")
@@ -131,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated, first is the 100%% row (e.g. baseline,v2-16ch,v2-16ch-noL)")
     table.add_argument("--num-classes", type=int, default=10)
     table.add_argument("--input-size", type=int, default=224)
+    table.add_argument("--widths", type=_widths, default=[1.0],
+                       help="comma-separated width multipliers: every variant at each (default 1; e.g. 1,0.5)")
     table.add_argument("--markdown", action="store_true", help="print a Markdown table")
     table.set_defaults(run=_table)
 
@@ -143,11 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_plan)
 
     summary = commands.add_parser("summary", help="per-layer table of the grouped pointwise convolutions and totals")
-    summary.add_argument("arch", choices=list_models(), metavar="ARCH", help="one of: " + ", ".join(list_models()))
+    summary.add_argument("arch", nargs="?", choices=list_models(), metavar="ARCH",
+                         help="one of: " + ", ".join(list_models()))
+    summary.add_argument("--checkpoint", default=None,
+                         help="summarise a run's model instead (a shrunk one: each layer's channels per group and fit error)")
     add_model_arguments(summary)  # the variant options of gpconv train, ModelConfig's defaults
     summary.add_argument("--num-classes", type=int, default=10)
     summary.add_argument("--input-size", type=int, default=None, help="default: 32 for densenet_bc_100, else 224")
-    summary.add_argument("--compare", action="store_true", help="also count the dense baseline")
+    summary.add_argument("--compare", action="store_true", help="also count the dense baseline (width 1)")
     summary.set_defaults(run=_summary)
 
     add_training_commands(commands)  # train, evaluate (gpconv/cli/train.py)

@@ -28,7 +28,7 @@ def _pair(text: str):
 
 
 # the options of ModelConfig that describe an architecture's variant (train, export ARCH)
-MODEL_OPTIONS = ("channels_per_group", "version", "l_layer", "activation", "skip_strides")
+MODEL_OPTIONS = ("channels_per_group", "version", "l_layer", "activation", "skip_strides", "width")
 
 
 def add_model_arguments(parser, *, defaults: bool = True) -> None:
@@ -50,6 +50,9 @@ def add_model_arguments(parser, *, defaults: bool = True) -> None:
                         help="default: the family's own (swish for EfficientNet, the reference's choice for the others)")
     parser.add_argument("--skip-strides", type=non_negative_int, default=given("skip_strides"),
                         help="3 is the papers' 32x32 setting")
+    parser.add_argument("--width", type=positive_float, default=given("width"),
+                        help="width multiplier (EfficientNet, MobileNet, MobileNet V3): every channel count times W, "
+                             "rounded to a multiple of 8 (default 1: the papers' model)")
 
 
 def add_training_commands(commands) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 from torch import nn
 
 from ..core.convert import apply_conversion
-from ..models import CLASSIFIER_INITS, check_input_size, create_model, init_classifier
+from ..models import CLASSIFIER_INITS, check_input_size, check_width, create_model, family_options, init_classifier
 
 __all__ = ["ModelConfig", "TrainConfig", "field_default", "positive_int", "non_negative_int", "positive_float",
            "int_at_least", "check_fields"]
@@ -65,6 +65,9 @@ class ModelConfig:
     skip_strides: int = 0
     image_size: int = 32
     classifier_init: str = "family"
+    # width multiplier (EfficientNet's width_coefficient on top of the family's, MobileNet's alpha,
+    # MobileNet V3's width_mult); 1.0 is the papers' model, and the only width other families have
+    width: float = 1.0
     # a model gpconv.convert made from the family's dense model (gpconv shrink): its conversion record
     # (gpconv.core.convert.conversion_record), re-applied by build(); None for the family's own models
     conversion: Optional[dict] = None
@@ -77,15 +80,23 @@ class ModelConfig:
         if self.classifier_init not in CLASSIFIER_INITS:
             raise ValueError(f"classifier_init must be one of {', '.join(CLASSIFIER_INITS)}, got "
                              f"{self.classifier_init!r}")
+        self.width = check_width(self.width)
+        if self.width != 1.0 and "width" not in family_options(self.arch):
+            raise ValueError(f"width: {self.arch} has no width multiplier (only 1 is allowed), got {self.width:g}")
 
     def build(self) -> nn.Module:
         """The model; ValueError (one line) on a bad combination or an input size too small for the arch."""
         check_input_size(self.arch, self.image_size, self.skip_strides)
         model = create_model(self.arch, self.num_classes, channels_per_group=self.channels_per_group,
                              version=self.version, l_layer=self.l_layer, activation=self.activation,
-                             skip_strides=self.skip_strides)
+                             skip_strides=self.skip_strides, **self.family_options())
         model = init_classifier(model, self.classifier_init)
         return model if self.conversion is None else apply_conversion(model, self.conversion)
+
+    def family_options(self) -> dict:
+        """The :func:`~gpconv.models.create_model` keywords only some families have: ``width`` when it is
+        not 1 (a family without a width multiplier then refuses it in one line)."""
+        return {} if self.width == 1.0 else {"width": self.width}
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "model_config") -> "ModelConfig":

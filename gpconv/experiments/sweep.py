@@ -13,8 +13,10 @@ or flags (``--channels-per-group`` etc.):
     the channel counts the templates are expanded over (e.g. ``[2, 4, 8, 16, 32]``).
 ``dataset``, ``data_dir``, ``image_size``, ``skip_strides``, ``epochs``, ``batch_size``, ``lr``,
 ``max_train_batches``, ``val_flips``, ``augment``, ``monitor``, ``seed``, ``lr_cycle``,
-``precise_bn_batches``, ``classifier_init``
-    the training options of :class:`gpconv.experiments.config.TrainConfig` / ``gpconv train``.
+``precise_bn_batches``, ``classifier_init``, ``width``
+    the training options of :class:`gpconv.experiments.config.TrainConfig` / ``gpconv train``
+    (``width``: the width multiplier of ``gpconv train --width``; a run with a width other than 1
+    gets ``-wW`` after its variant, ``baseline-w0.37``).
 ``tag``
     optional word appended to the names of a group's runs (``baseline-keras-init``), for groups that
     run the same variants with other options.
@@ -58,7 +60,7 @@ TTA_FILE = "tta.json"
 # fields its variant name does not give
 _TRAIN_CONFIG_KEYS = ("dataset", "data_dir", "epochs", "batch_size", "lr", "max_train_batches", "val_flips", "augment",
                       "monitor", "seed", "precise_bn_batches", "lr_cycle")
-_MODEL_CONFIG_KEYS = ("image_size", "skip_strides", "classifier_init")
+_MODEL_CONFIG_KEYS = ("image_size", "skip_strides", "classifier_init", "width")
 
 
 def _defaults(kind, names: Sequence[str]) -> Dict[str, object]:
@@ -77,6 +79,7 @@ OPTION_RULES: Dict[str, Callable] = {
     "image_size": positive_int, "skip_strides": non_negative_int, "epochs": positive_int, "batch_size": positive_int,
     "lr": positive_float, "max_train_batches": positive_int, "seed": non_negative_int,
     "precise_bn_batches": non_negative_int, "channels_per_group": positive_int, "lr_cycle": positive_int,
+    "width": positive_float,
 }
 _TEMPLATE = re.compile(rf"^v(?:{VERSION_PATTERN})((-noL|-relu)*)$")
 # a run folder's name (and a group's tag): one path component, no leading dot
@@ -99,7 +102,8 @@ class RunSpec:
         return ModelConfig(self.arch, num_classes=num_classes, channels_per_group=variant.channels_per_group,
                            version=variant.version, l_layer=variant.l_layer, activation=variant.activation,
                            skip_strides=int(self.options["skip_strides"]), image_size=int(self.options["image_size"]),
-                           classifier_init=str(self.options["classifier_init"]))
+                           classifier_init=str(self.options["classifier_init"]),
+                           width=float(self.options.get("width", 1.0)))
 
     def train_config(self, output: Path):
         return TrainConfig(output=str(output), **{k: self.options[k] for k in _TRAIN_CONFIG_KEYS})
@@ -229,7 +233,8 @@ def expand_runs(config: dict, overrides: Optional[dict] = None) -> List[RunSpec]
                if len({_dimension(spec, key) for spec in specs}) > 1]
     seed_varies = len({spec.options["seed"] for spec in specs}) > 1
     for spec in specs:
-        suffix = [spec.tag] if spec.tag else []
+        suffix = [f"w{spec.options['width']:g}"] if spec.options["width"] != 1.0 else []  # baseline-w0.37
+        suffix += [spec.tag] if spec.tag else []
         suffix += [f"seed{spec.options['seed']}"] if seed_varies else []
         spec.name = "-".join([_dimension(spec, key) for key in varying] + [spec.variant] + suffix)
     seen = set()

@@ -15,7 +15,7 @@ torchvision's EfficientNet that the reference has (and that its published counts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from ..core.block import GroupedPointwiseConv2d, Grouping, pointwise_conv
 from ..layers import ActivationSpec, KerasPad2d, SqueezeExcite, StochasticDepth, make_activation, make_divisible
 from .base import ImageClassifier
-from .registry import register_model
+from .registry import check_width, register_model
 
 
 @dataclass(frozen=True)
@@ -189,63 +189,80 @@ def _init_weights(model: nn.Module) -> None:
                     nn.init.xavier_uniform_(conv.weight)
 
 
+def scaled_config(arch: str, width: float = 1.0) -> EfficientNetConfig:
+    """``CONFIGS[arch]`` with its ``width_coefficient`` multiplied by ``width`` (Tan & Le 2019, Eq. 3:
+    every channel count, stem and head included, times the coefficient, rounded by Keras'
+    ``round_filters``: :func:`~gpconv.layers.make_divisible` to a multiple of 8). ``width=0.5`` on B0
+    is a B0 with about half the channels; the depth is unchanged."""
+    config = CONFIGS[arch]
+    return replace(config, width=config.width * check_width(width))
+
+
 def _efficientnet(arch: str, num_classes: int, grouping: Grouping, activation: ActivationSpec,
-                  skip_strides: int) -> EfficientNet:
-    return EfficientNet(CONFIGS[arch], num_classes, grouping, "swish" if activation is None else activation,
+                  skip_strides: int, width: float = 1.0) -> EfficientNet:
+    return EfficientNet(scaled_config(arch, width), num_classes, grouping, "swish" if activation is None else activation,
                         skip_strides)
 
 
 @register_model("efficientnet_b0", max_skip_strides=5)
 def efficientnet_b0(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B0 / kEffNet-B0 (scaling: ``CONFIGS["efficientnet_b0"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b0", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B0 / kEffNet-B0 (scaling: ``CONFIGS["efficientnet_b0"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b0", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b1", max_skip_strides=5)
 def efficientnet_b1(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B1 / kEffNet-B1 (scaling: ``CONFIGS["efficientnet_b1"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b1", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B1 / kEffNet-B1 (scaling: ``CONFIGS["efficientnet_b1"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b1", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b2", max_skip_strides=5)
 def efficientnet_b2(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B2 / kEffNet-B2 (scaling: ``CONFIGS["efficientnet_b2"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b2", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B2 / kEffNet-B2 (scaling: ``CONFIGS["efficientnet_b2"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b2", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b3", max_skip_strides=5)
 def efficientnet_b3(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B3 / kEffNet-B3 (scaling: ``CONFIGS["efficientnet_b3"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b3", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B3 / kEffNet-B3 (scaling: ``CONFIGS["efficientnet_b3"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b3", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b4", max_skip_strides=5)
 def efficientnet_b4(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B4 / kEffNet-B4 (scaling: ``CONFIGS["efficientnet_b4"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b4", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B4 / kEffNet-B4 (scaling: ``CONFIGS["efficientnet_b4"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b4", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b5", max_skip_strides=5)
 def efficientnet_b5(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B5 / kEffNet-B5 (scaling: ``CONFIGS["efficientnet_b5"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b5", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B5 / kEffNet-B5 (scaling: ``CONFIGS["efficientnet_b5"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b5", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b6", max_skip_strides=5)
 def efficientnet_b6(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B6 / kEffNet-B6 (scaling: ``CONFIGS["efficientnet_b6"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b6", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B6 / kEffNet-B6 (scaling: ``CONFIGS["efficientnet_b6"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b6", num_classes, grouping, activation, skip_strides, width)
 
 
 @register_model("efficientnet_b7", max_skip_strides=5)
 def efficientnet_b7(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-                    skip_strides: int = 0) -> EfficientNet:
-    """EfficientNet-B7 / kEffNet-B7 (scaling: ``CONFIGS["efficientnet_b7"]``), the reference's kEfficientNet layout."""
-    return _efficientnet("efficientnet_b7", num_classes, grouping, activation, skip_strides)
+                    skip_strides: int = 0, width: float = 1.0) -> EfficientNet:
+    """EfficientNet-B7 / kEffNet-B7 (scaling: ``CONFIGS["efficientnet_b7"]``), the reference's kEfficientNet layout.
+    ``width``: a multiplier of its ``width_coefficient`` (:func:`scaled_config`)."""
+    return _efficientnet("efficientnet_b7", num_classes, grouping, activation, skip_strides, width)

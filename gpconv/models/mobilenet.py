@@ -1,4 +1,4 @@
-"""MobileNet (V1, width 1.0) and its k-variant, as built by the reference's ``kMobileNet``
+"""MobileNet (V1, any width) and its k-variant, as built by the reference's ``kMobileNet``
 (Mendel 2022, Section 4: "kMobileNet").
 
 The k-variants replace the pointwise convolution of each of the 13 depthwise-separable blocks; the
@@ -14,6 +14,11 @@ stem and the classifier stay dense. Differences between the two models the paper
   that would add 1,166,592 computations at 224x224 and not match the published figures;
 * Keras pads strided convolutions by one pixel at the bottom/right only, then runs them 'valid';
 * the classifier is a 1x1 convolution with bias on the pooled features (a linear layer here).
+
+``width`` is the width multiplier (Howard et al. 2017, Section 3.3, "alpha"): every channel count,
+the stem's included, times ``width``, rounded to a multiple of 8 (:func:`~gpconv.models.registry.scale_channels`,
+as timm's MobileNet V1). Keras' ``alpha`` truncates instead (``int(channels * alpha)``); for the
+published multipliers 0.25, 0.5, 0.75 and 1.0 both give the same channels.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import nn
 from ..core.block import Grouping, pointwise_conv
 from ..layers import ActivationSpec, make_activation, make_batch_norm
 from .base import ImageClassifier
-from .registry import register_model
+from .registry import register_model, scale_channels
 
 # (pointwise output channels, stride) of the 13 depthwise-separable blocks.
 BLOCKS: Tuple[Tuple[int, int], ...] = (
@@ -57,14 +62,17 @@ class MobileNet(ImageClassifier):
     linear on the globally averaged features (logits)."""
 
     def __init__(self, num_classes: int, grouping: Grouping, activation: ActivationSpec,
-                 depthwise_activation: ActivationSpec = "relu6", skip_strides: int = 0, dropout: float = 1e-3):
+                 depthwise_activation: ActivationSpec = "relu6", skip_strides: int = 0, dropout: float = 1e-3,
+                 width: float = 1.0):
         super().__init__()
+        stem = scale_channels(32, width)
         # The stem is padded bottom/right and run 'valid' even when its stride is skipped.
         stem_stride = 1 if skip_strides >= 1 else 2
-        layers = [nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, 32, 3, stem_stride, 0, bias=False),
-                                make_batch_norm(32), make_activation(depthwise_activation))]
-        in_channels, strided_seen = 32, 1
+        layers = [nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(3, stem, 3, stem_stride, 0, bias=False),
+                                make_batch_norm(stem), make_activation(depthwise_activation))]
+        in_channels, strided_seen = stem, 1
         for out_channels, stride in BLOCKS:
+            out_channels = scale_channels(out_channels, width)
             if stride > 1:
                 strided_seen += 1
                 if strided_seen <= skip_strides:
@@ -83,9 +91,10 @@ class MobileNet(ImageClassifier):
 
 @register_model("mobilenet", max_skip_strides=5, min_input_size=(32, 17, 9, 5, 3, 2))
 def mobilenet(num_classes: int, grouping: Grouping, activation: ActivationSpec = None,
-              skip_strides: int = 0, depthwise_activation: ActivationSpec = "relu6") -> MobileNet:
-    """mobilenet: MobileNet V1 (width 1.0). ``activation`` follows the pointwise convolutions
-    (``None``: ReLU6 dense, swish grouped); ``depthwise_activation`` the stem and depthwise ones."""
+              skip_strides: int = 0, depthwise_activation: ActivationSpec = "relu6", width: float = 1.0) -> MobileNet:
+    """mobilenet: MobileNet V1 (``width`` 1.0: the papers'). ``activation`` follows the pointwise convolutions
+    (``None``: ReLU6 dense, swish grouped); ``depthwise_activation`` the stem and depthwise ones; ``width``
+    multiplies every channel count (rounded to a multiple of 8)."""
     if activation is None:
         activation = "relu6" if grouping.dense else "swish"
-    return MobileNet(num_classes, grouping, activation, depthwise_activation, skip_strides)
+    return MobileNet(num_classes, grouping, activation, depthwise_activation, skip_strides, width=width)

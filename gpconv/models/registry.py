@@ -3,19 +3,34 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
 from ..core.block import Grouping
-from ..layers import ActivationSpec, check_activation
+from ..layers import ActivationSpec, check_activation, make_divisible
 from ..core.plan import check_positive_int
 
 __all__ = ["register_model", "create_model", "list_models", "min_input_size", "check_input_size",
-           "CLASSIFIER_INITS", "init_classifier"]
+           "CLASSIFIER_INITS", "init_classifier", "check_width", "scale_channels", "family_options"]
 
 CLASSIFIER_INITS = ("family", "torch")
+
+
+def check_width(width) -> float:
+    """``width`` (a width multiplier) as a float; ValueError (one line) unless it is a finite number > 0."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        raise ValueError(f"width must be a number > 0, got {width!r}")
+    return float(width)
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """``channels`` times the width multiplier ``width``, rounded to a multiple of 8 (never more than 10%
+    down): torchvision's ``_make_divisible`` for MobileNet V2/V3 ``width_mult``, Keras' ``round_filters``
+    for EfficientNet (:func:`~gpconv.layers.make_divisible`). ``width=1`` keeps a multiple of 8."""
+    return make_divisible(channels * check_width(width), 8)
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,13 @@ def register_model(name: str, *, max_skip_strides: int = 0, min_input_size: Unio
 def list_models() -> List[str]:
     """Names accepted by :func:`create_model`."""
     return sorted(_REGISTRY)
+
+
+def family_options(arch: str) -> Tuple[str, ...]:
+    """The keywords of :func:`create_model` only ``arch``'s family has (``width``, ``transition_interleave`` ...)."""
+    if arch not in _REGISTRY:
+        raise ValueError(f"unknown arch {arch!r}; expected one of: {', '.join(list_models())}")
+    return _REGISTRY[arch].family_options
 
 
 def min_input_size(arch: str, skip_strides: int = 0) -> int:
