@@ -79,7 +79,7 @@ def test_model_training_step_on_cuda_equals_the_cpu(channels_per_group):
     cpu = forward_backward(copy.deepcopy(model), x)
     gpu = forward_backward(copy.deepcopy(model).to(CUDA, memory_format=torch.channels_last),
                            x.to(CUDA).contiguous(memory_format=torch.channels_last))
-    assert_close(gpu, cpu, 2e-3)  # cuDNN and oneDNN sum in other orders through 80 layers and batch norms
+    assert_close(gpu, cpu, 5e-3)  # cuDNN and oneDNN sum in other orders through 80 layers and batch norms
 
 
 @pytest.mark.parametrize("channels_per_group", [16, 32])
