@@ -24,7 +24,7 @@ from gpconv.core.inference import FoldedGroupedPointwiseConv2d, prepare_for_infe
 from gpconv.core.inference import _seconds as best_seconds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MALLOC_SETTINGS  # noqa: E402
+from benchmark import MALLOC_SETTINGS, describe_machine  # noqa: E402
 
 
 def block_inputs(model, x):
@@ -60,6 +60,7 @@ def main():
     k_model = prepare_for_inference(gpconv.create_model("efficientnet_b0", 10, channels_per_group=args.channels_per_group,
                                                         skip_strides=args.skip_strides), x)
     base_layers = dict(base.named_modules())
+    print(describe_machine())
     print(f"{'block':20s} {'in->out':>10s} {'map':>9s} {'k-model form':36s} {'k ms':>7s} {'dense ms':>9s} {'ratio':>6s}")
     totals = [0.0, 0.0]
     with torch.inference_mode():

@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch, time, gpconv, statistics, sys
 from gpconv.core.inference import prepare_for_inference
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import describe_machine
+print(describe_machine())
 import torch._inductor.config as cfg
 cfg.freezing = True
 size,batch,skip=224,16,0

@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     finally:
         for process in loaders:
             process.terminate()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchmark import describe_machine
+
+    print(describe_machine())
     print(f"median training-step time, EfficientNet-B0 32x32 batch 64, 2 threads, {args.load} busy processes beside:")
     for name, values in results.items():
         print(f"  OMP_WAIT_POLICY={name:8s} {statistics.median(values):7.3f} s  (rounds: "

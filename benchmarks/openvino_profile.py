@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmark import describe_machine  # noqa: E402
 from runtimes import MODELS, SETTINGS, build, export, images  # noqa: E402
 from gpconv.export import OPENVINO_PRECISIONS, openvino_compile, openvino_default_precision  # noqa: E402
 
@@ -181,6 +182,7 @@ def main() -> None:
     names = args.models.split(",")
     size, batch, skip = SETTINGS[args.setting]
     torch.set_num_threads(args.threads)
+    print(describe_machine())
     chunk = min(args.chunk or batch, batch)
     calibration, x = images(64, size), images(chunk, size)
     with tempfile.TemporaryDirectory(prefix="gpconv-ovprofile-") as folder:

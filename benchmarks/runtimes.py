@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.experiments.data import ImageSet, make_synthetic, to_float  # noqa: E402
-from gpconv.export import (ONNX_FORMS, onnx_session, openvino_chunked, openvino_compile,  # noqa: E402
+from gpconv.export import (ONNX_FORMS, cpu_description, onnx_session, openvino_chunked, openvino_compile,  # noqa: E402
                            openvino_default_precision, quantize_onnx, require_deploy)
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
@@ -170,7 +170,8 @@ def measure(setting, args, folder):
 def report(setting, timings, models, runtimes):
     """Print milliseconds, ratios and each model's fastest runtime for one setting."""
     size, batch, skip = SETTINGS[setting]
-    print(f"\n{size}x{size} batch {batch}" + (f" (skip_strides={skip})" if skip else "") + ": ms per batch")
+    print(f"\n{size}x{size} batch {batch}" + (f" (skip_strides={skip})" if skip else "") + ": ms per batch on "
+          + cpu_description())
     width = max(len(r) for r in runtimes) + 2
     print("".ljust(width) + "".join(m.rjust(22) for m in models) + "".join(f"  base/{MODELS[m]}ch" for m in models[1:]))
     for runtime in runtimes:

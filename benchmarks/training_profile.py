@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MALLOC_SETTINGS  # noqa: E402
+from benchmark import MALLOC_SETTINGS, describe_machine  # noqa: E402
 
 
 def convolution_kind(event) -> str:
@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe_machine())
     memory_format = torch.contiguous_format if args.contiguous else torch.channels_last
     results = {name: profile_step(cpg, memory_format) for name, cpg in (("EfficientNet-B0", None),
                                                                        ("kEffNet-B0 16ch", 16))}

@@ -477,3 +477,19 @@ def test_export_measures_the_runs_own_test_images(data, tmp_path, capsys):
     if "folder" in data:  # seed 0 splits differently: the images export used to measure on
         other = load_dataset("folder", data[data.index("--data-dir") + 1], image_size=16, seed=0)
         assert not torch.equal(other.test.images, own.test.images)
+
+
+def test_cpu_description_names_the_model_and_the_matrix_features(tmp_path):
+    from gpconv.export import cpu_description
+
+    block = ("processor\t: {n}\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+             "flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_int8 avx512_vnni\n\n")
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(block.format(n=0) + block.format(n=1).replace("Platinum 8480+", "other"))
+    text = cpu_description(str(cpuinfo))
+    assert text.startswith("Intel(R) Xeon(R) Platinum 8480+, ")  # the first processor's name
+    assert "AVX2, AVX-512, AVX512-VNNI, AVX512-BF16, AMX-BF16, AMX-INT8" in text and text.endswith("no AVX512-FP16")
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: avx2 avx512f\n")
+    assert cpu_description(str(cpuinfo)).endswith("AVX2, AVX-512; no AVX512-VNNI, AVX512-BF16, AVX512-FP16, AMX-BF16, "
+                                                  "AMX-INT8")
+    assert cpu_description(str(tmp_path / "missing")).endswith("features unknown")
