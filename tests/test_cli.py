@@ -61,6 +61,8 @@ def test_summary_of_a_zoo_variant(capsys):
 
 
 def test_summary_bad_option_is_one_line(capsys):
-    assert main(["summary", "mobilenet", "--channels-per-group", "0"]) == 2
+    with pytest.raises(SystemExit) as exit:  # checked by the option's type, as gpconv train checks it
+        main(["summary", "mobilenet", "--channels-per-group", "0"])
     err = capsys.readouterr().err
-    assert err.startswith("gpconv: error: channels_per_group") and err.count("\n") == 1
+    assert exit.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("gpconv: error: argument --channels-per-group: expected an integer >= 1")
