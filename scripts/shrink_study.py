@@ -53,6 +53,9 @@ def run_one(name: str, arguments) -> str:
     folder = ROOT / RUNS_DIR / name
     if (folder / "metrics.json").exists():
         return f"{name}: done already"
+    teacher = ROOT / arguments[arguments.index("--checkpoint") + 1]
+    if not teacher.exists():  # the study's committed checkpoints: only baseline-seed0 has its best.pt
+        return f"{name}: skipped, no teacher {teacher.relative_to(ROOT)} (train it as docs/results.md says)"
     resume = ["--resume"] if (folder / "last.pt").exists() else (["--overwrite"] if folder.exists() else [])
     command = [sys.executable, "-m", "gpconv", "shrink", *arguments, *resume]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

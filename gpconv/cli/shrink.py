@@ -21,7 +21,7 @@ def _fraction(text: str) -> float:
 
 def add_shrink_command(commands) -> None:
     """Add ``shrink`` to the ``gpconv`` subparsers ``commands``; its defaults are ``ShrinkConfig``'s."""
-    from ..experiments.shrink import SHRINK_INITS, ShrinkConfig
+    from ..experiments.config import SHRINK_INITS, ShrinkConfig
 
     default = {item.name: item.default for item in fields(ShrinkConfig)}
     shrink = commands.add_parser("shrink", help="shrink a trained dense model: convert, fit to the dense layers, "
@@ -56,7 +56,8 @@ def add_shrink_command(commands) -> None:
 def run_shrink(args) -> None:
     import torch
 
-    from ..experiments.shrink import ShrinkConfig, shrink
+    from ..experiments.config import ShrinkConfig
+    from ..experiments.shrink import shrink
 
     if args.threads:
         torch.set_num_threads(args.threads)

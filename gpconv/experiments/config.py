@@ -15,7 +15,8 @@ from torch import nn
 from ..core.convert import apply_conversion
 from ..models import CLASSIFIER_INITS, check_input_size, check_width, create_model, family_options, init_classifier
 
-__all__ = ["ModelConfig", "TrainConfig", "field_default", "positive_int", "non_negative_int", "positive_float",
+__all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "field_default", "positive_int",
+           "non_negative_int", "positive_float",
            "int_at_least", "check_fields"]
 
 
@@ -192,3 +193,46 @@ def check_fields(kind, values, where: str) -> None:
             test, description = _type_check(str(item.type))
             if not test(values[item.name]):
                 raise ValueError(f"{where}: field {item.name} is {values[item.name]!r}, expected {description}")
+
+
+SHRINK_INITS = ("fit", "random")  # gpconv shrink --init: blocks fitted to the dense layers, or plain convert
+
+
+@dataclass
+class ShrinkConfig:
+    """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
+    parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
+    (plain ``convert``: the control). Defaults measured in docs/results.md ("Shrinking a trained model")."""
+
+    checkpoint: str
+    output: str
+    channels_per_group: Optional[int] = None
+    budget: Optional[float] = None
+    version: int = 2
+    l_layer: bool = True
+    init: str = "fit"
+    epochs: int = 6
+    lr: float = 5e-4
+    temperature: float = 4.0
+    distillation_weight: float = 0.9
+    calibration_images: int = 1024
+    fit_steps: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        """One-line ``ValueError`` for settings that cannot make a run."""
+        if (self.channels_per_group is None) == (self.budget is None):
+            raise ValueError("give exactly one of --channels-per-group and --budget")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ValueError(f"--budget must be a fraction of the parameters in (0, 1], got {self.budget}")
+        if self.init not in SHRINK_INITS:
+            raise ValueError(f"init must be one of {', '.join(SHRINK_INITS)}, got {self.init!r}")
+        if self.epochs < 0 or self.calibration_images < 1 or self.fit_steps < 0:
+            raise ValueError("epochs and fit steps must be >= 0, calibration images >= 1")
+
+    @property
+    def settings(self) -> dict:
+        """What ``config.json`` records under ``train.shrink``."""
+        keys = ("channels_per_group", "budget", "version", "l_layer", "init", "epochs", "calibration_images",
+                "fit_steps")
+        return {key: getattr(self, key) for key in keys}

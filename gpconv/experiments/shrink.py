@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
@@ -32,7 +32,7 @@ from ..core.fit import choose_channels_per_group, fit_to_dense
 from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
 from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, load_model_from_checkpoint,
                          model_checkpoint)
-from .config import ModelConfig, TrainConfig
+from .config import SHRINK_INITS, ModelConfig, ShrinkConfig, TrainConfig
 from .data import DatasetSplits, load_dataset, to_float
 from .metrics import evaluate_model
 from .run_folder import prepare_run_folder, write_run_config
@@ -40,49 +40,8 @@ from .training import train
 
 __all__ = ["ShrinkConfig", "shrink", "SHRINK_INITS", "calibration_batches"]
 
-SHRINK_INITS = ("fit", "random")
 BUDGET_FIT_STEPS = 30  # refinement steps of each (layer, choice) fit that ranks the choices under a budget
 FIT_FILE = "fit.json"  # each block's fit error, the budget's choice, the fit's time
-
-
-@dataclass
-class ShrinkConfig:
-    """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
-    parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
-    (plain ``convert``: the control). Defaults measured in docs/results.md ("Shrinking a trained model")."""
-
-    checkpoint: str
-    output: str
-    channels_per_group: Optional[int] = None
-    budget: Optional[float] = None
-    version: int = 2
-    l_layer: bool = True
-    init: str = "fit"
-    epochs: int = 6
-    lr: float = 5e-4
-    temperature: float = 4.0
-    distillation_weight: float = 0.9
-    calibration_images: int = 1024
-    fit_steps: int = 100
-    seed: int = 0
-
-    def check(self) -> None:
-        """One-line ``ValueError`` for settings that cannot make a run."""
-        if (self.channels_per_group is None) == (self.budget is None):
-            raise ValueError("give exactly one of --channels-per-group and --budget")
-        if self.budget is not None and not 0 < self.budget <= 1:
-            raise ValueError(f"--budget must be a fraction of the parameters in (0, 1], got {self.budget}")
-        if self.init not in SHRINK_INITS:
-            raise ValueError(f"init must be one of {', '.join(SHRINK_INITS)}, got {self.init!r}")
-        if self.epochs < 0 or self.calibration_images < 1 or self.fit_steps < 0:
-            raise ValueError("epochs and fit steps must be >= 0, calibration images >= 1")
-
-    @property
-    def settings(self) -> dict:
-        """What ``config.json`` records under ``train.shrink``."""
-        keys = ("channels_per_group", "budget", "version", "l_layer", "init", "epochs", "calibration_images",
-                "fit_steps")
-        return {key: getattr(self, key) for key in keys}
 
 
 def calibration_batches(splits: DatasetSplits, count: int, seed: int, batch_size: int = 64) -> List[torch.Tensor]:
