@@ -26,7 +26,7 @@ import copy
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,11 @@ from ..layers import KerasPad2d, ShiftOnlyBatchNorm2d
 from .plan import PointwisePlan
 from ..io import first_line
 
-__all__ = ["prepare_for_inference", "choose_executions", "FoldedGroupedPointwiseConv2d", "KerasSameConv2d",
+__all__ = ["prepare_for_inference", "choose_executions", "torch_seconds", "Timer", "FoldedGroupedPointwiseConv2d", "KerasSameConv2d",
            "fold_batch_norm", "inference_summary", "InferenceSummary", "rewrite_refusal"]
+
+# How a form is timed: (module, an input like the ones to come) -> seconds (torch_seconds, or a runtime's).
+Timer = Callable[[nn.Module, torch.Tensor], float]
 
 
 class _FoldedLayer(nn.Module):
@@ -215,25 +218,39 @@ class FoldedGroupedPointwiseConv2d(PointwiseConvAttributes, nn.Module):
     def execution(self) -> str:
         return self._execution
 
+    @property
+    def form(self) -> str:
+        """The execution with its group factors (:meth:`_FoldedLayer.super_group`): ``"dense"``,
+        ``"factored K2"`` or ``"grouped K2 L1"``."""
+        if self._execution == "dense":
+            return "dense"
+        text = f"{self._execution} K{self.k.group_factor}"
+        return text if self.l is None or self._execution == "factored" else f"{text} L{self.l.group_factor}"
+
     @execution.setter
     def execution(self, mode: str) -> None:
         if mode not in self.executions:
             raise ValueError(f"this block's executions are {', '.join(self.executions)}; got {mode!r}")
         self._execution = mode
 
-    def tune(self, x: torch.Tensor) -> str:
+    def tune(self, x: torch.Tensor, timer: Optional[Timer] = None) -> str:
         """Time this block on ``x`` (an input like the ones to come) and keep its fastest form: the group
-        factor of K and of L (see :meth:`_FoldedLayer.super_group`), then the execution. Returns it."""
+        factor of K and of L (see :meth:`_FoldedLayer.super_group`), then the execution. Returns it.
+
+        ``timer(module, input)`` gives the seconds ``module`` takes on ``input`` (default: in torch, best of
+        3 calls; :func:`gpconv.export.runtime_timer` times it in ONNX Runtime or OpenVINO instead)."""
+        timer = timer or torch_seconds
         with torch.inference_mode():
             gathered = x if self.input_index is None else gather_channels(x, self.input_index)
-            _keep_fastest_factor(self.k, gathered)
+            _keep_fastest_factor(self.k, gathered, timer)
             if self.l is not None:
                 k = self.k(gathered)
-                _keep_fastest_factor(self.l, k if self.l_input_index is None else gather_channels(k, self.l_input_index))
+                _keep_fastest_factor(self.l, k if self.l_input_index is None else gather_channels(k, self.l_input_index),
+                                     timer)
             timings = {}
             for execution in self.executions:
                 self.execution = execution
-                timings[execution] = _seconds(lambda: self(x))
+                timings[execution] = timer(self, x)
         self.execution = min(timings, key=timings.get)
         return self.execution
 
@@ -491,11 +508,16 @@ def _seconds(function, repeats: int = 3) -> float:
     return best
 
 
-def _keep_fastest_factor(layer: _FoldedLayer, x: torch.Tensor) -> None:
+def torch_seconds(module: nn.Module, x: torch.Tensor) -> float:
+    """The default :data:`Timer`: seconds of ``module(x)`` in torch (:func:`_seconds`)."""
+    return _seconds(lambda: module(x))
+
+
+def _keep_fastest_factor(layer: _FoldedLayer, x: torch.Tensor, timer: Timer) -> None:
     timings = {}
     for factor in layer.group_factors():
         layer.super_group(factor)
-        timings[factor] = _seconds(lambda: layer(x))
+        timings[factor] = timer(layer, x)
     layer.super_group(min(timings, key=timings.get))
 
 
@@ -506,11 +528,12 @@ def _default_factor(layer: _FoldedLayer, min_filters: int = 8) -> int:
     return next((s for s in layer.group_factors() if s * filters >= min_filters), 1)
 
 
-def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> Dict[str, str]:
+def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+                      timer: Optional[Timer] = None) -> Dict[str, str]:
     """Pick the execution (and group factors) of every :class:`FoldedGroupedPointwiseConv2d` of ``model``.
 
     With ``example_input``, each block is timed in each of its forms on the input it receives
-    (:meth:`FoldedGroupedPointwiseConv2d.tune`); otherwise the dense form is used when it needs at most
+    (:meth:`FoldedGroupedPointwiseConv2d.tune`, with ``timer``: torch by default); otherwise the dense form is used when it needs at most
     ``FOLDED_DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
     with :func:`_default_factor`. Returns ``{block name: execution}``."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
@@ -528,7 +551,7 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
     for name, block in blocks.items():
         x = inputs.get(name)
         if x is not None and x.shape[-1] * x.shape[-2] > 1:
-            chosen[name] = block.tune(x)
+            chosen[name] = block.tune(x, timer)
             continue
         for layer in block.layers:
             layer.super_group(_default_factor(layer))
