@@ -493,3 +493,26 @@ def test_cpu_description_names_the_model_and_the_matrix_features(tmp_path):
     assert cpu_description(str(cpuinfo)).endswith("AVX2, AVX-512; no AVX512-VNNI, AVX512-BF16, AVX512-FP16, AMX-BF16, "
                                                   "AMX-INT8")
     assert cpu_description(str(tmp_path / "missing")).endswith("features unknown")
+
+
+@needs_deploy
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_transformers_models_export_through_their_logits(name, tmp_path):
+    """A transformers classifier returns an ImageClassifierOutput: its logits are exported (issue 22)."""
+    transformers = pytest.importorskip("transformers")
+    from gpconv.export import onnx_session
+
+    torch.manual_seed(0)
+    if name == "resnet":
+        config = transformers.ResNetConfig(num_labels=4, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1])
+        model = gpconv.convert(transformers.ResNetForImageClassification(config), channels_per_group=4,
+                               exclude=["classifier"])
+    else:
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=16, num_labels=4)
+        model = transformers.ViTForImageClassification(config)
+    model.eval()
+    images = torch.rand(4, 3, 32, 32)
+    result = gpconv.export_onnx(model, tmp_path / "m.onnx", images[:2], verify_input=images)
+    got = onnx_session(result.path, threads=1).run(None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(got, model(images).logits.detach().numpy(), atol=1e-4)
