@@ -28,6 +28,7 @@ import contextlib
 import copy
 import importlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -40,16 +41,19 @@ import torch
 from torch import nn
 
 from .core.executions import FOLDED_EXECUTIONS
-from .core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference
+from .core.inference import FoldedGroupedPointwiseConv2d, _seconds, choose_executions, prepare_for_inference
 from .io import atomic_write, first_line
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
            "OPENVINO_PRECISIONS", "openvino_chunked", "check_openvino_precision", "onnx_input_shape",
-           "MIN_VERIFY_IMAGES", "cpu_description", "CPU_FEATURES"]
+           "MIN_VERIFY_IMAGES", "cpu_description", "CPU_FEATURES", "TUNE_RUNTIMES", "TUNE_KEY", "parse_tune",
+           "runtime_timer", "tune_for_runtime", "tuning_summary"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
+# The metadata key of a tuned export's choice (tune_for_runtime's record as JSON).
+TUNE_KEY = "gpconv.tune"
 
 # The forms :func:`onnx_form` can give the grouped blocks: ``"rule"`` is prepare_for_inference's choice
 # without timing (dense for small blocks, else factored where there is one, super-grouped); the others
@@ -244,6 +248,99 @@ def openvino_chunked(model, chunk: int, image_shape: tuple, threads: Optional[in
     return run
 
 
+# The runtimes ``export_onnx(..., tune=...)`` (``gpconv export --tune``) times the grouped blocks' forms in.
+TUNE_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def parse_tune(text: str) -> tuple:
+    """``"onnxruntime"``, ``"openvino"`` or ``"openvino:PRECISION"`` (one of :data:`OPENVINO_PRECISIONS`;
+    default OpenVINO's own for this CPU) -> ``(runtime, precision or None)``; one-line :class:`DeployError`
+    otherwise."""
+    runtime, _, precision = str(text).partition(":")
+    if runtime not in TUNE_RUNTIMES:
+        raise DeployError(f"cannot tune for {text!r}: expected one of {', '.join(TUNE_RUNTIMES)} "
+                          f"(openvino:PRECISION with PRECISION one of {', '.join(OPENVINO_PRECISIONS)})")
+    if precision and runtime != "openvino":
+        raise DeployError(f"{runtime} takes no precision (got {text!r}): it runs the file in float32")
+    return runtime, (check_openvino_precision(precision) if precision else None)
+
+
+def _form_key(module: nn.Module, x: torch.Tensor) -> tuple:
+    """What a form's time depends on: its class, execution and group factors, the shapes of its weights and
+    of its input (not the weights' values); equal keys are timed once."""
+    shapes = tuple((name, tuple(t.shape)) for name, t in module.state_dict().items())
+    return (type(module).__name__, getattr(module, "form", None), getattr(module, "group_factor", None),
+            getattr(module, "stride", None), type(getattr(module, "act", None)).__name__, shapes, tuple(x.shape))
+
+
+def _block_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
+    """``module`` alone as a small ONNX model at ``x``'s shape (the TorchScript exporter: a few
+    milliseconds for one block, where the torch.export-based one takes seconds)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"])
+    return buffer.getvalue()
+
+
+def runtime_timer(runtime: str, precision: Optional[str] = None, threads: Optional[int] = None):
+    """A timer for :func:`gpconv.core.inference.choose_executions`: ``timer(module, x)`` exports ``module``
+    (a grouped block in one form, or one of its layers) alone at ``x``'s shape and returns the best of 3
+    runs in ``runtime`` (one of :data:`TUNE_RUNTIMES`; OpenVINO in ``precision``, default its own),
+    ``threads`` threads. Forms of equal shapes are timed once (:func:`_form_key`)."""
+    if runtime not in TUNE_RUNTIMES:
+        raise DeployError(f"cannot tune for {runtime!r}: expected one of {', '.join(TUNE_RUNTIMES)}")
+    require_deploy("onnxruntime" if runtime == "onnxruntime" else "openvino")
+    cache = {}
+
+    def timer(module: nn.Module, x: torch.Tensor) -> float:
+        key = _form_key(module, x)
+        if key not in cache:
+            data, array = _block_onnx(module, x), x.detach().float().contiguous().numpy()
+            if runtime == "onnxruntime":
+                session = onnx_session(data, threads, spinning=False)
+                cache[key] = _seconds(lambda: session.run(None, {"x": array}))
+            else:
+                with tempfile.TemporaryDirectory(prefix="gpconv-tune-") as folder:
+                    path = Path(folder) / "block.onnx"
+                    path.write_bytes(data)
+                    request = openvino_compile(path, tuple(array.shape), threads, precision).create_infer_request()
+                cache[key] = _seconds(lambda: request.infer([array]))
+        return cache[key]
+
+    return timer
+
+
+def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str,
+                     threads: Optional[int] = None) -> dict:
+    """Give every grouped block of ``prepared`` (an NCHW :func:`onnx_form`) the form, of those it has
+    (grouped with each group factor, factored, dense: a dense block costs what the dense model's layer
+    costs), that runs fastest in the runtime ``tune`` names (:func:`parse_tune`) on ``example_input``'s
+    shape (the batch to deploy). Returns what :func:`export_onnx` records in the file's metadata:
+    ``{"runtime", "precision", "threads", "input_shape", "cpu", "forms": {block name: form}}``."""
+    runtime, precision = parse_tune(tune)
+    if runtime == "openvino" and precision is None:
+        precision = openvino_default_precision()
+    version = require_deploy(runtime).__version__.split("-")[0]
+    choose_executions(prepared, example_input.contiguous(), runtime_timer(runtime, precision, threads))
+    forms = {name: block.form for name, block in prepared.named_modules()
+             if isinstance(block, FoldedGroupedPointwiseConv2d)}
+    return {"runtime": f"{runtime} {version}", "precision": precision or "float32", "threads": threads,
+            "input_shape": list(example_input.shape), "cpu": cpu_description(), "forms": forms}
+
+
+def tuning_summary(tuning: dict) -> str:
+    """One line: what a tuned export chose, e.g. ``"tuned for onnxruntime 1.23.2 (float32, batch 16x3x224x224,
+    2 threads) on CPU: 20 dense, 15 factored K1, 14 grouped K1 L1"``."""
+    counts: dict = {}
+    for form in tuning["forms"].values():
+        counts[form] = counts.get(form, 0) + 1
+    shape = "x".join(map(str, tuning["input_shape"]))
+    threads = f"{tuning['threads']} threads" if tuning["threads"] else "the runtime's default threads"
+    return (f"tuned for {tuning['runtime']} ({tuning['precision']}, input {shape}, {threads}) on {tuning['cpu']}: "
+            + ", ".join(f"{count} {form}" for form, count in sorted(counts.items(), key=lambda item: -item[1])))
+
+
 # Fewer verification images than this prove nothing about a graph (export_onnx refuses them).
 MIN_VERIFY_IMAGES = 4
 # Outputs at most this many times the tolerance are "near zero": any graph would pass the check on them.
@@ -259,6 +356,7 @@ class ExportResult:
     max_output: float  # max |torch output|: the scale the difference is to be read against
     images: int
     note: Optional[str] = None  # set when the check says little (outputs near zero)
+    tuning: Optional[dict] = None  # with tune=: tune_for_runtime's record, also in the file's metadata (TUNE_KEY)
 
 
 def check_output(path: Path, overwrite: bool = False) -> None:
@@ -354,8 +452,9 @@ def _check_dtypes(model: nn.Module, images: torch.Tensor, what: str) -> torch.Te
     return images.detach().cpu().float()
 
 
-def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[int]):
-    """The ONNX ModelProto of ``form`` with a dynamic batch dimension (exporter chatter silenced)."""
+def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[int], props: Optional[dict] = None):
+    """The ONNX ModelProto of ``form`` with a dynamic batch dimension (exporter chatter silenced), gpconv's
+    mark and ``props`` in its metadata."""
     require_deploy("onnxscript")
     onnx = require_deploy("onnx")
     example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 2: stays dynamic
@@ -367,7 +466,7 @@ def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[
                                     dynamic_shapes=({0: batch},), opset_version=opset, optimize=True,
                                     verbose=False)
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {GPCONV_MARK: "1"})
+    onnx.helper.set_model_props(proto, {GPCONV_MARK: "1", **(props or {})})
     return proto
 
 
@@ -403,12 +502,21 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
                 tolerance: float = 1e-4, opset: Optional[int] = None, form: str = "rule",
-                output: Optional[str] = None, overwrite: bool = False) -> ExportResult:
+                output: Optional[str] = None, overwrite: bool = False, tune: Optional[str] = None,
+                tune_threads: Optional[int] = None) -> ExportResult:
     """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
     ``form``: how grouped blocks are exported (:data:`ONNX_FORMS`). ``example_input``: a float batch
     of the input size (``(N, C, H, W)``); the file takes that channel count, height and width only.
+
+    ``tune`` (``"onnxruntime"``, ``"openvino"`` or ``"openvino:f32"``/``"openvino:bf16"``): instead of
+    ``form``, each grouped block gets the form that runs fastest *in that runtime* on this CPU at
+    ``example_input``'s shape (its batch is the batch to deploy), ``tune_threads`` threads
+    (:func:`tune_for_runtime`); a dense-folded block costs what the dense model's layer costs, so the
+    choice is never slower than the dense model beyond timing noise. The choice (runtime, precision,
+    shape, threads, CPU, each block's form) is in ``result.tuning`` and, as JSON, in the file's metadata
+    under ``"gpconv.tune"``; a file tuned on one CPU kind may not be the fastest on another.
     ``verify_input`` (default: ``example_input``; at least :data:`MIN_VERIFY_IMAGES` images) are the
     images ONNX Runtime runs before anything is written: the largest difference from the eval-mode
     torch model must be at most ``tolerance`` (times the largest output magnitude where that exceeds
@@ -442,6 +550,10 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     except Exception as error:  # noqa: BLE001 - whatever the model raises on a wrong input: one line
         raise DeployError(f"the model cannot run example_input of shape {tuple(example_input.shape)}: "
                           f"{first_line(error)}") from None
+    if tune is not None:
+        parse_tune(tune)  # a one-line error before any work
+        if form != "rule":
+            raise DeployError(f"tune picks each block's form: it does not go with form={form!r}")
     pick = _choose_output(returned, output)
     selected = _Logits(reference, pick)
     with torch.inference_mode():
@@ -449,7 +561,10 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() < 1 or len(logits) != 1:
         shown = f"{logits.dtype} of shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise DeployError(f"the exported output must be a float32 tensor with the batch first, got {shown}")
-    proto = _export_proto(_Logits(onnx_form(reference, form), pick), example_input, opset)
+    exported = onnx_form(reference, form)
+    tuning = None if tune is None else tune_for_runtime(exported, example_input, tune, tune_threads)
+    proto = _export_proto(_Logits(exported, pick), example_input, opset,
+                          None if tuning is None else {TUNE_KEY: json.dumps(tuning)})
     serialized = proto.SerializeToString()
     worst, scale = _verify(serialized, selected, images, tolerance)
     _write_bytes(path, serialized)
@@ -458,7 +573,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
         note = (f"the torch outputs are at most {scale:.2g}, near zero: any graph passes a check against them; "
                 "verify a trained model (or one with batch norms set on real images) on real images")
         warnings.warn(note, stacklevel=2)
-    return ExportResult(path, worst, scale, len(images), note)
+    return ExportResult(path, worst, scale, len(images), note, tuning)
 
 
 class _Calibration:
