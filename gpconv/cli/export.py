@@ -5,7 +5,9 @@
 images, and prints the test accuracy of torch, ONNX Runtime fp32 and ONNX Runtime int8 side by side:
 that line is the int8 accuracy report, re-runnable on any checkpoint. With ``--openvino`` it runs the
 file in OpenVINO, in OpenVINO's default precision for this CPU (bf16 where the CPU has it) and in f32,
-and prints each one's largest difference from torch and its test accuracy.
+and prints each one's largest difference from torch and its test accuracy. With ``--tune RUNTIME[:PRECISION]``
+each grouped block's form is timed in that runtime (onnxruntime, openvino) at ``--tune-batch`` and the
+fastest exported (:func:`gpconv.export.tune_for_runtime`); the choice is printed and recorded in the file.
 
 A checkpoint is verified, calibrated and evaluated on its run's own splits (the dataset, data folder,
 seed and synthetic size it was trained with: the helper ``gpconv evaluate`` and ``gpconv cam`` use),
@@ -50,6 +52,11 @@ def add_export_command(commands) -> None:
     export.add_argument("--openvino", action="store_true",
                         help="also run the file in OpenVINO (its default precision, bf16 on CPUs that have it, and "
                              "f32) and compare outputs and accuracies with torch")
+    export.add_argument("--tune", default=None, metavar="RUNTIME[:PRECISION]",
+                        help="time each grouped block's forms in this runtime on this CPU and export the fastest: "
+                             "onnxruntime, openvino, openvino:f32 or openvino:bf16 (recorded in the file's metadata)")
+    export.add_argument("--tune-batch", type=positive_int, default=None,
+                        help="with --tune: the batch size to tune for (default 1)")
     export.add_argument("--dataset", default=None, choices=DATASETS, metavar="NAME",
                         help="images to verify and calibrate on (default: the checkpoint's dataset, else synthetic)")
     export.add_argument("--data-dir", "--calibration-data", dest="data_dir", default=None,
@@ -181,6 +188,8 @@ def _check_arguments(args) -> None:
     """One-line ValueError for options that do not go together."""
     if (args.arch is None) == (args.checkpoint is None):
         raise ValueError("export needs exactly one of ARCH or --checkpoint")
+    if args.tune_batch is not None and not args.tune:
+        raise ValueError("--tune-batch is the batch --tune times the forms at: give --tune too")
     given = [name for name in ARCH_OPTIONS if hasattr(args, name)]
     if args.checkpoint and given:
         flag = "--no-l-layer" if given[0] == "l_layer" else "--" + given[0].replace("_", "-")
@@ -194,10 +203,11 @@ def run_export(args) -> None:
     import torch
 
     from ..experiments.data import to_float
-    from ..export import check_output, export_onnx, require_deploy
+    from ..export import check_output, export_onnx, parse_tune, require_deploy, tuning_summary
 
     _check_arguments(args)
-    needed = ("onnx", "onnxscript", "onnxruntime") + (("openvino",) if args.openvino else ())
+    tuned_in = parse_tune(args.tune)[0] if args.tune else None
+    needed = ("onnx", "onnxscript", "onnxruntime") + (("openvino",) if args.openvino or tuned_in == "openvino" else ())
     for module in needed:  # fail before any work when the extra is missing
         require_deploy(module)
     output = _output_path(args)
@@ -214,11 +224,15 @@ def run_export(args) -> None:
           flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export_onnx's note is printed below
-        result = export_onnx(model, output, images[:2], verify_input=images, tolerance=args.tolerance,
-                             overwrite=args.overwrite)
+        batch = args.tune_batch or 1
+        example = images[:2] if not args.tune else images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
+        result = export_onnx(model, output, example, verify_input=images, tolerance=args.tolerance,
+                             overwrite=args.overwrite, tune=args.tune, tune_threads=args.threads)
     print(f"wrote {result.path} ({config.arch}, {config.image_size}x{config.image_size} input, dynamic batch); "
           f"ONNX Runtime vs torch on {result.images} {splits.name} test images: max |difference| "
           f"{result.max_difference:.2g} (outputs up to {result.max_output:.3g})")
+    if result.tuning:
+        print(tuning_summary(result.tuning))
     if result.note:
         print(f"note: {result.note}")
     if args.int8 or args.openvino:
