@@ -298,8 +298,9 @@ def test_report_summarises_seeds_and_writes_one_csv_row_per_run(tmp_path):
         ("baseline", "0", "1000"), ("baseline", "1", "1000"), ("v2-16ch", "0", "150")]
     assert float(rows[1]["test_accuracy_hflip"]) == pytest.approx(0.61)
     assert float(rows[0]["train_seconds"]) == 1.0  # the epochs' times in history.csv (right for resumed runs too)
-    assert list(rows[0]) == ["variant", "seed", "trainable_params", "computations", "test_accuracy",
-                             "test_accuracy_hflip", "epochs", "train_seconds"]
+    assert list(rows[0]) == ["variant", "seed", "width", "trainable_params", "computations", "test_accuracy",
+                             "test_accuracy_hflip", "epochs", "train_seconds", "latency_ms_b64", "latency_ms_b1",
+                             "runtime", "runtime_b1"]
     markdown = (output / "results.md").read_text()
     assert "| baseline | 2 | 1,000 | 100.0% |" in markdown and "0.5500 ± 0.0707" in markdown
     assert "| v2-16ch | 1 | 150 | 15.0% |" in markdown

@@ -62,6 +62,9 @@ def add_results_commands(commands) -> None:
     report.add_argument("--title", default=None)
     report.add_argument("--runs-csv", default=None, metavar="FILE",
                         help="where the one-row-per-run CSV goes (default: OUTPUT/runs.csv)")
+    report.add_argument("--latency", default=None, metavar="FILE",
+                        help="latency table of the same variants (benchmarks/study_latency.py): adds the latency "
+                             "columns to the runs' CSV and accuracy_vs_latency*.png")
     report.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier report")
     report.set_defaults(run=run_report_command)
 
@@ -116,7 +119,7 @@ def run_report_command(args) -> None:
     from ..experiments.results import write_report
 
     written = write_report(args.runs, args.output, baseline=args.baseline, title=args.title,
-                           runs_csv_path=args.runs_csv, overwrite=args.overwrite)
+                           runs_csv_path=args.runs_csv, overwrite=args.overwrite, latency=args.latency)
     for path in written:
         print(path)
 

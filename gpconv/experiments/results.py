@@ -8,6 +8,12 @@ Every figure in the table comes from the run folders: parameters and computation
 Outputs (all written atomically): ``results.md``, ``results.csv``, ``accuracy_vs_parameters.png``,
 ``accuracy_vs_computations.png`` (one point per run, the Pareto front marked and labelled) and
 ``training_curves.png`` (validation accuracy and training loss of every run, overlaid).
+
+With a latency table (``--latency FILE``: ``benchmarks/study_latency.py``'s CSV, one row per variant
+with its time per batch in its fastest runtime at the study's input size, batch 64, and at 224x224,
+batch 1) the runs' CSV gets ``latency_ms_b64``, ``latency_ms_b1``, ``runtime`` and ``runtime_b1``, and the report
+adds ``accuracy_vs_latency.png`` and ``accuracy_vs_latency_b1.png`` (Pareto fronts) and a latency
+column per setting. Measuring lives in ``benchmarks/``; the report only reads the table.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import Dict, List, Optional, Sequence
 from ..io import OutputError, atomic_write, atomic_write_text, claim_outputs, existing_outputs, render_table
 
 __all__ = ["RunResult", "VariantSummary", "collect_runs", "load_run", "pareto_front", "format_results_table",
-           "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure", "REPORT_FILES"]
+           "format_variant_table", "summarize_variants", "runs_csv", "write_report", "save_figure", "REPORT_FILES",
+           "read_latency_table", "LATENCY_FIELDS"]
 
 
 @dataclass
@@ -40,6 +47,12 @@ class RunResult:
     history: List[Dict[str, float]] = field(default_factory=list)
     seed: Optional[int] = None
     train_seconds: Optional[float] = None
+    width: float = 1.0  # the model's width multiplier (config.json; 1 for runs from before widths)
+    # from a latency table (read_latency_table): ms per batch in the fastest runtime, and that runtime
+    latency_ms_b64: Optional[float] = None
+    latency_ms_b1: Optional[float] = None
+    runtime: Optional[str] = None
+    runtime_b1: Optional[str] = None
 
     @property
     def variant(self) -> str:
@@ -67,6 +80,14 @@ class VariantSummary:
     @property
     def computations(self) -> int:
         return self.runs[0].computations
+
+    @property
+    def latency_ms_b64(self) -> Optional[float]:
+        return self.runs[0].latency_ms_b64
+
+    @property
+    def latency_ms_b1(self) -> Optional[float]:
+        return self.runs[0].latency_ms_b1
 
     def mean_std(self, attribute: str):
         """(mean, sample standard deviation; 0 for one run) of ``attribute`` over the runs that have it,
@@ -113,7 +134,8 @@ def load_run(folder) -> RunResult:
     return RunResult(folder.name, folder, metrics["trainable_params"], metrics["computations"], plain, tta,
                      metrics.get("epochs", len(history)), metrics.get("dataset", ""), history, seed,
                      # the epochs' own times: also right for a run resumed after an interruption
-                     round(sum(row["seconds"] for row in history), 2) if history else metrics.get("train_seconds"))
+                     round(sum(row["seconds"] for row in history), 2) if history else metrics.get("train_seconds"),
+                     float(config.get("model", {}).get("width", 1.0)))
 
 
 def collect_runs(paths: Sequence) -> List[RunResult]:
@@ -182,20 +204,69 @@ def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = No
     return render_table(HEADER, rows, markdown=True)
 
 
-RUNS_CSV_FIELDS = ("variant", "seed", "trainable_params", "computations", "test_accuracy", "test_accuracy_hflip",
-                   "epochs", "train_seconds")
+RUNS_CSV_FIELDS = ("variant", "seed", "width", "trainable_params", "computations", "test_accuracy",
+                   "test_accuracy_hflip", "epochs", "train_seconds", "latency_ms_b64", "latency_ms_b1", "runtime",
+                   "runtime_b1")
 
 
 def runs_csv(runs: Sequence[RunResult]) -> str:
-    """One row per run (:data:`RUNS_CSV_FIELDS`; empty where a run lacks the figure)."""
+    """One row per run (:data:`RUNS_CSV_FIELDS`; empty where a run lacks the figure, the latencies
+    without a latency table). ``runtime``: the fastest runtime at batch 64, ``runtime_b1`` at 224x224
+    batch 1."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(RUNS_CSV_FIELDS)
     for run in runs:
-        values = (run.variant, run.seed, run.trainable_params, run.computations, run.test_accuracy,
-                  run.test_accuracy_hflip_tta, run.epochs, run.train_seconds)
+        values = (run.variant, run.seed, f"{run.width:g}", run.trainable_params, run.computations, run.test_accuracy,
+                  run.test_accuracy_hflip_tta, run.epochs, run.train_seconds, run.latency_ms_b64, run.latency_ms_b1,
+                  run.runtime, run.runtime_b1)
         writer.writerow(["" if value is None else value for value in values])
     return buffer.getvalue()
+
+
+# the columns of a latency table (benchmarks/study_latency.py writes it; gpconv report --latency reads it)
+LATENCY_FIELDS = ("variant", "runtime", "latency_ms_b64", "runtime_b1", "latency_ms_b1")
+
+
+def read_latency_table(path) -> Dict[str, dict]:
+    """``{variant: {"runtime", "latency_ms_b64", "runtime_b1", "latency_ms_b1"}}`` of a latency CSV
+    (:data:`LATENCY_FIELDS`; milliseconds per batch); ValueError (one line naming the file and the line)
+    on a missing column or a latency that is not a number > 0."""
+    import math
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"latency table {path} does not exist")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [name for name in LATENCY_FIELDS if name not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no column {missing[0]!r} (expected: {', '.join(LATENCY_FIELDS)}); "
+                             "write it with benchmarks/study_latency.py")
+        table = {}
+        for line, row in enumerate(reader, 2):
+            entry = {"runtime": row["runtime"], "runtime_b1": row["runtime_b1"]}
+            for key in ("latency_ms_b64", "latency_ms_b1"):
+                try:
+                    entry[key] = float(row[key])
+                except (TypeError, ValueError):
+                    entry[key] = float("nan")
+                if not (math.isfinite(entry[key]) and entry[key] > 0):
+                    raise ValueError(f"{path} line {line}: {key} is {row[key]!r}, expected milliseconds > 0")
+            table[row["variant"]] = entry
+    return table
+
+
+def _attach_latencies(runs: Sequence[RunResult], path) -> None:
+    """Set each run's latency fields from the latency table ``path``; ValueError (one line) when it has
+    no row for a run's variant."""
+    table = read_latency_table(path)
+    for run in runs:
+        if run.variant not in table:
+            raise ValueError(f"{path} has no row for variant {run.variant!r}: measure the same runs with "
+                             "benchmarks/study_latency.py")
+        for key, value in table[run.variant].items():
+            setattr(run, key, value)
 
 
 def _mean_std(pair) -> str:
@@ -204,6 +275,20 @@ def _mean_std(pair) -> str:
 
 VARIANT_HEADER = ("variant", "seeds", "parameters", "% parameters", "computations", "% computations",
                   "test accuracy (mean ± std)", "H-flip TTA (mean ± std)", "train minutes (mean)")
+
+
+def format_latency_table(summaries: Sequence[VariantSummary]) -> str:
+    """Markdown table: each variant's width, parameters, mean test accuracy and time per batch in its
+    fastest runtime at batch 64 (the study's input size) and at 224x224 batch 1."""
+    rows = []
+    for summary in summaries:
+        run = summary.runs[0]
+        rows.append((summary.variant, f"{run.width:g}", f"{summary.trainable_params:,}",
+                     _mean_std(summary.mean_std("accuracy")), f"{run.latency_ms_b64:.2f}", run.runtime,
+                     f"{run.latency_ms_b1:.2f}", run.runtime_b1))
+    header = ("variant", "width", "parameters", "test accuracy (mean ± std)", "ms per batch of 64",
+              "fastest runtime (batch 64)", "ms at 224x224 batch 1", "fastest runtime (224 batch 1)")
+    return render_table(header, rows, markdown=True)
 
 
 def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
@@ -300,18 +385,21 @@ def _curves_plot(runs: Sequence[RunResult], path: Path, title: str) -> Path:
 
 
 REPORT_FILES = ("results.csv", "runs.csv", "results.md", "accuracy_vs_parameters.png", "accuracy_vs_computations.png",
-                "training_curves.png")
+                "training_curves.png", "accuracy_vs_latency.png", "accuracy_vs_latency_b1.png")
 
 
 def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, title: Optional[str] = None,
-                 runs_csv_path=None, overwrite: bool = False) -> List[Path]:
+                 runs_csv_path=None, overwrite: bool = False, latency=None) -> List[Path]:
     """Write the table (``results.md``, ``results.csv``), ``runs.csv`` (or ``runs_csv_path``) and the
     plots of the runs in ``paths`` to ``output`` (:data:`REPORT_FILES`). Runs of one variant with several
     seeds are also summarised as mean ± standard deviation, and the plots show those means. Refused (one
-    line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false."""
+    line) when ``output`` is a run folder, or holds one of those files and ``overwrite`` is false.
+    ``latency``: a latency table (:func:`read_latency_table`) for the latency columns and plots."""
     from .run_folder import RUN_FILES
 
     runs = collect_runs(paths)
+    if latency is not None:
+        _attach_latencies(runs, latency)
     output = Path(output)
     if existing_outputs(output, [name for name in RUN_FILES if name not in REPORT_FILES]):
         raise OutputError(f"{output} is a run folder (its training_curves.png is the run's own): choose another "
@@ -339,10 +427,21 @@ def write_report(paths: Sequence, output, *, baseline: Optional[str] = None, tit
                 "![accuracy vs parameters](accuracy_vs_parameters.png)\n"
                 "![accuracy vs computations](accuracy_vs_computations.png)\n"
                 "![training curves](training_curves.png)\n")
+    if latency is not None:
+        markdown += ("\n## Accuracy against latency\n\n" + format_latency_table(summaries) + "\n\n"
+                     f"Milliseconds per batch in each variant's fastest runtime, from {Path(latency).name} "
+                     "(benchmarks/study_latency.py): at the study's input size, batch 64, and at 224x224, batch 1.\n\n"
+                     "![accuracy vs latency, batch 64](accuracy_vs_latency.png)\n"
+                     "![accuracy vs latency, 224x224 batch 1](accuracy_vs_latency_b1.png)\n")
     written.append(atomic_write_text(output / "results.md", markdown))
     written.append(_tradeoff_plot(summaries, "trainable_params", "trainable parameters",
                                   output / "accuracy_vs_parameters.png", title))
     written.append(_tradeoff_plot(summaries, "computations", "computations", output / "accuracy_vs_computations.png",
                                   title))
     written.append(_curves_plot(runs, output / "training_curves.png", title))
+    if latency is not None:
+        written.append(_tradeoff_plot(summaries, "latency_ms_b64", "ms per batch of 64, fastest runtime",
+                                      output / "accuracy_vs_latency.png", title))
+        written.append(_tradeoff_plot(summaries, "latency_ms_b1", "ms per 224x224 image (batch 1), fastest runtime",
+                                      output / "accuracy_vs_latency_b1.png", title))
     return written
