@@ -108,3 +108,16 @@ def test_the_script_refuses_bad_input_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--models", "mobilenet:baseline", "--output",
                              str(tmp_path / "taken.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert "already holds taken.csv" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_percent_columns_divide_by_each_familys_baseline(tmp_path):
+    """A sweep of several architectures names its runs ARCH-VARIANT: each k-model's % is of its own baseline."""
+    for name, params in (("mobilenet-baseline", 1000), ("mobilenet-v2-16ch", 250), ("mobilenet_v3_large-baseline", 400),
+                         ("mobilenet_v3_large-v2-16ch", 200)):
+        _run(tmp_path / "runs" / name, {"arch": name.split("-")[0]}, 0, 0.5)
+        metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps({**metrics, "trainable_params": params}))
+    assert main(["report", str(tmp_path / "runs"), "--output", str(tmp_path / "report")]) == 0
+    rows = {row["model"]: row["% parameters"] for row in csv.DictReader((tmp_path / "report" / "results.csv").open())}
+    assert rows == {"mobilenet-baseline": "100.0", "mobilenet-v2-16ch": "25.0", "mobilenet_v3_large-baseline": "100.0",
+                    "mobilenet_v3_large-v2-16ch": "50.0"}

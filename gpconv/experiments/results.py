@@ -184,15 +184,31 @@ def _percent(value: float) -> str:
     return f"{value:.4f}" if value is not None else "-"
 
 
+def family_baselines(variants: Sequence[str]) -> List[int]:
+    """For each variant name, the index of its baseline: the variant ``PREFIXbaseline`` with the longest
+    ``PREFIX`` that starts the name (``mobilenet_v3_large-v2-16ch`` -> ``mobilenet_v3_large-baseline``
+    in a sweep of several architectures; ``baseline-w0.37`` -> ``baseline``), else the first baseline,
+    else the first variant."""
+    bases = [i for i, name in enumerate(variants) if name.endswith("baseline")]
+    picks = []
+    for name in variants:
+        matching = [i for i in bases if name.startswith(variants[i][:-len("baseline")])]
+        picks.append(max(matching, key=lambda i: len(variants[i]), default=bases[0] if bases else 0))
+    return picks
+
+
 def table_rows(runs: Sequence[RunResult], baseline: Optional[str] = None) -> List[List[str]]:
-    """One row of strings per run (see :data:`HEADER`); the % columns divide by the baseline run."""
+    """One row of strings per run (see :data:`HEADER`); the % columns divide by the run ``baseline``
+    or, without it, by each run's family baseline (:func:`family_baselines`, first seed)."""
     names = [run.name for run in runs]
     if baseline is not None and baseline not in names:
         raise ValueError(f"no run named {baseline!r} to use as the baseline; runs: {', '.join(names)}")
-    base = runs[names.index(baseline)] if baseline else next((r for r in runs if r.name.endswith("baseline")), runs[0])
-    return [[run.name, str(run.trainable_params), f"{100.0 * run.trainable_params / base.trainable_params:.1f}",
-             str(run.computations), f"{100.0 * run.computations / base.computations:.1f}",
-             _percent(run.test_accuracy), _percent(run.test_accuracy_hflip_tta), str(run.epochs)] for run in runs]
+    variants = [run.variant for run in runs]
+    bases = [names.index(baseline)] * len(runs) if baseline else family_baselines(variants)
+    return [[run.name, str(run.trainable_params), f"{100.0 * run.trainable_params / runs[b].trainable_params:.1f}",
+             str(run.computations), f"{100.0 * run.computations / runs[b].computations:.1f}",
+             _percent(run.test_accuracy), _percent(run.test_accuracy_hflip_tta), str(run.epochs)]
+            for run, b in zip(runs, bases)]
 
 
 def format_results_table(runs: Sequence[RunResult], baseline: Optional[str] = None) -> str:
@@ -294,9 +310,10 @@ def format_latency_table(summaries: Sequence[VariantSummary]) -> str:
 def format_variant_table(summaries: Sequence[VariantSummary]) -> str:
     """Markdown table of the variants (:data:`VARIANT_HEADER`): mean ± sample standard deviation over
     their seeds."""
-    base = next((v for v in summaries if v.variant.endswith("baseline")), summaries[0])
+    bases = family_baselines([summary.variant for summary in summaries])
     rows = []
-    for summary in summaries:
+    for summary, index in zip(summaries, bases):
+        base = summaries[index]
         seconds = summary.mean_std("train_seconds")
         rows.append((summary.variant, str(len(summary.runs)), f"{summary.trainable_params:,}",
                      f"{100.0 * summary.trainable_params / base.trainable_params:.1f}%", f"{summary.computations:,}",
