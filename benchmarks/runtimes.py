@@ -21,6 +21,9 @@ For each setting (224x224 batch 1 and 16; 32x32 batch 64 with ``skip_strides=3``
 * ``OpenVINO NNCF int8`` (only when named; needs ``pip install nncf``, not a gpconv dependency):
   OpenVINO's own post-training int8 (NNCF, default preset) of the fp32 file, calibrated on the
   synthetic images;
+* ``ORT fp32 tuned``, ``OpenVINO tuned`` (only when named in ``--runtimes``): the file exported with
+  ``export_onnx(..., tune="onnxruntime")`` / ``tune="openvino"``, each grouped block in the form that
+  runs fastest in that runtime on this CPU at the batch's shape (``gpconv export --tune``), run in that runtime;
 * with ``--onnx-forms``, ``ORT fp32 FORM`` and ``OpenVINO FORM``: ONNX Runtime and OpenVINO with the
   grouped blocks exported in each other form of ``gpconv.export.ONNX_FORMS`` (how the default was chosen).
 
@@ -56,7 +59,9 @@ from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
 SETTINGS = {"224-b1": (224, 1, 0), "224-b16": (224, 16, 0), "32-b64": (32, 64, 3)}  # size, batch, skip_strides
 RUNTIMES = ("torch eager", "prepare_for_inference", "ORT fp32", "ORT int8", "OpenVINO", "OpenVINO f32",
-            "OpenVINO int8", "OpenVINO NNCF int8")
+            "OpenVINO int8", "OpenVINO NNCF int8", "ORT fp32 tuned", "OpenVINO tuned")
+# the tuned rows: the --tune runtime each is exported for
+TUNED = {"ORT fp32 tuned": "onnxruntime", "OpenVINO tuned": "openvino"}
 
 
 def images(count: int, size: int) -> torch.Tensor:
@@ -99,10 +104,12 @@ def nncf_int8_function(path: Path, x: torch.Tensor, calibration: torch.Tensor, t
     return openvino_function(saved, x, threads)
 
 
-def export(model, path: Path, x, calibration, form: str = "rule") -> Path:
-    """``path``, exported (and verified) the first time it is asked for."""
+def export(model, path: Path, x, calibration, form: str = "rule", tune=None, threads=None) -> Path:
+    """``path``, exported (and verified) the first time it is asked for; ``tune``: tuned for that runtime
+    at ``x``'s shape with ``threads`` threads."""
     if not path.exists():
-        gpconv.export_onnx(model, path, x[:2], verify_input=calibration[:16], form=form)
+        gpconv.export_onnx(model, path, x if tune else x[:2], verify_input=calibration[:16], form=form, tune=tune,
+                           tune_threads=threads)
     return path
 
 
@@ -130,6 +137,14 @@ def runtime_functions(name, model, x, calibration, folder: Path, threads: int, r
             functions[runtime] = lambda session=session_form: session.run(None, {"images": array})
         elif runtime.startswith("OpenVINO "):
             functions[runtime] = openvino_function(path, x, threads)
+    for runtime, tune in TUNED.items():
+        if runtime in runtimes:
+            path = export(model, fp32.with_suffix(f".{tune}-{len(x)}.onnx"), x, calibration, tune=tune, threads=threads)
+            if tune == "onnxruntime":
+                session_tuned = onnx_session(path, threads, spinning=False)
+                functions[runtime] = lambda session=session_tuned: session.run(None, {"images": array})
+            else:
+                functions[runtime] = openvino_function(path, x, threads)
     if "ORT fp32" in runtimes:
         session = onnx_session(fp32, threads, spinning=False)
         functions["ORT fp32"] = lambda: session.run(None, {"images": array})
@@ -197,8 +212,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=16, help="images per timed call (batches of N: N // batch)")
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of: " + ", ".join(SETTINGS))
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, the first is the baseline")
-    parser.add_argument("--runtimes", default=",".join(RUNTIMES[:-2]),
-                        help="comma-separated, of: " + ", ".join(RUNTIMES) + " (default: all but the last two)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES[:-4]),
+                        help="comma-separated, of: " + ", ".join(RUNTIMES) + " (default: all but the last four)")
     parser.add_argument("--onnx-forms", action="store_true",
                         help="also time ONNX Runtime fp32 and OpenVINO with the grouped blocks exported in each form of "
                              "gpconv.export.ONNX_FORMS (the default export is 'rule')")
