@@ -116,15 +116,34 @@ def onnx_form(model: nn.Module, form: str = "rule") -> nn.Module:
     if form not in ONNX_FORMS:
         raise DeployError(f"unknown form {form!r}; expected one of: {', '.join(ONNX_FORMS)}")
     prepared = prepare_for_inference(model, channels_last=False)
-    if form == "rule":
-        return prepared
+    if form != "rule":
+        _set_every_block(prepared, form)
+    return prepared
+
+
+def _set_every_block(prepared: nn.Module, form: str) -> None:
+    """Every grouped block of ``prepared`` in the execution ``form`` where it has it ("dense" falls back to
+    "factored", else "grouped"), group factor 1."""
     for block in prepared.modules():
         if isinstance(block, FoldedGroupedPointwiseConv2d):
             preference = (form, "factored") if form == "dense" else (form,)
             block.execution = next((e for e in preference if e in block.executions), "grouped")
             for layer in block.layers:
                 layer.super_group(1)
-    return prepared
+
+
+def _block_forms(prepared: nn.Module) -> dict:
+    """{block name: (execution, group factor of K, of L)} of every grouped block: what :func:`_restore_forms` sets."""
+    return {name: (block.execution, *(layer.group_factor for layer in block.layers))
+            for name, block in prepared.named_modules() if isinstance(block, FoldedGroupedPointwiseConv2d)}
+
+
+def _restore_forms(prepared: nn.Module, forms: dict) -> None:
+    blocks = dict(prepared.named_modules())
+    for name, (execution, *factors) in forms.items():
+        blocks[name].execution = execution
+        for layer, factor in zip(blocks[name].layers, factors):
+            layer.super_group(factor)
 
 
 def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True):
@@ -266,11 +285,12 @@ def parse_tune(text: str) -> tuple:
 
 
 def _form_key(module: nn.Module, x: torch.Tensor) -> tuple:
-    """What a form's time depends on: its class, execution and group factors, the shapes of its weights and
-    of its input (not the weights' values); equal keys are timed once."""
+    """What a form's time depends on: its class, the executions and group factors in it, the shapes of its
+    weights and of its input (not the weights' values); equal keys are timed once."""
     shapes = tuple((name, tuple(t.shape)) for name, t in module.state_dict().items())
-    return (type(module).__name__, getattr(module, "form", None), getattr(module, "group_factor", None),
-            getattr(module, "stride", None), type(getattr(module, "act", None)).__name__, shapes, tuple(x.shape))
+    forms = tuple((getattr(m, "form", None), getattr(m, "group_factor", None), type(getattr(m, "act", None)).__name__,
+                   getattr(m, "stride", None)) for m in module.modules())
+    return type(module).__name__, forms, shapes, tuple(x.shape)
 
 
 def _block_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
@@ -316,17 +336,36 @@ def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str
     """Give every grouped block of ``prepared`` (an NCHW :func:`onnx_form`) the form, of those it has
     (grouped with each group factor, factored, dense: a dense block costs what the dense model's layer
     costs), that runs fastest in the runtime ``tune`` names (:func:`parse_tune`) on ``example_input``'s
-    shape (the batch to deploy). Returns what :func:`export_onnx` records in the file's metadata:
-    ``{"runtime", "precision", "threads", "input_shape", "cpu", "forms": {block name: form}}``."""
+    shape (the batch to deploy).
+
+    Blocks timed alone miss what the runtime does across them (layout reorders, fusions), so the whole
+    model is then timed in three settings, the fastest kept: ``"per block"`` (those choices), ``"rule"``
+    (:func:`prepare_for_inference`'s untimed rule, the untuned export) and ``"dense"`` (every block dense
+    where it can be: the dense model's cost). Returns what :func:`export_onnx` records in the file's
+    metadata: ``{"runtime", "precision", "threads", "input_shape", "cpu", "model_seconds": {setting:
+    seconds}, "kept": setting, "forms": {block name: form}}``."""
     runtime, precision = parse_tune(tune)
     if runtime == "openvino" and precision is None:
         precision = openvino_default_precision()
     version = require_deploy(runtime).__version__.split("-")[0]
-    choose_executions(prepared, example_input.contiguous(), runtime_timer(runtime, precision, threads))
+    timer, x = runtime_timer(runtime, precision, threads), example_input.contiguous()
+    choose_executions(prepared, x, timer)
+    settings = {"per block": _block_forms(prepared)}
+    choose_executions(prepared, None)
+    settings["rule"] = _block_forms(prepared)
+    _set_every_block(prepared, "dense")
+    settings["dense"] = _block_forms(prepared)
+    seconds = {}
+    for name, forms in settings.items():
+        _restore_forms(prepared, forms)
+        seconds[name] = timer(prepared, x)
+    kept = min(seconds, key=seconds.get)
+    _restore_forms(prepared, settings[kept])
     forms = {name: block.form for name, block in prepared.named_modules()
              if isinstance(block, FoldedGroupedPointwiseConv2d)}
     return {"runtime": f"{runtime} {version}", "precision": precision or "float32", "threads": threads,
-            "input_shape": list(example_input.shape), "cpu": cpu_description(), "forms": forms}
+            "input_shape": list(example_input.shape), "cpu": cpu_description(), "model_seconds": seconds,
+            "kept": kept, "forms": forms}
 
 
 def tuning_summary(tuning: dict) -> str:
@@ -337,7 +376,9 @@ def tuning_summary(tuning: dict) -> str:
         counts[form] = counts.get(form, 0) + 1
     shape = "x".join(map(str, tuning["input_shape"]))
     threads = f"{tuning['threads']} threads" if tuning["threads"] else "the runtime's default threads"
-    return (f"tuned for {tuning['runtime']} ({tuning['precision']}, input {shape}, {threads}) on {tuning['cpu']}: "
+    timed = ", ".join(f"{name} {1e3 * seconds:.1f} ms" for name, seconds in tuning["model_seconds"].items())
+    return (f"tuned for {tuning['runtime']} ({tuning['precision']}, input {shape}, {threads}) on {tuning['cpu']}; "
+            f"whole model: {timed}; kept {tuning['kept']}: "
             + ", ".join(f"{count} {form}" for form, count in sorted(counts.items(), key=lambda item: -item[1])))
 
 

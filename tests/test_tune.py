@@ -19,12 +19,20 @@ def ranking_timer(prefer):
     return lambda runtime, precision=None, threads=None: (lambda module, x: prefer(module))
 
 
+def is_whole_model(module):
+    return not hasattr(module, "execution") and not hasattr(module, "group_factor")
+
+
 def prefers_dense(module):
+    if is_whole_model(module):  # the whole-model check: a tie, the per-block choice stays
+        return 1.0
     return 1.0 if getattr(module, "form", None) == "dense" else 2.0
 
 
 def prefers_grouped(largest_factor):
     def prefer(module):
+        if is_whole_model(module):
+            return 1.0
         if hasattr(module, "group_factor"):  # one layer: the largest (or smallest) group factor wins
             return 1.0 / module.group_factor if largest_factor else float(module.group_factor)
         return 1.0 if module.execution == "grouped" else 2.0
@@ -65,10 +73,29 @@ def test_tuned_export_keeps_the_form_the_runtime_runs_fastest(prefer, expected, 
         grouped_layers = sum(layer.groups // f > 1 for n, b in blocks.items() for layer, f in zip(b.layers, factors[n]))
         assert grouped_layers == (0 if largest else 3)
     assert len(grouped_convolutions(result.path)) == grouped_layers  # the file holds the chosen forms
+    assert result.tuning["kept"] == "per block" and set(result.tuning["model_seconds"]) == {"per block", "rule", "dense"}
     recorded = json.loads(metadata(result.path)["gpconv.tune"])
     assert recorded == result.tuning and recorded["input_shape"] == [8, 3, 16, 16]
     assert recorded["runtime"].startswith("onnxruntime ") and recorded["cpu"]
     assert result.max_difference <= 1e-4 * max(1.0, result.max_output)  # verified against torch as every export
+
+
+def test_the_whole_model_check_keeps_the_dense_setting_when_it_runs_fastest(tmp_path, monkeypatch):
+    """Blocks timed alone prefer grouped forms, the whole model runs fastest dense (the runtime fuses or reorders
+    across blocks): the dense setting is exported, so the file is not slower than the dense model."""
+    def prefer(module):
+        if is_whole_model(module):  # fewer grouped blocks: faster
+            return 1.0 + sum(m.execution != "dense" for m in module.modules() if hasattr(m, "executions"))
+        return 1.0 if getattr(module, "execution", "grouped") == "grouped" else 2.0
+
+    monkeypatch.setattr(gpconv.export, "runtime_timer", ranking_timer(prefer))
+    images = _real_images(16)
+    result = gpconv.export_onnx(_converted_model(images), tmp_path / "d.onnx", images[:8], verify_input=images,
+                                tune="onnxruntime")
+    # kept: "dense", or "rule" where the rule's forms are the dense ones (small blocks): the same file
+    assert result.tuning["kept"] != "per block" and not grouped_convolutions(result.path)
+    assert result.tuning["model_seconds"]["dense"] < result.tuning["model_seconds"]["per block"]
+    assert set(result.tuning["forms"].values()) <= {"dense", "factored K1"}
 
 
 def test_onnxruntime_timer_times_each_shape_once(monkeypatch):
