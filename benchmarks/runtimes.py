@@ -53,7 +53,7 @@ import gpconv  # noqa: E402
 from benchmark import MALLOC_SETTINGS, alternate, describe_machine  # noqa: E402
 from gpconv.experiments.data import ImageSet, make_synthetic, to_float  # noqa: E402
 from gpconv.export import (ONNX_FORMS, cpu_description, onnx_session, openvino_chunked, openvino_compile,  # noqa: E402
-                           openvino_default_precision, quantize_onnx, require_deploy)
+                           openvino_default_precision, quantize_onnx, require_deploy, tuning_summary)
 from gpconv.experiments.metrics import recalibrate_batch_norm  # noqa: E402
 
 MODELS = {"EfficientNet-B0": None, "kEffNet-B0 V2 16ch": 16, "kEffNet-B0 V2 32ch": 32}
@@ -108,8 +108,10 @@ def export(model, path: Path, x, calibration, form: str = "rule", tune=None, thr
     """``path``, exported (and verified) the first time it is asked for; ``tune``: tuned for that runtime
     at ``x``'s shape with ``threads`` threads."""
     if not path.exists():
-        gpconv.export_onnx(model, path, x if tune else x[:2], verify_input=calibration[:16], form=form, tune=tune,
-                           tune_threads=threads)
+        result = gpconv.export_onnx(model, path, x if tune else x[:2], verify_input=calibration[:16], form=form,
+                                    tune=tune, tune_threads=threads)
+        if result.tuning:
+            print(f"{path.name}: {tuning_summary(result.tuning)}", flush=True)
     return path
 
 
