@@ -146,15 +146,19 @@ def _restore_forms(prepared: nn.Module, forms: dict) -> None:
             layer.super_group(factor)
 
 
-def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True):
+def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True, profile: Optional[str] = None):
     """An ONNX Runtime CPU session of ``model`` (a path or serialized bytes), all graph optimizations,
     ``threads`` intra-op threads (default: ONNX Runtime's). ``spinning=False`` stops its idle threads
     from busy-waiting after a run (they would take the CPU from whatever runs next, e.g. in a benchmark
-    that alternates runtimes)."""
+    that alternates runtimes). ``profile``: ONNX Runtime's profiler on, its JSON file named with this
+    prefix (``session.end_profiling()`` returns the path)."""
     ort = require_deploy("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
