@@ -352,6 +352,11 @@ def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str
     if runtime == "openvino" and precision is None:
         precision = openvino_default_precision()
     version = require_deploy(runtime).__version__.split("-")[0]
+    record = {"runtime": f"{runtime} {version}", "precision": precision or "float32", "threads": threads,
+              "input_shape": list(example_input.shape), "cpu": cpu_description(), "model_seconds": {},
+              "kept": "nothing to tune (no grouped blocks)", "forms": {}}
+    if not _block_forms(prepared):
+        return record
     timer, x = runtime_timer(runtime, precision, threads), example_input.contiguous()
     choose_executions(prepared, x, timer)
     settings = {"per block": _block_forms(prepared)}
@@ -367,9 +372,7 @@ def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str
     _restore_forms(prepared, settings[kept])
     forms = {name: block.form for name, block in prepared.named_modules()
              if isinstance(block, FoldedGroupedPointwiseConv2d)}
-    return {"runtime": f"{runtime} {version}", "precision": precision or "float32", "threads": threads,
-            "input_shape": list(example_input.shape), "cpu": cpu_description(), "model_seconds": seconds,
-            "kept": kept, "forms": forms}
+    return {**record, "model_seconds": seconds, "kept": kept, "forms": forms}
 
 
 def tuning_summary(tuning: dict) -> str:
@@ -381,8 +384,10 @@ def tuning_summary(tuning: dict) -> str:
     shape = "x".join(map(str, tuning["input_shape"]))
     threads = f"{tuning['threads']} threads" if tuning["threads"] else "the runtime's default threads"
     timed = ", ".join(f"{name} {1e3 * seconds:.1f} ms" for name, seconds in tuning["model_seconds"].items())
-    return (f"tuned for {tuning['runtime']} ({tuning['precision']}, input {shape}, {threads}) on {tuning['cpu']}; "
-            f"whole model: {timed}; kept {tuning['kept']}: "
+    head = f"tuned for {tuning['runtime']} ({tuning['precision']}, input {shape}, {threads}) on {tuning['cpu']}; "
+    if not tuning["forms"]:
+        return head + tuning["kept"]
+    return (head + f"whole model: {timed}; kept {tuning['kept']}: "
             + ", ".join(f"{count} {form}" for form, count in sorted(counts.items(), key=lambda item: -item[1])))
 
 

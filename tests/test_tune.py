@@ -161,3 +161,15 @@ def test_real_onnxruntime_tuning_picks_one_of_each_blocks_forms(tmp_path):
     assert set(result.tuning["forms"]) == set(blocks)
     for name, form in result.tuning["forms"].items():
         assert form.split()[0] in blocks[name].executions
+
+
+def test_a_model_without_grouped_blocks_exports_as_it_is_and_says_so(tmp_path, monkeypatch):
+    from gpconv.export import tuning_summary
+
+    monkeypatch.setattr(gpconv.export, "runtime_timer", None)  # nothing may be timed
+    images = _real_images(8)
+    dense = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
+    result = gpconv.export_onnx(dense, tmp_path / "dense.onnx", images[:4], verify_input=images, tune="onnxruntime")
+    assert result.tuning["forms"] == {} and "no grouped blocks" in tuning_summary(result.tuning)
+    assert json.loads(metadata(result.path)["gpconv.tune"]) == result.tuning
