@@ -309,30 +309,41 @@ def _block_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
 
 def runtime_timer(runtime: str, precision: Optional[str] = None, threads: Optional[int] = None):
     """A timer for :func:`gpconv.core.inference.choose_executions`: ``timer(module, x)`` exports ``module``
-    (a grouped block in one form, or one of its layers) alone at ``x``'s shape and returns the best of 3
-    runs in ``runtime`` (one of :data:`TUNE_RUNTIMES`; OpenVINO in ``precision``, default its own),
-    ``threads`` threads. Forms of equal shapes are timed once (:func:`_form_key`)."""
+    (a grouped block in one form, or one of its layers, or a whole model) alone at ``x``'s shape and
+    returns the best of 3 runs in ``runtime`` (one of :data:`TUNE_RUNTIMES`; OpenVINO in ``precision``,
+    default its own), ``threads`` threads. Forms of equal shapes are timed once (:func:`_form_key`);
+    ``timer(module, x, fresh=True)`` times again (the compiled form is kept for that)."""
     if runtime not in TUNE_RUNTIMES:
         raise DeployError(f"cannot tune for {runtime!r}: expected one of {', '.join(TUNE_RUNTIMES)}")
     require_deploy("onnxruntime" if runtime == "onnxruntime" else "openvino")
-    cache = {}
+    seconds, kept = {}, {}
 
-    def timer(module: nn.Module, x: torch.Tensor) -> float:
+    def runner(module: nn.Module, x: torch.Tensor):
+        data, array = _block_onnx(module, x), x.detach().float().contiguous().numpy()
+        if runtime == "onnxruntime":
+            session = onnx_session(data, threads, spinning=False)
+            return lambda: session.run(None, {"x": array})
+        with tempfile.TemporaryDirectory(prefix="gpconv-tune-") as folder:
+            path = Path(folder) / "block.onnx"
+            path.write_bytes(data)
+            request = openvino_compile(path, tuple(array.shape), threads, precision).create_infer_request()
+        return lambda: request.infer([array])
+
+    def timer(module: nn.Module, x: torch.Tensor, fresh: bool = False) -> float:
         key = _form_key(module, x)
-        if key not in cache:
-            data, array = _block_onnx(module, x), x.detach().float().contiguous().numpy()
-            if runtime == "onnxruntime":
-                session = onnx_session(data, threads, spinning=False)
-                cache[key] = _seconds(lambda: session.run(None, {"x": array}))
-            else:
-                with tempfile.TemporaryDirectory(prefix="gpconv-tune-") as folder:
-                    path = Path(folder) / "block.onnx"
-                    path.write_bytes(data)
-                    request = openvino_compile(path, tuple(array.shape), threads, precision).create_infer_request()
-                cache[key] = _seconds(lambda: request.infer([array]))
-        return cache[key]
+        if fresh:
+            if key not in kept:
+                kept[key] = runner(module, x)
+            return _seconds(kept[key])
+        if key not in seconds:
+            seconds[key] = _seconds(runner(module, x))
+        return seconds[key]
 
     return timer
+
+
+# Rounds of the whole-model check in tune_for_runtime (each the best of 3 runs; the median is compared).
+WHOLE_MODEL_ROUNDS = 3
 
 
 def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str,
@@ -343,7 +354,8 @@ def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str
     shape (the batch to deploy).
 
     Blocks timed alone miss what the runtime does across them (layout reorders, fusions), so the whole
-    model is then timed in three settings, the fastest kept: ``"per block"`` (those choices), ``"rule"``
+    model is then timed in three settings (alternating, :data:`WHOLE_MODEL_ROUNDS` rounds, medians), the
+    fastest kept: ``"per block"`` (those choices), ``"rule"``
     (:func:`prepare_for_inference`'s untimed rule, the untuned export) and ``"dense"`` (every block dense
     where it can be: the dense model's cost). Returns what :func:`export_onnx` records in the file's
     metadata: ``{"runtime", "precision", "threads", "input_shape", "cpu", "model_seconds": {setting:
@@ -364,10 +376,12 @@ def tune_for_runtime(prepared: nn.Module, example_input: torch.Tensor, tune: str
     settings["rule"] = _block_forms(prepared)
     _set_every_block(prepared, "dense")
     settings["dense"] = _block_forms(prepared)
-    seconds = {}
-    for name, forms in settings.items():
-        _restore_forms(prepared, forms)
-        seconds[name] = timer(prepared, x)
+    samples = {name: [] for name in settings}
+    for _ in range(WHOLE_MODEL_ROUNDS):  # alternating, so that a drift of the machine hits all three alike
+        for name, forms in settings.items():
+            _restore_forms(prepared, forms)
+            samples[name].append(timer(prepared, x, fresh=True))
+    seconds = {name: sorted(values)[len(values) // 2] for name, values in samples.items()}  # medians
     kept = min(seconds, key=seconds.get)
     _restore_forms(prepared, settings[kept])
     forms = {name: block.form for name, block in prepared.named_modules()

@@ -16,7 +16,7 @@ pytestmark = needs_deploy
 
 def ranking_timer(prefer):
     """A stand-in for a runtime: ``prefer(module) -> seconds``, whatever the input."""
-    return lambda runtime, precision=None, threads=None: (lambda module, x: prefer(module))
+    return lambda runtime, precision=None, threads=None: (lambda module, x, fresh=False: prefer(module))
 
 
 def is_whole_model(module):
@@ -113,6 +113,8 @@ def test_onnxruntime_timer_times_each_shape_once(monkeypatch):
     first.execution = "dense"
     timer(first, x)
     assert len(sessions) == 3  # another batch, another form: timed again
+    assert timer(first, x, fresh=True) > 0 and timer(first, x, fresh=True) > 0
+    assert len(sessions) == 4  # timed afresh twice on one session, kept for that
 
 
 @needs_openvino
