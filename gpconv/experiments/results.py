@@ -359,8 +359,11 @@ def _tradeoff_plot(summaries: Sequence[VariantSummary], attribute: str, label: s
         axis.annotate(summary.variant, (costs[i], accuracies[i]), textcoords="offset points", xytext=offsets[i],
                       fontsize=8, color="tab:red" if i in front else "black",
                       fontweight="bold" if i in front else "normal")
-    axis.set_xscale("log")
-    axis.set_xlabel(label + " (log scale)")
+    finite = [cost for cost in costs if cost and cost > 0]
+    if finite and max(finite) > 10 * min(finite):  # a log axis only where the costs span a decade
+        axis.set_xscale("log")
+        label += " (log scale)"
+    axis.set_xlabel(label)
     axis.set_ylabel("test accuracy")
     axis.set_title(textwrap.fill(title, 80), fontsize=9)
     axis.grid(alpha=0.3, which="both")
