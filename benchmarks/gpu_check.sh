@@ -19,10 +19,10 @@
 # PYTHON picks the interpreter (default: .venv/bin/python where it exists, else python3).
 set -u -o pipefail
 
-TESTS_S=150        # the CUDA tests
-BENCHMARK_S=200    # benchmark.py
+TESTS_S=140        # the CUDA tests
+BENCHMARK_S=190    # benchmark.py
 TRAIN_S=100        # the real-data training
-SETUP_S=30         # environment and copying, the most the script itself takes
+SETUP_S=15         # environment, copying, and 5 s per step for timeout's kill, the most the script adds
 TOTAL_LIMIT_S=480  # the device check's budget: 8 minutes
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -99,7 +99,7 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run COMMAND under LIMIT_S seconds,
     local name=$1 limit=$2 log=$3 begun=$SECONDS code outcome
     shift 3
     echo "== $name (limit ${limit}s) ==" >&2
-    timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$log" 2>&1
+    timeout --kill-after=5 "$limit" "$@" >"$OUTDIR/$log" 2>&1
     code=$?
     case $code in
         0) outcome=ok ;;

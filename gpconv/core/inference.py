@@ -509,7 +509,10 @@ def _seconds(function, repeats: int = 3) -> float:
 
 
 def torch_seconds(module: nn.Module, x: torch.Tensor) -> float:
-    """The default :data:`Timer`: seconds of ``module(x)`` in torch (:func:`_seconds`)."""
+    """The default :data:`Timer`: seconds of ``module(x)`` in torch (:func:`_seconds`); on a GPU up to the
+    end of its kernels (CUDA calls return before they run)."""
+    if x.is_cuda:
+        return _seconds(lambda: (module(x), torch.cuda.synchronize(x.device)))
     return _seconds(lambda: module(x))
 
 
