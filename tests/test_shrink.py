@@ -199,6 +199,14 @@ def teacher(tmp_path_factory):
     return dense_run / "best.pt", k_run / "best.pt"
 
 
+def assert_evaluate_agrees(output, tmp_path):
+    """``gpconv evaluate`` of the run's best.pt gives the test accuracy its metrics.json recorded."""
+    metrics = json.loads((output / "metrics.json").read_text())
+    evaluated = gpconv_cli("evaluate", "--checkpoint", str(output / "best.pt"), "--json", str(tmp_path / "e.json"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+
+
 def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path):
     dense_checkpoint, _ = teacher
     output = tmp_path / "shrunk"
@@ -214,9 +222,7 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     errors = [(layer["initial_error"], layer["relative_error"]) for layer in fit["layers"]]
     assert errors and sum(after for _, after in errors) < 0.5 * sum(before for before, _ in errors), errors
     assert metrics["trainable_params"] == fit["trainable_params"] < fit["teacher_params"]
-    evaluated = gpconv_cli("evaluate", "--checkpoint", str(output / "best.pt"), "--json", str(tmp_path / "e.json"))
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert_evaluate_agrees(output, tmp_path)
     summary = gpconv_cli("summary", "--checkpoint", str(output / "best.pt"))
     assert summary.returncode == 0, summary.stderr
     assert "fit error" in summary.stdout and f"{metrics['trainable_params']:,}" in summary.stdout
@@ -233,10 +239,7 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
     assert result.returncode == 0, result.stderr
     fit = json.loads((output / "fit.json").read_text())
     assert fit["trainable_params"] <= 0.5 * fit["teacher_params"] and fit["budget"]["mapping"]
-    evaluated = gpconv_cli("evaluate", "--checkpoint", str(output / "best.pt"), "--json", str(tmp_path / "e.json"))
-    assert evaluated.returncode == 0, evaluated.stderr
-    metrics = json.loads((output / "metrics.json").read_text())
-    assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert_evaluate_agrees(output, tmp_path)
 
 
 @pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset"])
