@@ -61,3 +61,25 @@ def test_training_page_quotes_the_cross_check_table():
     quoted = set(re.findall(r"-?\d\.\d{4}", section))
     assert quoted, "the cross-check section quotes no figure"
     assert all(figure in table for figure in quoted), sorted(f for f in quoted if f not in table)
+
+
+def test_shrinking_section_quotes_only_the_shrink_csv():
+    """docs/results.md's "Shrinking a trained model": every accuracy it quotes is a run's test accuracy, its
+    teacher's, or a mean over runs of one method, channels per group and epochs in the shrink study's CSV."""
+    path = ROOT / "docs" / "results" / "shrink_cifar10_subset.csv"
+    rows = list(csv.DictReader(path.open()))
+    assert rows, "the shrink study's CSV is empty"
+    groups = {}
+    figures = set()
+    for row in rows:
+        key = (row["method"], row["channels_per_group"], row["epochs"])
+        groups.setdefault(key, []).append(float(row["test_accuracy"]))
+        figures |= {f"{float(row[column]):.3f}" for column in ("test_accuracy", "teacher_accuracy", "mean_fit_error")
+                    if row[column]}
+    figures |= {f"{statistics.mean(values):.3f}" for values in groups.values()}
+    text = (ROOT / "docs" / "results.md").read_text()
+    section = text[text.index("## Shrinking a trained model"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", section))
+    assert quoted, "the section quotes no accuracy"
+    assert quoted <= figures, sorted(quoted - figures)
