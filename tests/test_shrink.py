@@ -222,6 +222,7 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     errors = [(layer["initial_error"], layer["relative_error"]) for layer in fit["layers"]]
     assert errors and sum(after for _, after in errors) < 0.5 * sum(before for before, _ in errors), errors
     assert metrics["trainable_params"] == fit["trainable_params"] < fit["teacher_params"]
+    assert "start (epoch 0): val_loss" in result.stdout and metrics["best_epoch"] in (0, 1)  # the start competes
     assert_evaluate_agrees(output, tmp_path)
     summary = gpconv_cli("summary", "--checkpoint", str(output / "best.pt"))
     assert summary.returncode == 0, summary.stderr
