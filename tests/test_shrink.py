@@ -207,12 +207,18 @@ def assert_evaluate_agrees(output, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
 
 
+def quick_shrink(checkpoint, output, *options):
+    """``gpconv shrink`` on 64 calibration images, one thread; the finished process."""
+    result = gpconv_cli("shrink", "--checkpoint", str(checkpoint), *options, "--calibration-images", "64", "--threads",
+                        "1", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path):
     dense_checkpoint, _ = teacher
     output = tmp_path / "shrunk"
-    result = gpconv_cli("shrink", "--checkpoint", str(dense_checkpoint), "--channels-per-group", "16", "--epochs", "1",
-                        "--calibration-images", "64", "--fit-steps", "5", "--threads", "1", "--output", str(output))
-    assert result.returncode == 0, result.stderr
+    result = quick_shrink(dense_checkpoint, output, "--channels-per-group", "16", "--epochs", "1", "--fit-steps", "5")
     metrics = json.loads((output / "metrics.json").read_text())
     config = json.loads((output / "config.json").read_text())
     fit = json.loads((output / "fit.json").read_text())
@@ -235,9 +241,7 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
 def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_path):
     dense_checkpoint, _ = teacher
     output = tmp_path / "fitted"
-    result = gpconv_cli("shrink", "--checkpoint", str(dense_checkpoint), "--budget", "0.5", "--epochs", "0",
-                        "--calibration-images", "64", "--fit-steps", "0", "--threads", "1", "--output", str(output))
-    assert result.returncode == 0, result.stderr
+    quick_shrink(dense_checkpoint, output, "--budget", "0.5", "--epochs", "0", "--fit-steps", "0")
     fit = json.loads((output / "fit.json").read_text())
     assert fit["trainable_params"] <= 0.5 * fit["teacher_params"] and fit["budget"]["mapping"]
     assert_evaluate_agrees(output, tmp_path)
