@@ -4,6 +4,7 @@ again (in another process for transformers and timm) with identical outputs; tim
 Offline: the folders are local (the Hugging Face hub is not reachable where gpconv is developed)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,8 +76,12 @@ def outputs_in_new_process(folder: Path, how: str, tmp_path: Path) -> torch.Tens
     script = tmp_path / "load.py"
     script.write_text(LOAD_IN_NEW_PROCESS.format(tests=str(ROOT / "tests")))
     safetensors_torch.save_file({"x": X}, tmp_path / "x.safetensors")
+    # the same number of CPU threads as this process (earlier in-process CLI calls may have set it): another
+    # count changes the order of the convolutions' sums, and the outputs are compared bit for bit
+    environment = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, str(script), str(folder), how, str(tmp_path / "x.safetensors"),
-                             str(tmp_path / "y.safetensors")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                             str(tmp_path / "y.safetensors")], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     return safetensors_torch.load_file(tmp_path / "y.safetensors")["y"]
 
