@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .block import GroupedConvLayer, GroupedPointwiseConv2d, GroupedPointwiseLinear
-from .convert import FIT_ERROR_ATTRIBUTE, is_plain_linear, is_plain_pointwise
+from .convert import FIT_ERROR_ATTRIBUTE, _excluded, _patterns, is_plain_linear, is_plain_pointwise
 
 __all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense", "convert_and_fit",
            "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES"]
@@ -425,23 +425,19 @@ def recompute_batch_norm(model: nn.Module, calibration: Iterable, *, device: Opt
     batches (the rest of the model in eval mode: dropout off); returns the number of batches. The
     model's training flag is restored."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.training) for m in norms]
-    was_training = model.training
-    model.eval()
+    momenta = [m.momentum for m in norms]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-        norm.train()
     count = 0
     try:
-        for batch in _batches(calibration):
-            model(batch.to(device) if device is not None else batch)
-            count += 1
+        with _mode(model, train=False, batch_norm_train=True):
+            for batch in _batches(calibration):
+                model(batch.to(device) if device is not None else batch)
+                count += 1
     finally:
-        for norm, (momentum, training) in zip(norms, saved):
+        for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
-            norm.train(training)
-        model.train(was_training)
     return count
 
 
@@ -555,7 +551,6 @@ def choose_channels_per_group(dense: nn.Module, calibration: Iterable, budget: f
     """
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"budget must be a fraction of the parameters in (0, 1], got {budget!r}")
-    from .convert import _excluded, _patterns  # the same name matching as convert's exclude
     patterns = _patterns(exclude)
     names = [name for name, module in dense.named_modules()
              if name and (is_plain_pointwise(module) or (linear and is_plain_linear(module)))

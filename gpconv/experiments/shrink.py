@@ -19,6 +19,7 @@ relative output error), ``history.csv``, ``metrics.json``, ``best.pt`` -- which 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -30,13 +31,13 @@ from ..core.convert import conversion_record, convert
 from ..core.counting import count_computations, count_parameters
 from ..core.fit import choose_channels_per_group, fit_to_dense
 from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
-from .checkpoint import (CheckpointError, atomic_torch_save, load_checkpoint, load_model_from_checkpoint,
-                         model_checkpoint)
+from .checkpoint import (CheckpointError, atomic_torch_save, checkpoint_test_split, load_checkpoint,
+                         load_model_from_checkpoint, model_checkpoint)
 from .config import SHRINK_INITS, ModelConfig, ShrinkConfig, TrainConfig
-from .data import DatasetSplits, load_dataset, to_float
+from .data import DatasetSplits, to_float
 from .metrics import evaluate_model
 from .run_folder import prepare_run_folder, write_run_config
-from .training import train
+from .training import _progress, train
 
 __all__ = ["ShrinkConfig", "shrink", "SHRINK_INITS", "calibration_batches"]
 
@@ -61,13 +62,12 @@ def _teacher(config: ShrinkConfig):
 
 
 def _splits(config: ShrinkConfig, checkpoint: dict, model_config: ModelConfig) -> DatasetSplits:
-    trained = checkpoint["train_config"]
-    if not trained.get("dataset"):
+    """The teacher run's own splits (the helper ``evaluate`` and ``cam`` use); a training split is needed."""
+    if not checkpoint["train_config"].get("dataset"):
         raise CheckpointError(f"{config.checkpoint} does not say which dataset it was trained on")
-    splits = load_dataset(trained["dataset"], trained.get("data_dir"), image_size=model_config.image_size,
-                          seed=trained.get("seed", 0), synthetic_size=tuple(trained.get("synthetic_size", (2000, 500))))
+    dataset, splits = checkpoint_test_split(config.checkpoint, checkpoint, model_config)
     if len(splits.train) == 0:
-        raise ValueError(f"{trained['dataset']} has no training split to calibrate on")
+        raise ValueError(f"{dataset} has no training split to calibrate on")
     return splits
 
 
@@ -84,13 +84,8 @@ def _convert(teacher, config: ShrinkConfig, calibration, log):
 
 
 def _bar(description: str) -> Callable:
-    def wrap(items):
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency of the train extra
-            return items
-        return tqdm(items, desc=description, leave=False, dynamic_ncols=True)
-    return wrap
+    """A progress wrapper for the fit's per-layer loops (training's, shown on a terminal)."""
+    return lambda items: _progress(items, len(items), description, sys.stdout.isatty())
 
 
 def _train_config(config: ShrinkConfig, checkpoint: dict) -> TrainConfig:
