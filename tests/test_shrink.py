@@ -290,3 +290,16 @@ def test_a_third_party_model_and_a_dataloader_shrink_through_the_python_api():
     assert sum(p.numel() for p in budgeted.parameters()) <= 0.5 * total
     with pytest.raises(ValueError, match="exactly one"):
         gpconv.convert_and_fit(dense, loader)
+
+
+def test_the_sequential_fit_fits_each_block_on_the_converted_models_own_inputs(dense):
+    converted = gpconv.convert(dense, 8, linear=True)
+    fits = fit_to_dense(dense, converted, _batches(12, 2), steps=10, sequential=True)
+    assert [fit.name for fit in fits] == ["expand", "project", "head"]  # in the order they run
+    assert all(fit.relative_error < fit.initial_error for fit in fits)
+    held_out = _batches(3, 99)
+    with torch.no_grad():
+        want = torch.cat([dense(b) for b in held_out])
+        got = torch.cat([converted.eval()(b) for b in held_out])
+        random = torch.cat([gpconv.convert(dense, 8, linear=True).eval()(b) for b in held_out])
+    assert (got - want).pow(2).sum() < (random - want).pow(2).sum()
