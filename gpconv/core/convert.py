@@ -25,28 +25,40 @@ from torch.nn.utils import parametrize
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear, Grouping
 from ..layers import ActivationSpec, check_activation
 from .plan import make_plan
-from ..io import first_line, render_table
+from .rewriting import (FIT_ERROR_ATTRIBUTE, GROUPED_BLOCKS, KEPT_ATTRIBUTE, KeptLayer, copy_model,  # noqa: F401
+                        is_plain_linear, is_plain_pointwise)
+from .summary import ConversionSummary, ReplacedLayer, summarize
 
+# summarize, ConversionSummary, ReplacedLayer (gpconv/core/summary.py), KeptLayer, is_plain_pointwise and
+# is_plain_linear (gpconv/core/rewriting.py): re-exported, their names here are public.
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
            "is_plain_linear", "conversion_record", "apply_conversion", "CONVERSION_RECORD_FORMAT"]
 
-GROUPED_BLOCKS = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
-# Attribute of a converted model: the 1x1 convolutions (and, with linear=True, linear layers) left dense.
-KEPT_ATTRIBUTE = "_gpconv_kept_dense"
+
 # Attribute of a converted model: its conversion record (:func:`conversion_record`).
 RECORD_ATTRIBUTE = "_gpconv_conversion"
-# Attribute of a block that :func:`gpconv.core.fit.fit_to_dense` fitted: its relative output error.
-FIT_ERROR_ATTRIBUTE = "fit_error"
+
+
 CONVERSION_RECORD_FORMAT = "gpconv-conversion/1"
+
+
 EXCLUDED, TOO_SMALL = "excluded", "too small to group"
+
+
 NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
+
+
 # Parts of the reasons of layers kept dense because a block in their place would lose part of what they
 # are (:func:`_identity_refusal`); they get a warning of their own.
 IDENTITY_REASONS = ("lazy, not initialized", "parametrized", "computed by a hook", "state_dict hooks",
                     " has its own forward", " tied to ")
+
+
 # The hooks a replacement takes over: it sees the same inputs and outputs (and gradients) as the layer.
 MOVED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 Owners = Dict[int, Dict[int, str]]  # id of a parameter -> {id of a module holding it: "module.parameter"}
 
 
@@ -58,17 +70,6 @@ def _parameter_owners(model: nn.Module) -> Owners:
             if parameter is not None:
                 owners.setdefault(id(parameter), {}).setdefault(id(module), f"{module_name}.{name}".lstrip("."))
     return owners
-
-
-def copy_model(model: nn.Module, function: str) -> nn.Module:
-    """A deep copy of ``model`` for ``function`` to change, or a one-line ``ValueError`` naming why
-    torch cannot copy it (such as old-style ``torch.nn.utils.weight_norm``, whose computed weight is not
-    a leaf; ``torch.nn.utils.parametrizations.weight_norm`` copies)."""
-    try:
-        return copy.deepcopy(model)
-    except RuntimeError as error:
-        raise ValueError(f"gpconv.{function} works on a copy of the model and torch cannot copy this one: "
-                         f"{first_line(error)}") from None
 
 
 def _identity_refusal(layer: nn.Module, owners: Owners) -> Optional[str]:
@@ -107,23 +108,9 @@ def _take_over(layer: nn.Module, block: nn.Module) -> None:
     for attribute in MOVED_HOOKS:
         getattr(block, attribute).update(getattr(layer, attribute))
     block._is_full_backward_hook = layer._is_full_backward_hook
+
+
 PerLayer = Mapping[str, Optional[int]]
-
-
-def is_plain_pointwise(module: nn.Module) -> bool:
-    """True for an ``nn.Conv2d`` that is a plain 1x1 convolution: kernel 1x1, groups 1, padding 0,
-    dilation 1 and a square stride."""
-    if not isinstance(module, nn.Conv2d) or isinstance(module, GroupedPointwiseConv2d):
-        return False
-    padding_is_zero = module.padding in ("valid", (0, 0)) or (module.padding == "same" and module.stride == (1, 1))
-    return (module.kernel_size == (1, 1) and module.groups == 1 and padding_is_zero
-            and module.dilation == (1, 1) and module.stride[0] == module.stride[1])
-
-
-def is_plain_linear(module: nn.Module) -> bool:
-    """True for an ``nn.Linear`` itself; subclasses (such as attention's ``out_proj``, whose weight its
-    parent reads directly) are left alone."""
-    return type(module) is nn.Linear
 
 
 def _structural_reason(module: nn.Module) -> Optional[str]:
@@ -161,14 +148,6 @@ def _excluded(name: str, patterns: Tuple[str, ...], matched: set) -> bool:
             matched.add(pattern)
             hit = True
     return hit
-
-
-@dataclass(frozen=True)
-class KeptLayer:
-    """A 1x1 convolution (or, with ``linear=True``, a linear layer) that ``convert`` left dense, and why."""
-
-    name: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -386,95 +365,3 @@ def _replacement(layer: nn.Module, name: str, settings: _Settings, kept: List[Ke
     block.to(device=layer.weight.device, dtype=layer.weight.dtype)
     _take_over(layer, block)
     return block
-
-
-@dataclass(frozen=True)
-class ReplacedLayer:
-    """One grouped pointwise block: its name, shape and trainable parameters against the dense 1x1
-    convolution (with the same bias and batch norm) it stands for."""
-
-    name: str
-    in_channels: int
-    out_channels: int
-    stride: int
-    grouped: bool
-    params_before: int
-    params_after: int
-    linear: bool = False  # a GroupedPointwiseLinear (replacing an nn.Linear)
-    channels_per_group: Optional[int] = None
-    fit_error: Optional[float] = None  # relative output error after gpconv.shrink.fit_to_dense, if fitted
-
-
-@dataclass(frozen=True)
-class ConversionSummary:
-    """What :func:`summarize` found; ``print()`` it for a table."""
-
-    rows: List[ReplacedLayer]
-    dense_pointwise: int  # plain 1x1 convolutions still dense (too small to group, or excluded)
-    model_params: int
-    kept: List[KeptLayer] = field(default_factory=list)  # what convert left dense, and why
-
-    def _kept_lines(self) -> List[str]:
-        return [f"kept dense by convert: {layer.name} ({layer.reason})" for layer in self.kept]
-
-    @property
-    def params_before(self) -> int:
-        """Trainable parameters of the model with every listed block dense again."""
-        return self.model_params + sum(row.params_before - row.params_after for row in self.rows)
-
-    def __str__(self) -> str:
-        if not self.rows:
-            found = (f"{self.dense_pointwise} dense 1x1 convolutions, none grouped" if self.dense_pointwise
-                     else "the model has no 1x1 convolutions: nothing to group")
-            return "\n".join([f"no grouped pointwise convolutions ({found}; {self.model_params:,} trainable "
-                              "parameters)"] + self._kept_lines())
-        fitted = any(row.fit_error is not None for row in self.rows)
-        header = ("layer", "in", "out", "stride", "Ch", "params before", "params after") + (
-            ("fit error",) if fitted else ()) + ("",)
-        body = [(row.name, str(row.in_channels), str(row.out_channels), str(row.stride), str(row.channels_per_group),
-                 f"{row.params_before:,}", f"{row.params_after:,}")
-                + ((("-" if row.fit_error is None else f"{row.fit_error:.3f}"),) if fitted else ())
-                + ((("linear" if row.linear else "") if row.grouped else "dense (too small to group)"),)
-                for row in self.rows]
-        lines = [render_table(header, body)]
-        grouped = sum(row.grouped for row in self.rows)
-        lines.append(f"{grouped} grouped pointwise convolutions, {len(self.rows) - grouped} kept dense inside a block, "
-                     f"{self.dense_pointwise} plain dense 1x1 convolutions")
-        lines.append(f"trainable parameters: {self.params_before:,} -> {self.model_params:,} "
-                     f"({100 * self.model_params / max(1, self.params_before):.1f}%)")
-        return "\n".join(lines + self._kept_lines())
-
-
-def _row(name: str, block: GroupedPointwiseConv2d, linear: bool) -> ReplacedLayer:
-    after = sum(p.numel() for p in block.parameters() if p.requires_grad)
-    # bias and batch-norm parameters of layer K cover each output channel once, as the dense ones would
-    per_channel = sum(p.numel() for p_name, p in block.k.named_parameters()
-                      if p.requires_grad and not p_name.endswith("conv.weight"))
-    fit_error = getattr(block, FIT_ERROR_ATTRIBUTE, None)
-    return ReplacedLayer(name, block.in_channels, block.out_channels, block.stride[0], block.plan.grouped,
-                         block.plan.dense_weight_count + per_channel, after, linear, block.plan.channels_per_group,
-                         fit_error)
-
-
-def summarize(model: nn.Module) -> ConversionSummary:
-    """List every :class:`GroupedPointwiseConv2d` and :class:`GroupedPointwiseLinear` of ``model`` (from
-    :func:`convert` or a gpconv model): name, channels, and trainable parameters before (dense 1x1
-    convolution or linear layer with the same bias and batch norm) and after; for a model from
-    :func:`convert`, also the layers it left dense and why."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"summarize expects an nn.Module, got {type(model).__name__}")
-    rows: List[ReplacedLayer] = []
-    dense_pointwise = 0
-    seen = set()
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if isinstance(module, GROUPED_BLOCKS):
-            seen.update(id(m) for m in module.modules())
-            linear = isinstance(module, GroupedPointwiseLinear)
-            rows.append(_row(name, module.block if linear else module, linear))
-        elif is_plain_pointwise(module):
-            dense_pointwise += 1
-    model_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ConversionSummary(rows, dense_pointwise, model_params, list(getattr(model, KEPT_ATTRIBUTE, ())))
