@@ -22,6 +22,7 @@ from torch import nn
 
 from ..models.base import ImageClassifier
 from .checkpoint import checkpoint_test_split, load_model_from_checkpoint
+from .plots import load_pyplot, save_and_close
 
 __all__ = ["cam_linear", "cam", "write_cams", "variant_label"]
 
@@ -140,15 +141,6 @@ def _panel(axis, image, heat, title: str) -> None:
     axis.axis("off")
 
 
-def _save(plt, figure, path: Path) -> Path:
-    from .results import save_figure
-
-    try:
-        return save_figure(figure, path)
-    finally:
-        plt.close(figure)
-
-
 def _write_overlays(plt, rows: list, output: Path) -> List[Path]:
     """``output/cam_NNN.png``: one figure per image, the image then each model's overlay."""
     written = []
@@ -158,7 +150,7 @@ def _write_overlays(plt, rows: list, output: Path) -> List[Path]:
         for axis, (heat, title) in zip(axes[1:], panels):
             _panel(axis, image, heat, title)
         figure.tight_layout()
-        written.append(_save(plt, figure, output / f"cam_{index:03d}.png"))
+        written.append(save_and_close(figure, output / f"cam_{index:03d}.png"))
     return written
 
 
@@ -172,7 +164,7 @@ def _write_grid(plt, rows: list, models: int, output: Path) -> Path:
             _panel(axis, image, heat, title)
     figure.suptitle("Class activation maps (red: relevant, blue: not)", fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / height))  # room for the title above the first row
-    return _save(plt, figure, output / "cam_grid.png")
+    return save_and_close(figure, output / "cam_grid.png")
 
 
 def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: Optional[str] = None, images: int = 8,
@@ -184,7 +176,6 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
     line) when one of those files exists and ``overwrite`` is false."""
     from ..io import claim_outputs
     from .data import to_float
-    from .results import _pyplot
 
     output = claim_outputs(output, [f"cam_{i:03d}.png" for i in range(images)] + ["cam_grid.png"],
                            overwrite=overwrite)
@@ -196,7 +187,7 @@ def write_cams(checkpoint, output, *, dataset: Optional[str] = None, data_dir: O
     log(f"CAM of {', '.join(labels)} on {count} {dataset} test images -> {output}")
     _warn_flat_maps(loaded, labels, to_float(splits.test.images[:1]), log)
     rows = _rows(loaded, labels, splits.test, list(splits.class_names), count, class_index)
-    plt = _pyplot()
+    plt = load_pyplot()
     written = _write_overlays(plt, rows, output) + [_write_grid(plt, rows, len(loaded), output)]
     log(f"wrote {len(rows)} overlay PNG(s) and {output / 'cam_grid.png'}")
     return written

@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
 from .config import ModelConfig, TrainConfig, check_fields
 from .data import DatasetSplits
+from .plots import plot_training_curves
 
 __all__ = ["RUN_FILES", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
            "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
@@ -61,8 +62,6 @@ def write_run_config(output: Path, model_config: ModelConfig, config: TrainConfi
 
 def write_history(output: Path, history: List[dict]) -> None:
     """``history.csv`` (one row per epoch, :data:`HISTORY_FIELDS`) and ``training_curves.png``."""
-    from .plots import plot_training_curves
-
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
