@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/gpconv demo --overwrite  # replaces the run files of the previous demo in runs/demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist worksteal  # one worker per core (pytest-xdist)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,14 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores, so the
+# workers' torch and OpenMP threads do not oversubscribe the machine (set before any test imports torch; the
+# processes tests start inherit it). A thread count given by the caller is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
