@@ -28,7 +28,6 @@ from .statistics import LayerStatistics
 
 __all__ = ["fit_block", "RIDGE"]
 
-
 # ridge added to the input statistics, relative to their mean diagonal: dead channels make them singular, and
 # directions the calibration data barely covers would otherwise get large weights (measured in docs/convert.md)
 RIDGE = 1e-2

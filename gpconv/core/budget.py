@@ -19,7 +19,6 @@ from .statistics import collect_layer_statistics
 
 __all__ = ["choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES"]
 
-
 # Channels per group that choose_channels_per_group tries by default (None: the layer stays dense).
 CHANNEL_CHOICES: Tuple[Optional[int], ...] = (4, 8, 16, 32, 64, None)
 

@@ -34,31 +34,18 @@ from .summary import ConversionSummary, ReplacedLayer, summarize
 __all__ = ["convert", "summarize", "ConversionSummary", "ReplacedLayer", "KeptLayer", "is_plain_pointwise",
            "is_plain_linear", "conversion_record", "apply_conversion", "CONVERSION_RECORD_FORMAT"]
 
-
 # Attribute of a converted model: its conversion record (:func:`conversion_record`).
 RECORD_ATTRIBUTE = "_gpconv_conversion"
-
-
 CONVERSION_RECORD_FORMAT = "gpconv-conversion/1"
-
-
 EXCLUDED, TOO_SMALL = "excluded", "too small to group"
-
-
 NOT_MAPPED, MAPPED_DENSE = "not in the per-layer mapping", "dense in the per-layer mapping"
-
-
 # Parts of the reasons of layers kept dense because a block in their place would lose part of what they
 # are (:func:`_identity_refusal`); they get a warning of their own.
 IDENTITY_REASONS = ("lazy, not initialized", "parametrized", "computed by a hook", "state_dict hooks",
                     " has its own forward", " tied to ")
-
-
 # The hooks a replacement takes over: it sees the same inputs and outputs (and gradients) as the layer.
 MOVED_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-
-
 Owners = Dict[int, Dict[int, str]]  # id of a parameter -> {id of a module holding it: "module.parameter"}
 
 

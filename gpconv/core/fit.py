@@ -5,15 +5,10 @@ grouped weights. A trained dense layer ``y = W x + b`` cannot be written exactly
 ``K + L P K`` (Entropy 2022, Eq. 26: K and L grouped, P the interleaving) -- the block has 5-15% of
 the weights -- but it can be matched *on the inputs the layer really sees*. :func:`fit_to_dense`
 gathers each dense layer's input statistics with forward hooks on calibration batches (the second
-moment ``E[x x^T]``, or the covariance where a batch norm follows), then, per block:
-
-1. K in closed form with L = 0: each output row of K reads only the channels of its group, so each
-   row is an independent ridge-regularised least-squares problem (``k_S = M_SS^-1 M_S: w``, ``S`` the
-   row's input channels); V1's output order (``PointwisePlan.output_order``) is respected;
-2. L in closed form given K (each row of L likewise, on K's interleaved outputs, fitting what K missed);
-3. a short joint refinement of K and L (L-BFGS) on the exact expected squared output error
-   ``||S (W_block - W) R||_F^2`` with ``M = R R^T``; ``S`` weights each output by the scale of the batch
-   norm that follows it (``gamma / sqrt(var + eps)``), so every channel counts as the network sees it.
+moment ``E[x x^T]``, or the covariance where a batch norm follows; :mod:`gpconv.core.statistics`), then
+fits each block (:func:`~gpconv.core.block_fit.fit_block`, whose module gives the steps): K in closed
+form with L = 0, L in closed form given K, then a short joint refinement of both on the expected
+squared output error.
 
 Then :func:`recompute_batch_norm` re-estimates every batch norm's statistics on the calibration data.
 :func:`choose_channels_per_group` picks each layer's channels per group under a parameter budget from

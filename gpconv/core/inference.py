@@ -8,12 +8,12 @@
   rewritten; the rest is kept and listed by :func:`inference_summary`);
 * dense 1x1 convolutions run as matrix products on 1x1 maps (squeeze-excitation), for every model;
 * every :class:`~gpconv.core.block.GroupedPointwiseConv2d` folds itself
-  (:meth:`~gpconv.core.block.GroupedPointwiseConv2d.fold`) into a :class:`FoldedGroupedPointwiseConv2d`
-  with up to three executions (:mod:`gpconv.core.executions`): ``grouped`` (per layer one gather and one
-  merged grouped convolution with the batch norm folded in, the interleaving and reorders composed),
-  ``factored`` (K grouped, then one dense convolution for L, the interleaving and the sum) and
-  ``dense``; grouped layers may merge ``s`` groups into one (block-diagonal weights) where oneDNN runs
-  that faster;
+  (:meth:`~gpconv.core.block.GroupedPointwiseConv2d.fold`) into a
+  :class:`~gpconv.core.folded.FoldedGroupedPointwiseConv2d` with up to three executions
+  (:mod:`gpconv.core.executions`): ``grouped`` (per layer one gather and one merged grouped
+  convolution with the batch norm folded in, the interleaving and reorders composed), ``factored``
+  (K grouped, then one dense convolution for L, the interleaving and the sum) and ``dense``; grouped
+  layers may merge ``s`` groups into one (block-diagonal weights) where oneDNN runs that faster;
 * Keras' pad-then-convolve (``KerasPad2d`` + convolution) becomes one convolution without the padded
   copy (:class:`KerasSameConv2d`);
 * weights in ``channels_last`` memory format where the model's own code accepts channels_last maps
@@ -110,8 +110,6 @@ class KerasSameConv2d(nn.Module):
 
 # The batch norms whose eval-mode computation ``batch_norm_scale_shift`` states exactly.
 FOLDABLE_BATCH_NORMS = (nn.BatchNorm2d, ShiftOnlyBatchNorm2d)
-
-
 # Activations that act on each element alone: a folded block may apply them in its merged channel order.
 ELEMENTWISE_ACTIVATIONS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
                            nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Hardtanh)
@@ -183,8 +181,6 @@ def inference_summary(model: nn.Module) -> InferenceSummary:
 BN_FOLDED, BLOCK_FOLDED, POINTWISE_MATMUL, KERAS_PAD_MERGED = (
     "batch norms folded into convolutions", "grouped blocks folded", "1x1 convolutions as matrix products on 1x1 maps",
     "Keras paddings merged into convolutions")
-
-
 SUMMARY_ATTRIBUTE = "_gpconv_inference_summary"
 
 

@@ -15,14 +15,9 @@ from ..io import first_line
 __all__ = ["GROUPED_BLOCKS", "KEPT_ATTRIBUTE", "FIT_ERROR_ATTRIBUTE", "KeptLayer", "copy_model", "is_plain_pointwise",
            "is_plain_linear"]
 
-
 GROUPED_BLOCKS = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
-
-
 # Attribute of a converted model: the 1x1 convolutions (and, with linear=True, linear layers) left dense.
 KEPT_ATTRIBUTE = "_gpconv_kept_dense"
-
-
 # Attribute of a block that :func:`gpconv.core.fit.fit_to_dense` fitted: its relative output error.
 FIT_ERROR_ATTRIBUTE = "fit_error"
 

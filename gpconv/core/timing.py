@@ -15,7 +15,6 @@ from torch import nn
 
 __all__ = ["Timer", "torch_seconds"]
 
-
 # How a form is timed: (module, an input like the ones to come) -> seconds (torch_seconds, or a runtime's).
 Timer = Callable[[nn.Module, torch.Tensor], float]
 
