@@ -75,7 +75,7 @@ def test_a_wrong_graph_is_caught_and_nothing_written(tmp_path, monkeypatch):
     wrong = export.onnx_form(model)
     with torch.no_grad():
         wrong[-1].bias.add_(1e-3)  # a difference the 1e-4 check must see
-    monkeypatch.setattr(export, "onnx_form", lambda model, form=None: wrong)
+    monkeypatch.setattr(export.exporter, "onnx_form", lambda model, form=None: wrong)
     with pytest.raises(export.DeployError, match="differs from torch"):
         export.export_onnx(model, tmp_path / "model.onnx", images[:2], verify_input=images)
     assert not list(tmp_path.iterdir())
@@ -300,7 +300,7 @@ def test_export_refuses_what_it_cannot_export_before_the_work(model, images, mes
     def no_export(*args, **kwargs):
         raise AssertionError("the export ran before the refusal")
 
-    monkeypatch.setattr(export, "_export_proto", no_export)
+    monkeypatch.setattr(export.exporter, "_export_proto", no_export)
     with pytest.raises(export.DeployError, match=message):
         export.export_onnx(model, tmp_path / "m.onnx", images)
     with pytest.raises(export.DeployError, match=r"cannot run example_input of shape \(4, 1, 8, 8\)"):

@@ -57,7 +57,7 @@ def metadata(path):
                                                       (prefers_grouped(False), "grouped", False),
                                                       (prefers_grouped(True), "grouped", True)])
 def test_tuned_export_keeps_the_form_the_runtime_runs_fastest(prefer, expected, largest, tmp_path, monkeypatch):
-    monkeypatch.setattr(gpconv.export, "runtime_timer", ranking_timer(prefer))
+    monkeypatch.setattr(gpconv.export.tuning, "runtime_timer", ranking_timer(prefer))
     images = _real_images(16)
     model = _converted_model(images)
     result = gpconv.export_onnx(model, tmp_path / "tuned.onnx", images[:8], verify_input=images, tune="onnxruntime")
@@ -88,7 +88,7 @@ def test_the_whole_model_check_keeps_the_dense_setting_when_it_runs_fastest(tmp_
             return 1.0 + sum(m.execution != "dense" for m in module.modules() if hasattr(m, "executions"))
         return 1.0 if getattr(module, "execution", "grouped") == "grouped" else 2.0
 
-    monkeypatch.setattr(gpconv.export, "runtime_timer", ranking_timer(prefer))
+    monkeypatch.setattr(gpconv.export.tuning, "runtime_timer", ranking_timer(prefer))
     images = _real_images(16)
     result = gpconv.export_onnx(_converted_model(images), tmp_path / "d.onnx", images[:8], verify_input=images,
                                 tune="onnxruntime")
@@ -99,7 +99,7 @@ def test_the_whole_model_check_keeps_the_dense_setting_when_it_runs_fastest(tmp_
 
 
 def test_onnxruntime_timer_times_each_shape_once(monkeypatch):
-    from gpconv import export
+    from gpconv.export import tuning as export  # runtime_timer looks onnx_session up there
 
     sessions = []
     real_session = export.onnx_session
@@ -143,7 +143,7 @@ def test_tune_refuses_unknown_runtimes_and_forms_before_any_work(tmp_path, capsy
 
 
 def test_cli_tune_prints_the_choice_and_records_the_batch(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(gpconv.export, "runtime_timer", ranking_timer(prefers_dense))
+    monkeypatch.setattr(gpconv.export.tuning, "runtime_timer", ranking_timer(prefers_dense))
     output = tmp_path / "m.onnx"
     assert main(["export", "mobilenet", "--channels-per-group", "16", "--image-size", "32", "--tune", "onnxruntime",
                  "--tune-batch", "3", "--verify-images", "4", "--output", str(output)]) == 0
@@ -168,7 +168,7 @@ def test_real_onnxruntime_tuning_picks_one_of_each_blocks_forms(tmp_path):
 def test_a_model_without_grouped_blocks_exports_as_it_is_and_says_so(tmp_path, monkeypatch):
     from gpconv.export import tuning_summary
 
-    monkeypatch.setattr(gpconv.export, "runtime_timer", None)  # nothing may be timed
+    monkeypatch.setattr(gpconv.export.tuning, "runtime_timer", None)  # nothing may be timed
     images = _real_images(8)
     dense = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()
