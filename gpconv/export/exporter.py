@@ -17,10 +17,10 @@ from torch import nn
 
 from ..io import first_line
 from .deploy import DeployError, _quiet_loggers, require_deploy
-from .files import GPCONV_MARK, _write_bytes, check_output
+from .files import GPCONV_MARK, TUNE_KEY, _write_bytes, check_output
 from .forms import onnx_form
 from .runtimes import onnx_session
-from .tuning import TUNE_KEY, parse_tune, tune_for_runtime
+from .tuning import parse_tune, tune_for_runtime
 
 __all__ = ["MIN_VERIFY_IMAGES", "ExportResult", "export_onnx"]
 
@@ -158,7 +158,9 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     (:func:`tune_for_runtime`); a dense-folded block costs what the dense model's layer costs, so the
     choice is never slower than the dense model beyond timing noise. The choice (runtime, precision,
     shape, threads, CPU, each block's form) is in ``result.tuning`` and, as JSON, in the file's metadata
-    under ``"gpconv.tune"``; a file tuned on one CPU kind may not be the fastest on another.
+    under ``"gpconv.tune"``; a file tuned on one CPU kind may not be the fastest on another, and
+    :func:`~gpconv.export.onnx_session` and :func:`~gpconv.export.openvino_compile` warn when they load it
+    on a CPU of another model or features.
     ``verify_input`` (default: ``example_input``; at least :data:`MIN_VERIFY_IMAGES` images) are the
     images ONNX Runtime runs before anything is written: the largest difference from the eval-mode
     torch model must be at most ``tolerance`` (times the largest output magnitude where that exceeds

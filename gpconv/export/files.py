@@ -1,5 +1,5 @@
 """Exported files on disk: the output rule (gpconv's mark in the metadata; only files that carry it are
-ever replaced), atomic writes, and the input shape a file takes."""
+ever replaced), the metadata keys, atomic writes, and the input shape a file takes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 from ..io import atomic_write
 from .deploy import DeployError, require_deploy
 
-__all__ = ["GPCONV_MARK", "check_output", "onnx_input_shape"]
+__all__ = ["GPCONV_MARK", "TUNE_KEY", "check_output", "onnx_input_shape"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
+# The metadata key of a tuned export's choice (tune_for_runtime's record as JSON).
+TUNE_KEY = "gpconv.tune"
 
 
 def check_output(path: Path, overwrite: bool = False) -> None:

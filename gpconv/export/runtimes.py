@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..io import first_line
+from .cpu import _warn_if_tuned_elsewhere
 from .deploy import DeployError, require_deploy
-from .files import _check_input_shape
+from .files import TUNE_KEY, _check_input_shape
 
 __all__ = ["onnx_session", "OPENVINO_PRECISIONS", "openvino_default_precision", "openvino_compile",
            "check_openvino_precision", "openvino_chunked"]
@@ -21,7 +22,8 @@ def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True,
     ``threads`` intra-op threads (default: ONNX Runtime's). ``spinning=False`` stops its idle threads
     from busy-waiting after a run (they would take the CPU from whatever runs next, e.g. in a benchmark
     that alternates runtimes). ``profile``: ONNX Runtime's profiler on, its JSON file named with this
-    prefix (``session.end_profiling()`` returns the path)."""
+    prefix (``session.end_profiling()`` returns the path). A file tuned (``tune=``) on a CPU of another kind
+    warns (one line: both CPUs, how to re-tune)."""
     ort = require_deploy("onnxruntime")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -36,9 +38,11 @@ def onnx_session(model, threads: Optional[int] = None, *, spinning: bool = True,
         options.inter_op_num_threads = 1
     source = str(model) if isinstance(model, Path) else model
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ONNX Runtime's own kinds (InvalidProtobuf, Fail, NoSuchFile ...)
         raise DeployError(f"ONNX Runtime cannot load {_shown(model)}: {first_line(error)}") from None
+    _warn_if_tuned_elsewhere(session.get_modelmeta().custom_metadata_map.get(TUNE_KEY), _shown(model))
+    return session
 
 
 def _shown(model) -> str:
@@ -67,13 +71,16 @@ def openvino_compile(model, input_shape: Optional[tuple] = None, threads: Option
 
     Only the batch of ``input_shape`` may differ from the file's: a file :func:`export_onnx` wrote has
     static channels, height and width, and its Keras "same" padding is fixed for that size's parity, so
-    OpenVINO would run another size with wrong outputs; :class:`DeployError` (one line) instead."""
+    OpenVINO would run another size with wrong outputs; :class:`DeployError` (one line) instead. A file
+    tuned (``tune=``) on a CPU of another kind warns, as in :func:`onnx_session`."""
     ov = require_deploy("openvino")
     core = ov.Core()
     try:
         network = core.read_model(str(model))
     except Exception as error:  # noqa: BLE001 - OpenVINO raises RuntimeError for a missing or damaged file
         raise DeployError(f"OpenVINO cannot read {model}: {first_line(error)}") from None
+    if network.has_rt_info(["framework", TUNE_KEY]):  # where OpenVINO keeps an ONNX file's metadata_props
+        _warn_if_tuned_elsewhere(network.get_rt_info(["framework", TUNE_KEY]).astype(str), model)
     if input_shape is not None:
         _check_input_shape(model, [None if d.is_dynamic else d.get_length() for d in network.inputs[0].get_partial_shape()],
                            input_shape)

@@ -21,10 +21,7 @@ from .forms import _block_forms, _restore_forms, _set_every_block
 from .runtimes import (OPENVINO_PRECISIONS, check_openvino_precision, onnx_session, openvino_compile,
                        openvino_default_precision)
 
-__all__ = ["TUNE_RUNTIMES", "TUNE_KEY", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary"]
-
-# The metadata key of a tuned export's choice (tune_for_runtime's record as JSON).
-TUNE_KEY = "gpconv.tune"
+__all__ = ["TUNE_RUNTIMES", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary"]
 
 # The runtimes ``export_onnx(..., tune=...)`` (``gpconv export --tune``) times the grouped blocks' forms in.
 TUNE_RUNTIMES = ("onnxruntime", "openvino")
