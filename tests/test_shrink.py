@@ -245,9 +245,28 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
     fit = json.loads((output / "fit.json").read_text())
     assert fit["trainable_params"] <= 0.5 * fit["teacher_params"] and fit["budget"]["mapping"]
     assert_evaluate_agrees(output, tmp_path)
+    # fine-tuning that fitted model later: no conversion or fit again, the same start
+    tuned = tmp_path / "tuned"
+    result = quick_shrink(dense_checkpoint, tuned, "--budget", "0.5", "--epochs", "1", "--fit-steps", "0",
+                          "--start-from", str(output))
+    assert "fitting" not in result.stdout and "choosing" not in result.stdout
+    tuned_fit = json.loads((tuned / "fit.json").read_text())
+    assert tuned_fit["start_from"] == str(output) and tuned_fit["budget"] == fit["budget"]
+    config, earlier = (json.loads((folder / "config.json").read_text()) for folder in (tuned, output))
+    assert config["model"]["conversion"] == earlier["model"]["conversion"]
+    fresh = quick_shrink(dense_checkpoint, tmp_path / "fresh", "--budget", "0.5", "--epochs", "1", "--fit-steps", "0")
+    assert _start_line(result.stdout) == _start_line(fresh.stdout)  # the same model as converting and fitting again
+    other = gpconv_cli("shrink", "--checkpoint", str(dense_checkpoint), "--budget", "0.4", "--epochs", "1",
+                       "--start-from", str(output), "--output", str(tmp_path / "other"))
+    assert other.returncode != 0 and "other settings (budget, " in other.stderr and other.stderr.count("\n") == 1
+    assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset"])
+def _start_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("start (epoch 0)"))
+
+
+@pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset", "start-not-shrink"])
 def test_gpconv_shrink_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path, case):
     dense_checkpoint, grouped_checkpoint = teacher
     checkpoint, size = str(dense_checkpoint), ["--channels-per-group", "16"]
@@ -266,6 +285,8 @@ def test_gpconv_shrink_bad_input_is_one_line_and_writes_nothing(teacher, tmp_pat
         saved["train_config"]["dataset"] = None
         checkpoint = str(tmp_path / "no-dataset.pt")
         torch.save(saved, checkpoint)
+    elif case == "start-not-shrink":  # a k-model trained from scratch is no earlier shrink to start from
+        size += ["--start-from", str(grouped_checkpoint.parent)]
     before = sorted(p.name for p in tmp_path.iterdir())
     result = gpconv_cli("shrink", "--checkpoint", checkpoint, *size, "--epochs", "1", "--output", str(tmp_path / "out"))
     assert result.returncode != 0

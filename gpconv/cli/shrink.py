@@ -46,6 +46,9 @@ def add_shrink_command(commands) -> None:
     shrink.add_argument("--fit-steps", type=non_negative_int, default=default["fit_steps"],
                         help="L-BFGS iterations refining each block after its closed-form start")
     shrink.add_argument("--seed", type=int, default=default["seed"])
+    shrink.add_argument("--start-from", metavar="RUN",
+                        help="an earlier shrink's run folder (same teacher and settings, e.g. --epochs 0) whose "
+                             "fitted model to fine-tune, instead of converting and fitting again")
     shrink.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     shrink.add_argument("--output", required=True, help="the new run folder")
     shrink.add_argument("--resume", action="store_true", help="continue a stopped shrink in --output")

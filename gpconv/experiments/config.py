@@ -202,7 +202,9 @@ SHRINK_INITS = ("fit", "random")  # gpconv shrink --init: blocks fitted to the d
 class ShrinkConfig:
     """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
     parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
-    (plain ``convert``: the control). Defaults measured in docs/results.md ("Shrinking a trained model")."""
+    (plain ``convert``: the control). ``start_from``: the folder of an earlier shrink of the same teacher with
+    the same settings but its epochs (e.g. a 0-epoch run), whose fitted model is the start: no conversion
+    or fit again. Defaults measured in docs/results.md ("Shrinking a trained model")."""
 
     checkpoint: str
     output: str
@@ -218,6 +220,7 @@ class ShrinkConfig:
     calibration_images: int = 1024
     fit_steps: int = 100
     seed: int = 0
+    start_from: Optional[str] = None
 
     def check(self) -> None:
         """One-line ``ValueError`` for settings that cannot make a run."""
@@ -234,5 +237,5 @@ class ShrinkConfig:
     def settings(self) -> dict:
         """What ``config.json`` records under ``train.shrink``."""
         keys = ("channels_per_group", "budget", "version", "l_layer", "init", "epochs", "calibration_images",
-                "fit_steps")
+                "fit_steps", "start_from")
         return {key: getattr(self, key) for key in keys}

@@ -101,6 +101,7 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
     """Run :class:`ShrinkConfig` into ``config.output`` (module docstring); returns the test metrics."""
     config.check()
     teacher, model_config, checkpoint = _teacher(config)
+    start = _start_from(config) if config.start_from is not None and not resume else None
     output = Path(config.output)
     resuming = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=False)
     if not (resume or overwrite) and existing_outputs(output, (FIT_FILE,)):
@@ -110,6 +111,21 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
         return train(_train_config(config, checkpoint), ModelConfig.from_dict(saved["model_config"]), resume=True,
                      log=log)
     splits = _splits(config, checkpoint, model_config)
+    if start is not None:
+        converted, shrunk_config, fit_report = start
+    else:
+        converted, shrunk_config, fit_report = _convert_and_fit(teacher, model_config, config, splits, log)
+    train_config = _train_config(config, checkpoint)
+    if config.epochs == 0:
+        return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
+    claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
+    atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
+    return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
+                 initial_state=converted.state_dict())
+
+
+def _convert_and_fit(teacher, model_config: ModelConfig, config: ShrinkConfig, splits: DatasetSplits, log):
+    """Steps 1 and 2: ``(converted model, its ModelConfig, the fit report of fit.json)``."""
     calibration = calibration_batches(splits, config.calibration_images, config.seed)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -119,8 +135,6 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
         log(f"fitting the grouped blocks to the dense layers on {sum(len(b) for b in calibration)} training images")
         fits = fit_to_dense(teacher, converted, calibration, steps=config.fit_steps, progress=_bar("fit"))
     fit_seconds = round(time.perf_counter() - started, 2)
-    shrunk_config = replace(model_config, conversion=conversion_record(converted))
-    train_config = _train_config(config, checkpoint)
     fit_report = {"init": config.init, "fit_seconds": fit_seconds, "teacher": str(config.checkpoint),
                   "trainable_params": count_parameters(converted),
                   "teacher_params": count_parameters(teacher),
@@ -132,12 +146,26 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
     if fits:
         log(f"fitted {len(fits)} blocks in {fit_seconds:.0f} s: mean relative output error "
             f"{fit_report['mean_fit_error']:.3f}")
-    if config.epochs == 0:
-        return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
-    claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
-    atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
-    return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
-                 initial_state=converted.state_dict())
+    return converted, replace(model_config, conversion=conversion_record(converted)), fit_report
+
+
+def _start_from(config: ShrinkConfig):
+    """``(model, ModelConfig, fit report)`` of the earlier shrink in ``config.start_from``, after checking it
+    shrank the same teacher with the same settings (all but the epochs): :class:`CheckpointError` otherwise."""
+    folder = Path(config.start_from)
+    model, model_config, checkpoint = load_model_from_checkpoint(folder / "best.pt")
+    earlier = checkpoint["train_config"]
+    if earlier.get("shrink") is None or not (folder / FIT_FILE).exists():
+        raise CheckpointError(f"{folder} is not a gpconv shrink run folder (no shrink settings or {FIT_FILE})")
+    if Path(earlier.get("teacher", "")).resolve() != Path(config.checkpoint).resolve():
+        raise CheckpointError(f"{folder} shrank {earlier.get('teacher')}, not {config.checkpoint}")
+    same = [key for key in config.settings if key not in ("epochs", "start_from")]
+    differ = [key for key in same if earlier["shrink"].get(key) != config.settings[key]]
+    if differ or earlier.get("seed") != config.seed:
+        raise CheckpointError(f"{folder} was shrunk with other settings ({', '.join(differ) or 'seed'}): "
+                              f"start from a run with the same ones")
+    fit_report = json.loads((folder / FIT_FILE).read_text())
+    return model, model_config, {**fit_report, "start_from": str(folder)}
 
 
 def _evaluate_unchanged(model, model_config: ModelConfig, config: TrainConfig, splits: DatasetSplits,
