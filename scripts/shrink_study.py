@@ -24,7 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEACHERS = {seed: f"docs/results/cpu_cifar10_subset_runs/baseline-seed{seed}/best.pt" for seed in (0, 1, 2)}
+# the CPU study's dense seed 0 (its best.pt is committed); seeds 1 and 2 trained again by the study's command into
+# docs/results/shrink_teachers/ (the CPU study kept only their metrics; docs/results.md gives the command)
+TEACHERS = {0: "docs/results/cpu_cifar10_subset_runs/baseline-seed0/best.pt",
+            1: "docs/results/shrink_teachers/baseline-seed1/best.pt",
+            2: "docs/results/shrink_teachers/baseline-seed2/best.pt"}
 RUNS_DIR = "docs/results/shrink_cifar10_subset_runs"
 CSV_PATH = ROOT / "docs/results/shrink_cifar10_subset.csv"
 PLOT_PATH = ROOT / "docs/results/shrink_cifar10_subset.png"
@@ -35,9 +39,10 @@ COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group",
 
 
 def runs():
-    """``(name, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first)."""
-    plan = [("fit", "k16", 6), ("random", "k16", 6), ("fit", "k32", 0), ("budget", "k16", 0), ("fit", "k16", 2),
-            ("budget", "k16", 2), ("fit", "k16", 0), ("random", "k16", 2), ("budget", "k16", 6), ("fit", "k32", 2),
+    """``(name, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first; a fitted
+    model's 0-epoch run before the fine-tunings that start from it)."""
+    plan = [("fit", "k16", 0), ("random", "k16", 6), ("fit", "k32", 0), ("budget", "k16", 0), ("fit", "k16", 6),
+            ("budget", "k16", 6), ("fit", "k16", 2), ("budget", "k16", 2), ("random", "k16", 2), ("fit", "k32", 2),
             ("fit", "k32", 6), ("random", "k16", 0)]
     for method, size, epochs in plan:
         for seed, checkpoint in TEACHERS.items():
@@ -55,9 +60,12 @@ def run_one(name: str, arguments) -> str:
     if (folder / "metrics.json").exists():
         return f"{name}: done already"
     teacher = ROOT / arguments[arguments.index("--checkpoint") + 1]
-    if not teacher.exists():  # the study's committed checkpoints: only baseline-seed0 has its best.pt
+    if not teacher.exists():  # the teachers' best.pt files are committed: a fresh clone has them
         return f"{name}: skipped, no teacher {teacher.relative_to(ROOT)} (train it as docs/results.md says)"
     resume = ["--resume"] if (folder / "last.pt").exists() else (["--overwrite"] if folder.exists() else [])
+    fitted = ROOT / RUNS_DIR / name.replace(f"-e{arguments[arguments.index('--epochs') + 1]}-", "-e0-")
+    if "random" not in name and fitted != folder and (fitted / "metrics.json").exists():
+        resume += ["--start-from", str(fitted.relative_to(ROOT))]  # the same fit: done once
     command = [sys.executable, "-m", "gpconv", "shrink", *arguments, *resume]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = folder.parent / f"{name}.log"
@@ -89,6 +97,18 @@ def collect() -> list:
                      "epochs": settings["epochs"], "test_accuracy": metrics["test_accuracy"],
                      "mean_fit_error": "" if fit.get("mean_fit_error") is None else round(fit["mean_fit_error"], 4),
                      "fit_seconds": fit.get("fit_seconds", ""), "train_seconds": metrics.get("train_seconds", 0.0)})
+    return rows + third_party_rows()
+
+
+def third_party_rows() -> list:
+    """The rows of scripts/shrink_third_party.py (a transformers ResNet shrunk through the Python API)."""
+    rows = []
+    for folder in sorted((ROOT / RUNS_DIR).glob("third-party-*-e*")):
+        metrics, fit = _read(folder / "metrics.json"), _read(folder / "fit.json")
+        if metrics:
+            rows.append({**{key: metrics.get(key, "") for key in COLUMNS}, "run": folder.name, "budget": "",
+                         "mean_fit_error": "" if fit.get("mean_fit_error") is None else round(fit["mean_fit_error"], 4),
+                         "fit_seconds": fit.get("fit_seconds", "")})
     return rows
 
 
@@ -107,6 +127,7 @@ def plot(rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if not row["run"].startswith("third-party-")]  # the three gpconv teachers only
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, keep in (("k16 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 16),
                         ("k16 random blocks", lambda r: r["method"] == "random"),
