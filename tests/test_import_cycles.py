@@ -194,3 +194,11 @@ def test_circles_and_order_violations_are_found(tmp_path):
     assert order_violations(["gpconv.e", "gpconv.d"], graph) == []
     assert order_violations(["gpconv.d", "gpconv.e"], graph) == [
         "gpconv.d imports gpconv.e, which comes after it in the order"]
+
+
+MAX_LINES = 400  # issue 26: a module one can read in one sitting
+
+
+def test_no_module_in_gpconv_is_over_400_lines():
+    long = {name: len(path.read_text().splitlines()) for name, path in package_modules(ROOT).items()}
+    assert long and not {name: lines for name, lines in long.items() if lines > MAX_LINES}
