@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gpconv  # noqa: E402
 from gpconv.core.inference import FoldedGroupedPointwiseConv2d, prepare_for_inference  # noqa: E402
-from gpconv.core.inference import _seconds as best_seconds  # noqa: E402
+from gpconv.core.timing import _seconds as best_seconds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import MALLOC_SETTINGS, describe_machine  # noqa: E402

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..core.inference import FoldedGroupedPointwiseConv2d, _seconds, choose_executions
+from ..core.folded import FoldedGroupedPointwiseConv2d, choose_executions
+from ..core.timing import _seconds
 from .cpu import cpu_description
 from .deploy import DeployError, _quiet_loggers, require_deploy
 from .forms import _block_forms, _restore_forms, _set_every_block
