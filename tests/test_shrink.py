@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -324,3 +326,24 @@ def test_the_sequential_fit_fits_each_block_on_the_converted_models_own_inputs(d
         got = torch.cat([converted.eval()(b) for b in held_out])
         random = torch.cat([gpconv.convert(dense, 8, linear=True).eval()(b) for b in held_out])
     assert (got - want).pow(2).sum() < (random - want).pow(2).sum()
+
+
+@settings(max_examples=30, deadline=None)
+@given(inputs=st.integers(3, 12), outputs=st.integers(1, 6), entries=st.integers(1, 40), seed=st.integers(0, 999))
+def test_the_batched_row_solve_equals_solving_row_by_row(inputs, outputs, entries, seed):
+    from gpconv.core.block_fit import _fit_rows, _ridge
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, outputs, (entries,), generator=generator)
+    columns = torch.randint(0, inputs, (entries,), generator=generator)  # repeated (row, column) pairs too
+    features = torch.randn(50, inputs, generator=generator, dtype=torch.float64)
+    gram, rhs = features.T @ features, torch.randn(inputs, outputs, generator=generator, dtype=torch.float64)
+    want = torch.zeros(entries, dtype=torch.float64)
+    seen = set()
+    for row in range(outputs):  # the straightforward form: one system per row on its first-seen columns
+        where = [i for i in range(entries) if rows[i] == row and (row, int(columns[i])) not in seen
+                 and not seen.add((row, int(columns[i])))]
+        if where:
+            cols = columns[where]
+            want[where] = torch.linalg.solve((gram + _ridge(gram, 0.01))[cols][:, cols], rhs[cols, row])
+    assert torch.allclose(_fit_rows(gram, rows, columns, rhs, 0.01), want, atol=1e-10)

@@ -46,19 +46,25 @@ def _ridge(gram: torch.Tensor, ridge: float) -> torch.Tensor:
 def _fit_rows(gram: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, rhs: torch.Tensor,
               ridge: float) -> torch.Tensor:
     """Values at ``(rows, columns)`` (a layer's weights scattered, as ``GroupedConvLayer.scattered_weight``)
-    solving, row by row on the row's own columns (the first of repeated ones), the ridge-regularised
-    normal equations ``(G_SS + ridge) v = rhs[S, row]``."""
+    solving, row by row on the row's own columns (the first of repeated ones; the others stay 0), the
+    ridge-regularised normal equations ``(G_SS + ridge) v = rhs[S, row]``. The rows with the same number
+    of columns are solved as one batch (``tests/test_shrink.py`` pins it to a row-by-row loop)."""
     values = torch.zeros(len(rows), dtype=gram.dtype)
     regularised = gram + _ridge(gram, ridge)
-    order = torch.argsort(rows, stable=True)
-    for where in torch.split(order, torch.bincount(rows).tolist()):
-        if not len(where):
+    width = len(gram)
+    pairs, inverse = torch.unique(rows * width + columns, return_inverse=True)  # sorted by row, then column
+    first = torch.full((len(pairs),), len(rows)).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
+    pair_rows, pair_columns = pairs // width, pairs % width
+    counts = torch.bincount(pair_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    for count in counts.unique().tolist():
+        if count == 0:
             continue
-        cols = columns[where]
-        unique, inverse = torch.unique(cols, return_inverse=True)
-        first = torch.full((len(unique),), len(cols)).scatter_reduce(0, inverse, torch.arange(len(cols)), "amin")
-        where, cols = where[first], cols[first]
-        values[where] = torch.linalg.solve(regularised[cols][:, cols], rhs[cols, rows[where[0]]])
+        same = torch.nonzero(counts == count).flatten()
+        index = starts[same, None] + torch.arange(count)  # (rows, count) positions in ``pairs``
+        cols = pair_columns[index]
+        systems = regularised[cols[:, :, None], cols[:, None, :]]  # (rows, count, count)
+        values[first[index]] = torch.linalg.solve(systems, rhs[cols, same[:, None]])
     return values
 
 
