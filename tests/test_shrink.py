@@ -240,32 +240,33 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     assert again.returncode == 2 and "already holds" in again.stderr  # the output rule, as gpconv train
 
 
-def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_path):
+def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_path, monkeypatch):
     dense_checkpoint, _ = teacher
     output = tmp_path / "fitted"
     quick_shrink(dense_checkpoint, output, "--budget", "0.5", "--epochs", "0", "--fit-steps", "0")
     fit = json.loads((output / "fit.json").read_text())
     assert fit["trainable_params"] <= 0.5 * fit["teacher_params"] and fit["budget"]["mapping"]
     assert_evaluate_agrees(output, tmp_path)
-    # fine-tuning that fitted model later: no conversion or fit again, the same start
+    # fine-tuning that fitted model later: no conversion or fit again, its weights are the start
+    import gpconv.experiments.shrink as shrink_module
+    from gpconv.experiments.config import ShrinkConfig
+
+    started = {}
+    monkeypatch.setattr(shrink_module, "fit_to_dense", lambda *a, **k: pytest.fail("fitted again"))
+    monkeypatch.setattr(shrink_module, "train", lambda config, model_config, **k: started.update(k, config=config))
     tuned = tmp_path / "tuned"
-    result = quick_shrink(dense_checkpoint, tuned, "--budget", "0.5", "--epochs", "1", "--fit-steps", "0",
-                          "--start-from", str(output))
-    assert "fitting" not in result.stdout and "choosing" not in result.stdout
+    shrink_module.shrink(ShrinkConfig(str(dense_checkpoint), str(tuned), budget=0.5, epochs=1, fit_steps=0,
+                                      calibration_images=64, start_from=str(output)), log=lambda line: None)
+    fitted = torch.load(output / "best.pt", weights_only=True)["model"]
+    assert started["initial_state"].keys() == fitted.keys()
+    assert all(torch.equal(started["initial_state"][key], fitted[key]) for key in fitted)
     tuned_fit = json.loads((tuned / "fit.json").read_text())
     assert tuned_fit["start_from"] == str(output) and tuned_fit["budget"] == fit["budget"]
-    config, earlier = (json.loads((folder / "config.json").read_text()) for folder in (tuned, output))
-    assert config["model"]["conversion"] == earlier["model"]["conversion"]
-    fresh = quick_shrink(dense_checkpoint, tmp_path / "fresh", "--budget", "0.5", "--epochs", "1", "--fit-steps", "0")
-    assert _start_line(result.stdout) == _start_line(fresh.stdout)  # the same model as converting and fitting again
+    assert started["config"].shrink["start_from"] == str(output)
     other = gpconv_cli("shrink", "--checkpoint", str(dense_checkpoint), "--budget", "0.4", "--epochs", "1",
                        "--start-from", str(output), "--output", str(tmp_path / "other"))
     assert other.returncode != 0 and "other settings (budget, " in other.stderr and other.stderr.count("\n") == 1
     assert not (tmp_path / "other").exists()
-
-
-def _start_line(stdout: str) -> str:
-    return next(line for line in stdout.splitlines() if line.startswith("start (epoch 0)"))
 
 
 @pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset", "start-not-shrink"])
