@@ -151,3 +151,33 @@ def test_block_forms_and_group_factors():
     with pytest.raises(ValueError) as error:
         expansion.execution = "factored"
     assert str(error.value) == "this block's executions are grouped, dense; got 'factored'"
+
+
+def test_blocks_of_one_shape_on_inputs_of_one_shape_are_timed_once():
+    """choose_executions times a (block shape, input shape) once and gives the same form to its twins; a block of
+    another shape is timed on its own. The timer below makes the slowest-looking form depend on the call order,
+    so a twin that were timed again could get another form."""
+    generator = torch.Generator().manual_seed(2)
+    blocks = [GroupedPointwiseConv2d(64, 64, 8) for _ in range(3)] + [GroupedPointwiseConv2d(64, 32, 8)]
+    for block in blocks:
+        randomize_batch_norms(block, generator)
+    model = prepare_for_inference(nn.Sequential(*blocks).eval())
+    calls = []
+
+    def timer(module, x):
+        calls.append((type(module).__name__, tuple(x.shape)))
+        return float(len(calls) % 3)
+
+    x = torch.randn(2, 64, 5, 5, generator=generator).contiguous(memory_format=torch.channels_last)  # as blocks give
+    chosen = choose_executions(model, x, timer)
+    forms = [model[i].form for i in range(4)]
+    assert forms[0] == forms[1] == forms[2] and set(chosen) == {"0", "1", "2", "3"}
+    alone = []
+    choose_executions(prepare_for_inference(nn.Sequential(GroupedPointwiseConv2d(64, 64, 8)).eval()), x,
+                      lambda m, y: alone.append(1) or float(len(alone) % 3))
+    other = []
+    choose_executions(prepare_for_inference(nn.Sequential(GroupedPointwiseConv2d(64, 32, 8)).eval()), x,
+                      lambda m, y: other.append(1) or float(len(other) % 3))
+    assert len(calls) == len(alone) + len(other)  # the twins cost nothing
+    with torch.no_grad():
+        assert torch.allclose(model(x), nn.Sequential(*blocks).eval()(x), atol=1e-4, rtol=1e-4)

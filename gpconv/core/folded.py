@@ -312,6 +312,23 @@ def _default_factor(layer: _FoldedLayer, min_filters: int = 8) -> int:
     return next((s for s in layer.group_factors() if s * filters >= min_filters), 1)
 
 
+def _timing_key(block: FoldedGroupedPointwiseConv2d, x: torch.Tensor) -> tuple:
+    """What a block's timings depend on: its plan, gathers, activations and forms, and the input's shape,
+    layout, type and device (not the weights' values)."""
+    layers = [(layer.weight.shape, layer.groups, layer.stride, type(layer.act)) for layer in block.layers]
+    gathers = tuple(getattr(block, index, None) is None for index in ("input_index", "k_output_index", "l_input_index",
+                                                                 "l_output_index"))
+    layout = (x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last))
+    return block.plan, tuple(layers), gathers, tuple(block.executions), tuple(x.shape), layout, x.dtype, x.device
+
+
+def _set_form(block: FoldedGroupedPointwiseConv2d, k_factor: int, l_factor: Optional[int], execution: str) -> None:
+    block.k.super_group(k_factor)
+    if block.l is not None:
+        block.l.super_group(l_factor)
+    block.execution = execution
+
+
 def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = None,
                       timer: Optional[Timer] = None) -> Dict[str, str]:
     """Pick the execution (and group factors) of every :class:`FoldedGroupedPointwiseConv2d` of ``model``.
@@ -319,7 +336,8 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
     With ``example_input``, each block is timed in each of its forms on the input it receives
     (:meth:`FoldedGroupedPointwiseConv2d.tune`, with ``timer``: torch by default); otherwise the dense form is used when it needs at most
     ``FOLDED_DENSE_MAC_RATIO`` times the grouped multiply-adds, else the factored form where there is one,
-    with :func:`_default_factor`. Returns ``{block name: execution}``."""
+    with :func:`_default_factor`. Blocks of the same shape on inputs of the same shape are timed once
+    (:func:`_timing_key`). Returns ``{block name: execution}``."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, FoldedGroupedPointwiseConv2d)}
     inputs: Dict[str, torch.Tensor] = {}
     if example_input is not None:
@@ -331,11 +349,17 @@ def choose_executions(model: nn.Module, example_input: Optional[torch.Tensor] = 
         finally:
             for hook in hooks:
                 hook.remove()
-    chosen = {}
+    chosen, timed = {}, {}
     for name, block in blocks.items():
         x = inputs.get(name)
         if x is not None and x.shape[-1] * x.shape[-2] > 1:
-            chosen[name] = block.tune(x, timer)
+            key = _timing_key(block, x)
+            if key in timed:  # a block of the same shape on the same input shape: the same timings
+                _set_form(block, *timed[key])
+            else:
+                block.tune(x, timer)
+                timed[key] = (block.k.group_factor, None if block.l is None else block.l.group_factor, block.execution)
+            chosen[name] = block.execution
             continue
         for layer in block.layers:
             layer.super_group(_default_factor(layer))
