@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import (ActivationSpec, ConvBnAct, PlanIndices, PointwiseConvAttributes, check_activation,
                       gather_channels, is_traced)
 from .executions import EXECUTIONS, check_word
-from .folded import FoldedGroupedPointwiseConv2d, LayerFolding
-from .grouped_layer import GroupedConvLayer, GroupedConvPath
+from .folded import FoldedGroupedPointwiseConv2d, LayerFolding, batch_norm_scale_shift  # noqa: F401 (re-exported)
+from .grouped_layer import GroupedConvLayer, GroupedConvPath, merged_to_canonical  # noqa: F401 (re-exported)
 from .plan import PointwisePlan, check_positive_int, make_plan
 
 # PointwiseConvAttributes, GroupedConvPath, GroupedConvLayer and LayerFolding: re-exported from the

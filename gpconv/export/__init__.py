@@ -31,13 +31,13 @@ OpenVINO), :mod:`~gpconv.export.quantize` (int8), :mod:`~gpconv.export.tuning` (
 
 from .cpu import CPU_FEATURES, cpu_description
 from .deploy import DeployError, require_deploy
-from .exporter import MIN_VERIFY_IMAGES, ExportResult, export_onnx
-from .files import TUNE_KEY, check_output, onnx_input_shape
+from .exporter import MIN_VERIFY_IMAGES, NEAR_ZERO_FACTOR, ExportResult, export_onnx  # noqa: F401
+from .files import GPCONV_MARK, TUNE_KEY, check_output, onnx_input_shape  # noqa: F401
 from .forms import ONNX_FORMS, onnx_form
 from .quantize import quantize_onnx
 from .runtimes import (OPENVINO_PRECISIONS, check_openvino_precision, onnx_session, openvino_chunked,
                        openvino_compile, openvino_default_precision)
-from .tuning import TUNE_RUNTIMES, parse_tune, runtime_timer, tune_for_runtime, tuning_summary
+from .tuning import TUNE_RUNTIMES, WHOLE_MODEL_ROUNDS, parse_tune, runtime_timer, tune_for_runtime, tuning_summary
 
 __all__ = ["DeployError", "ExportResult", "export_onnx", "quantize_onnx", "onnx_session", "onnx_form",
            "ONNX_FORMS", "require_deploy", "check_output", "openvino_compile", "openvino_default_precision",
