@@ -118,6 +118,7 @@ def teacher_model(splits, epochs: int, seed: int) -> nn.Module:
         return model.eval()
     print(f"training the dense {NAME} for {epochs} epochs", flush=True)
     seconds = train_epochs(model, splits, epochs, 1e-3, seed)
+    TEACHER.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), weights.with_suffix(".tmp"))
     weights.with_suffix(".tmp").replace(weights)
     write_json(TEACHER, "metrics.json", {"model": NAME, "test_accuracy": accuracy(model, splits.test),
