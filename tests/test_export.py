@@ -34,7 +34,7 @@ def _real_images(count, size=16):
     if (CIFAR_SUBSET / "cifar-10-batches-py").is_dir():
         splits = load_dataset("cifar10", CIFAR_SUBSET, image_size=size)
     else:
-        splits = load_dataset("synthetic", image_size=size, synthetic_size=(count, count))
+        splits = load_dataset("synthetic", image_size=size, synthetic_size=(max(count, 20), count))  # a validation split too
     return to_float(splits.test.images[:count])
 
 
