@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import gpconv
+from gpconv.experiments.checkpoint import atomic_torch_save
 from gpconv.experiments.data import KerasAugment, load_dataset, to_float
 from gpconv.experiments.metrics import evaluate_model
 from gpconv.experiments.training import cosine_lr, distillation_loss, make_optimizer
@@ -119,8 +120,7 @@ def teacher_model(splits, epochs: int, seed: int) -> nn.Module:
     print(f"training the dense {NAME} for {epochs} epochs", flush=True)
     seconds = train_epochs(model, splits, epochs, 1e-3, seed)
     TEACHER.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), weights.with_suffix(".tmp"))
-    weights.with_suffix(".tmp").replace(weights)
+    atomic_torch_save(model.state_dict(), weights)
     write_json(TEACHER, "metrics.json", {"model": NAME, "test_accuracy": accuracy(model, splits.test),
                                          "trainable_params": gpconv.count_parameters(model),
                                          "computations": gpconv.count_computations(model, 32), "epochs": epochs,
