@@ -67,6 +67,51 @@ def test_converted_model_exports_with_dynamic_batch_and_matches_torch(tmp_path):
 
 
 @needs_deploy
+def test_both_exporters_write_the_same_function_and_the_fast_one_falls_back(tmp_path, monkeypatch, capsys):
+    import onnx
+
+    import gpconv.export as export
+    from gpconv.export import onnx_session
+
+    images = _real_images(8)
+    model = _converted_model(images)
+    outputs = {}
+    for dynamo, expected in ((None, "torchscript"), (True, "dynamo")):
+        result = export.export_onnx(model, tmp_path / f"{expected}.onnx", images[:2], verify_input=images, dynamo=dynamo)
+        assert result.exporter == expected
+        props = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+        assert props["gpconv.exporter"] == expected
+        outputs[expected] = onnx_session(result.path, threads=1).run(None, {"images": images.numpy()})[0]
+    np.testing.assert_allclose(outputs["torchscript"], outputs["dynamo"], atol=1e-5)
+
+    def broken(*args):
+        raise RuntimeError("ONNX export of convolution for kernel of unknown shape\nmore")
+
+    monkeypatch.setattr(export.exporter, "_torchscript_bytes", broken)
+    result = export.export_onnx(model, tmp_path / "fallback.onnx", images[:2], verify_input=images)
+    assert result.exporter == "dynamo"  # the default falls back to the torch.export-based exporter
+    with pytest.raises(export.DeployError, match="^the TorchScript-based ONNX exporter failed: ONNX export of convolution "
+                                                 "for kernel of unknown shape$"):
+        export.export_onnx(model, tmp_path / "forced.onnx", images[:2], verify_input=images, dynamo=False)
+    assert not (tmp_path / "forced.onnx").exists()
+
+
+@needs_deploy
+def test_a_batch_size_baked_into_the_file_is_caught(tmp_path):
+    import gpconv.export as export
+
+    class FixedBatch(nn.Module):  # flattens with the traced batch size as a constant: wrong at any other batch
+        def forward(self, images):
+            return images.mean((2, 3)).reshape(2 if torch.jit.is_tracing() else len(images), -1)
+
+    images = _real_images(8)
+    with pytest.raises(export.DeployError, match="^the exported model (fails|returns)"):
+        export.export_onnx(FixedBatch(), tmp_path / "model.onnx", images[:2], verify_input=images[:2].repeat(2, 1, 1, 1),
+                           dynamo=False)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@needs_deploy
 def test_a_wrong_graph_is_caught_and_nothing_written(tmp_path, monkeypatch):
     import gpconv.export as export
 

@@ -49,10 +49,12 @@ def test_fast_block_equals_straightforward(in_channels, out_channels, channels_p
                                      activation, stride, seed):
     generator = torch.Generator().manual_seed(seed)
     block = GroupedPointwiseConv2d(in_channels, out_channels, channels_per_group, version=version, l_layer=l_layer,
-                                   bias=bias, activation=activation, stride=stride)
-    x = torch.randn(3, in_channels, 5, 4, generator=generator)
+                                   bias=bias, activation=activation, stride=stride).double()
+    # float64: in float32 a pre-activation within rounding of relu's kink (both paths' sums differ in the last
+    # bit) flips its gradient now and then; the same math must agree to far below float32 rounding
+    x = torch.randn(3, in_channels, 5, 4, generator=generator, dtype=torch.float64)
     for layer_form in (None, "merged", "scattered"):  # the fast default, and each layer form forced
-        assert_same(block, x, generator, layer_form)
+        assert_same(block, x, generator, layer_form, out_tolerance=1e-10, grad_tolerance=1e-9)
 
 
 def test_fast_kefficientnet_b0_equals_straightforward():

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..io import first_line
 from .deploy import DeployError, _quiet_loggers, require_deploy
-from .files import GPCONV_MARK, TUNE_KEY, _write_bytes, check_output
+from .files import EXPORTER_KEY, GPCONV_MARK, TUNE_KEY, _write_bytes, check_output
 from .forms import onnx_form
 from .runtimes import onnx_session
 from .tuning import parse_tune, tune_for_runtime
@@ -40,6 +40,7 @@ class ExportResult:
     images: int
     note: Optional[str] = None  # set when the check says little (outputs near zero)
     tuning: Optional[dict] = None  # with tune=: tune_for_runtime's record, also in the file's metadata (TUNE_KEY)
+    exporter: str = "dynamo"  # the PyTorch exporter that wrote the file: "torchscript" or "dynamo" (EXPORTER_KEY)
 
 
 class _Logits(nn.Module):
@@ -104,23 +105,59 @@ def _check_dtypes(model: nn.Module, images: torch.Tensor, what: str) -> torch.Te
     return images.detach().cpu().float()
 
 
-def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[int], props: Optional[dict] = None):
+def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[int], props: Optional[dict] = None,
+                  dynamo: Optional[bool] = None):
     """The ONNX ModelProto of ``form`` with a dynamic batch dimension (exporter chatter silenced), gpconv's
-    mark and ``props`` in its metadata."""
+    mark, the exporter used (``"gpconv.exporter"``) and ``props`` in its metadata.
+
+    ``dynamo=None``: PyTorch's TorchScript-based exporter (a few seconds for a whole network), and where it
+    fails the ``torch.export``-based one (tens of seconds; the only one once PyTorch removes the other);
+    ``True`` / ``False``: only that one. Either file is verified by :func:`_verify` before it is written."""
     require_deploy("onnxscript")
     onnx = require_deploy("onnx")
     example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 2: stays dynamic
+    proto = None
+    if dynamo is not True:
+        try:
+            proto, exporter = onnx.load_from_string(_torchscript_bytes(form, example, opset)), "torchscript"
+        except Exception as error:  # noqa: BLE001 - any failure of the legacy exporter: try the other one
+            if dynamo is False:
+                raise DeployError(f"the TorchScript-based ONNX exporter failed: {first_line(error)}") from None
+    if proto is None:
+        proto, exporter = _dynamo_proto(form, example, opset), "dynamo"
+    onnx.helper.set_model_props(proto, {GPCONV_MARK: "1", EXPORTER_KEY: exporter, **(props or {})})
+    return proto
+
+
+def _torchscript_bytes(form: nn.Module, example: torch.Tensor, opset: Optional[int]) -> bytes:
+    """``form`` through the TorchScript-based exporter, batch dimension dynamic, constants folded."""
+    buffer = io.BytesIO()
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(form, (example,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def _dynamo_proto(form: nn.Module, example: torch.Tensor, opset: Optional[int]):
+    """``form`` through the ``torch.export``-based exporter, batch dimension dynamic, graph optimised."""
     batch = torch.export.Dim("batch", min=1)
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    with quiet, warnings.catch_warnings(), _quiet_loggers():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(form, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), opset_version=opset, optimize=True,
                                     verbose=False)
-    proto = program.model_proto
-    onnx.helper.set_model_props(proto, {GPCONV_MARK: "1", **(props or {})})
-    return proto
+    return program.model_proto
 
+
+def _run(session, batch: torch.Tensor):
+    """ONNX Runtime's output for ``batch``; :class:`DeployError` (one line) when the file fails on it."""
+    try:
+        return session.run(None, {"images": batch.numpy()})[0]
+    except Exception as error:  # noqa: BLE001 - onnxruntime's errors have no common public base
+        raise DeployError(f"the exported model fails in ONNX Runtime on a batch of {len(batch)}: "
+                          f"{first_line(error)}; nothing written") from None
 
 
 def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance: float, batch_size: int = 64):
@@ -129,10 +166,14 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
     session = onnx_session(serialized)
     worst, scale = 0.0, 0.0
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].float().contiguous()
+        # one image alone first: the file was traced at batch 2, and a batch size baked into it must fail here
+        for batch in [images[:1], *images.split(batch_size)]:
+            batch = batch.float().contiguous()
             expected = model(batch).float().numpy()
-            got = session.run(None, {"images": batch.numpy()})[0]
+            got = _run(session, batch)
+            if got.shape != expected.shape:
+                raise DeployError(f"the exported model returns shape {got.shape} where torch returns "
+                                  f"{expected.shape} (batch {len(batch)}); nothing written")
             worst = max(worst, float(abs(got - expected).max()))  # numpy arrays (the deploy extra has numpy)
             scale = max(scale, float(abs(expected).max()))
     allowed = tolerance * max(1.0, scale)  # float32 rounding grows with the outputs: relative past 1
@@ -145,7 +186,7 @@ def _verify(serialized: bytes, model: nn.Module, images: torch.Tensor, tolerance
 def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_input: Optional[torch.Tensor] = None,
                 tolerance: float = 1e-4, opset: Optional[int] = None, form: str = "rule",
                 output: Optional[str] = None, overwrite: bool = False, tune: Optional[str] = None,
-                tune_threads: Optional[int] = None) -> ExportResult:
+                tune_threads: Optional[int] = None, dynamo: Optional[bool] = None) -> ExportResult:
     """Export ``model`` (any gpconv model, or one put through :func:`gpconv.convert`) to the ONNX file
     ``path``, with a dynamic batch dimension; the input is named ``images``, the output ``logits``.
 
@@ -161,6 +202,11 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     under ``"gpconv.tune"``; a file tuned on one CPU kind may not be the fastest on another, and
     :func:`~gpconv.export.onnx_session` and :func:`~gpconv.export.openvino_compile` warn when they load it
     on a CPU of another model or features.
+    ``dynamo``: which PyTorch exporter writes the file: ``None`` (default) the TorchScript-based one
+    (seconds) and, where it fails, the ``torch.export``-based one (tens of seconds for a whole network;
+    PyTorch's default, and the only one once the other is removed); ``True`` or ``False``: only that one.
+    The file is verified the same way whichever wrote it; ``result.exporter`` and the metadata key
+    ``"gpconv.exporter"`` name it.
     ``verify_input`` (default: ``example_input``; at least :data:`MIN_VERIFY_IMAGES` images) are the
     images ONNX Runtime runs before anything is written: the largest difference from the eval-mode
     torch model must be at most ``tolerance`` (times the largest output magnitude where that exceeds
@@ -208,7 +254,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     exported = onnx_form(reference, form)
     tuning = None if tune is None else tune_for_runtime(exported, example_input, tune, tune_threads)
     proto = _export_proto(_Logits(exported, pick), example_input, opset,
-                          None if tuning is None else {TUNE_KEY: json.dumps(tuning)})
+                          None if tuning is None else {TUNE_KEY: json.dumps(tuning)}, dynamo)
     serialized = proto.SerializeToString()
     worst, scale = _verify(serialized, selected, images, tolerance)
     _write_bytes(path, serialized)
@@ -217,4 +263,5 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
         note = (f"the torch outputs are at most {scale:.2g}, near zero: any graph passes a check against them; "
                 "verify a trained model (or one with batch norms set on real images) on real images")
         warnings.warn(note, stacklevel=2)
-    return ExportResult(path, worst, scale, len(images), note, tuning)
+    exporter = {prop.key: prop.value for prop in proto.metadata_props}[EXPORTER_KEY]
+    return ExportResult(path, worst, scale, len(images), note, tuning, exporter)

@@ -9,12 +9,14 @@ from pathlib import Path
 from ..io import atomic_write
 from .deploy import DeployError, require_deploy
 
-__all__ = ["GPCONV_MARK", "TUNE_KEY", "check_output", "onnx_input_shape"]
+__all__ = ["GPCONV_MARK", "TUNE_KEY", "EXPORTER_KEY", "check_output", "onnx_input_shape"]
 
 # Written into every exported file (metadata_props): export_onnx only overwrites files that carry it.
 GPCONV_MARK = "gpconv.export"
 # The metadata key of a tuned export's choice (tune_for_runtime's record as JSON).
 TUNE_KEY = "gpconv.tune"
+# Metadata key naming the PyTorch exporter that wrote the file: "torchscript" or "dynamo".
+EXPORTER_KEY = "gpconv.exporter"
 
 
 def check_output(path: Path, overwrite: bool = False) -> None:
