@@ -43,6 +43,10 @@ class LayerStatistics:
         """``(gram E[s s^T], cross E[s x^T], target E[x x^T])``: covariances when ``centered`` (a batch norm
         follows and re-learns offsets), else second moments, with the constant input when ``with_bias``."""
         target = self.moment
+        if self.student_moment is None and self.cross_moment is None:  # the block sees the dense layer's inputs
+            moment = target[:-1, :-1] - torch.outer(target[:-1, -1], target[:-1, -1]) if centered else (
+                target if with_bias else target[:-1, :-1])
+            return moment, moment, moment  # one object: _error then needs one product, not three
         gram = target if self.student_moment is None else self.student_moment
         cross = target if self.cross_moment is None else self.cross_moment
         if centered:
