@@ -41,9 +41,9 @@ COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group",
 def runs():
     """``(name, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first; a fitted
     model's 0-epoch run before the fine-tunings that start from it)."""
-    plan = [("fit", "k16", 0), ("random", "k16", 6), ("fit", "k32", 0), ("budget", "k16", 0), ("fit", "k16", 6),
-            ("budget", "k16", 6), ("fit", "k16", 2), ("budget", "k16", 2), ("random", "k16", 2), ("fit", "k32", 2),
-            ("fit", "k32", 6), ("random", "k16", 0)]
+    plan = [("fit", "k16", 0), ("fit", "k16", 6), ("random", "k16", 6), ("budget", "k16", 0), ("budget", "k16", 6),
+            ("fit", "k32", 0), ("fit", "k16", 2), ("random", "k16", 2), ("budget", "k16", 2), ("random", "k16", 0),
+            ("fit", "k32", 2), ("fit", "k32", 6)]
     for method, size, epochs in plan:
         for seed, checkpoint in TEACHERS.items():
             name = f"{method}-{size}-e{epochs}-teacher{seed}"

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import gpconv
 from gpconv.experiments.checkpoint import atomic_torch_save
+from gpconv.experiments.config import ShrinkConfig
 from gpconv.experiments.data import KerasAugment, load_dataset, to_float
 from gpconv.experiments.metrics import evaluate_model
 from gpconv.experiments.training import cosine_lr, distillation_loss, make_optimizer
@@ -64,10 +65,13 @@ def dense_model(seed: int) -> nn.Module:
 
 
 def train_epochs(model: nn.Module, splits, epochs: int, lr: float, seed: int, teacher=None) -> float:
-    """``epochs`` epochs of the study's protocol (cosine from ``lr``); with ``teacher``, Hinton
-    distillation (T 4, weight 0.9: gpconv shrink's defaults). Returns the seconds taken."""
+    """``epochs`` epochs, cosine from ``lr``: without ``teacher`` the study's protocol (RMSprop, Keras
+    augmentation); with it gpconv shrink's defaults (ShrinkConfig: AdamW, no augmentation, Hinton
+    distillation at T 4, weight 0.9). Returns the seconds taken."""
     started = time.perf_counter()
-    optimizer, augment = make_optimizer(model.parameters(), lr), KerasAugment()
+    shrinking = ShrinkConfig("", "")
+    optimizer = make_optimizer(model.parameters(), lr, "rmsprop" if teacher is None else shrinking.optimizer)
+    augment = KerasAugment() if teacher is None or shrinking.augment else None
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
@@ -77,7 +81,8 @@ def train_epochs(model: nn.Module, splits, epochs: int, lr: float, seed: int, te
         for indices in order.split(64):
             if len(indices) < 2:
                 continue
-            images = augment(to_float(splits.train.images[indices]), generator)
+            images = to_float(splits.train.images[indices])
+            images = images if augment is None else augment(images, generator)
             labels = splits.train.labels[indices]
             logits = model(images)
             if teacher is None:
@@ -85,7 +90,7 @@ def train_epochs(model: nn.Module, splits, epochs: int, lr: float, seed: int, te
             else:
                 with torch.no_grad():
                     soft = teacher(images)
-                loss = distillation_loss(logits, soft, labels, 4.0, 0.9)
+                loss = distillation_loss(logits, soft, labels, shrinking.temperature, shrinking.distillation_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -141,7 +146,7 @@ def shrink_one(teacher: nn.Module, splits, init: str, channels_per_group: int, e
     else:
         model, fits = gpconv.convert(teacher, channels_per_group, exclude=["model.classifier"]), []
     fit_seconds = round(time.perf_counter() - started, 2)
-    seconds = train_epochs(model, splits, epochs, 5e-4, seed, teacher=teacher) if epochs else 0.0
+    seconds = train_epochs(model, splits, epochs, ShrinkConfig("", "").lr, seed, teacher=teacher) if epochs else 0.0
     mean_error = sum(f.relative_error for f in fits) / len(fits) if fits else None
     write_json(folder, "fit.json", {"init": init, "fit_seconds": fit_seconds, "mean_fit_error": mean_error})
     write_json(folder, "metrics.json", {

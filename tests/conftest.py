@@ -1,5 +1,9 @@
+import contextlib
+import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,31 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 PAPER_NUMBERS = SHARED / "reference" / "paper_numbers.json"
+
+
+def gpconv_cli(*argv, process=False):
+    """``gpconv ARGV`` as a finished process (``returncode``, ``stdout``, ``stderr``): run in this process by
+    ``gpconv.cli.main`` with its output captured (no interpreter and torch start-up per command), or with
+    ``process`` as a real one (what a user's shell sees: warnings and tracebacks on stderr too)."""
+    import torch
+
+    from gpconv.cli import main
+
+    argv = [str(arg) for arg in argv]
+    if process:
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                              env=environment, timeout=600)
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exit:  # argparse's usage errors
+                code = exit.code
+    finally:
+        torch.set_num_threads(threads)  # --threads sets it for the whole process
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def paper_rows(arch=None):

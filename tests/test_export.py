@@ -1,6 +1,5 @@
 """ONNX export (gpconv.export, `gpconv export`): verified against torch, int8, bad input."""
 
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 import gpconv
-from conftest import SHARED
+from conftest import SHARED, gpconv_cli
 from gpconv.cli import main
 
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
@@ -246,8 +245,8 @@ def test_openvino_chunked_returns_the_whole_batch_in_order(tmp_path):
         assert logits.shape == (count, 10) and np.abs(logits - whole[:count]).max() <= 1e-5
 
 
-def _one_line_error(argv):
-    result = subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True)
+def _one_line_error(argv, process=False):
+    result = gpconv_cli(*argv, process=process)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     return result.stderr
@@ -261,7 +260,7 @@ def _one_line_error(argv):
 def test_bad_input_is_one_line(argv, message):
     if message == "does not exist" and not _deploy_installed():
         message = "deploy extra"
-    assert message in _one_line_error(argv)
+    assert message in _one_line_error(argv, process=True)  # as a shell sees it: no warning or traceback either
 
 
 @needs_deploy

@@ -1,11 +1,6 @@
 """Shrinking a trained model: per-layer conversion, the fit to the dense layers, the budget, gpconv shrink."""
 
-import contextlib
-import io
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given, settings
@@ -14,8 +9,7 @@ import torch
 from torch import nn
 
 import gpconv
-from conftest import ROOT
-from gpconv.cli import main
+from conftest import ROOT, gpconv_cli
 from gpconv.core.convert import apply_conversion, conversion_record
 from gpconv.core.fit import (LayerStatistics, choose_channels_per_group, collect_layer_statistics, fit_block,
                              fit_to_dense, recompute_batch_norm)
@@ -184,25 +178,6 @@ def test_the_budget_is_respected_and_spent_where_the_fit_error_says(dense):
 # a dense teacher: MobileNet (half width: quick fits) at 16x16 on 200 + 100 synthetic images
 TEACHER = ["--arch", "mobilenet", "--width", "0.5", "--image-size", "16", "--skip-strides", "2", "--dataset", "synthetic",
            "--synthetic-size", "200,100", "--batch-size", "8", "--max-train-batches", "2", "--threads", "1", "--seed", "3"]
-
-
-def gpconv_cli(*argv, process=False):
-    """``gpconv ARGV`` as a finished process: in this process (``gpconv.cli.main``, its output captured; no
-    interpreter and torch start-up for each command), or with ``process`` as a real one."""
-    if process:
-        environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                              env=environment, timeout=600)
-    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(arg) for arg in argv])
-            except SystemExit as exit:  # argparse's usage errors
-                code = exit.code
-    finally:
-        torch.set_num_threads(threads)  # --threads sets it for the process
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

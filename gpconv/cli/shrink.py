@@ -21,7 +21,7 @@ def _fraction(text: str) -> float:
 
 def add_shrink_command(commands) -> None:
     """Add ``shrink`` to the ``gpconv`` subparsers ``commands``; its defaults are ``ShrinkConfig``'s."""
-    from ..experiments.config import SHRINK_INITS, ShrinkConfig
+    from ..experiments.config import OPTIMIZERS, SHRINK_INITS, ShrinkConfig
 
     default = {item.name: item.default for item in fields(ShrinkConfig)}
     shrink = commands.add_parser("shrink", help="shrink a trained dense model: convert, fit to the dense layers, "
@@ -38,6 +38,11 @@ def add_shrink_command(commands) -> None:
     shrink.add_argument("--epochs", type=non_negative_int, default=default["epochs"],
                         help="fine-tuning epochs with the teacher (0: evaluate the fitted model)")
     shrink.add_argument("--lr", type=positive_float, default=default["lr"], help="start of the cosine schedule")
+    shrink.add_argument("--optimizer", default=default["optimizer"], choices=OPTIMIZERS,
+                        help="adamw (default: measured better for a short fine-tune) or the papers' rmsprop")
+    shrink.add_argument("--augment", action="store_true",
+                        help="the papers' Keras augmentation while fine-tuning (off by default: measured worse over 6 "
+                             "epochs, docs/results.md)")
     shrink.add_argument("--temperature", type=positive_float, default=default["temperature"])
     shrink.add_argument("--distillation-weight", type=float, default=default["distillation_weight"],
                         help="weight of the teacher's soft targets; the labels get the rest")

@@ -15,12 +15,14 @@ from torch import nn
 from ..core.convert import apply_conversion
 from ..models import CLASSIFIER_INITS, check_input_size, check_width, create_model, family_options, init_classifier
 
-__all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "field_default", "positive_int",
+__all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "OPTIMIZERS", "field_default", "positive_int",
            "non_negative_int", "positive_float",
            "int_at_least", "check_fields"]
 
 
 SCHEDULES = ("cyclical", "cosine")
+# "rmsprop": the papers' (Keras' defaults); "adamw": bias-corrected from the first step (gpconv shrink's)
+OPTIMIZERS = ("rmsprop", "adamw")
 
 
 def _number(text: str, kind, minimum, description: str, strict: bool = False):
@@ -134,6 +136,7 @@ class TrainConfig:
     # "cyclical": the papers' cycle (cyclical_lr); "cosine": lr decays from lr to 0 over the epochs
     # (fine-tuning, gpconv shrink)
     schedule: str = "cyclical"
+    optimizer: str = "rmsprop"  # one of OPTIMIZERS
     # knowledge distillation (Hinton et al. 2015): a teacher checkpoint whose softened outputs
     # (temperature) are learnt with weight distillation_weight, the labels with the rest
     teacher: Optional[str] = None
@@ -144,6 +147,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 <= self.distillation_weight <= 1) or not self.temperature > 0:
             raise ValueError("distillation_weight must be in [0, 1] and temperature > 0")
         if self.monitor not in ("val_accuracy", "val_loss"):
@@ -214,7 +219,9 @@ class ShrinkConfig:
     l_layer: bool = True
     init: str = "fit"
     epochs: int = 6
-    lr: float = 5e-4
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    augment: bool = False
     temperature: float = 4.0
     distillation_weight: float = 0.9
     calibration_images: int = 1024
