@@ -2,14 +2,11 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, gpconv_cli
 from gpconv.experiments.cam import cam, cam_linear
 from gpconv.cli import main
 from gpconv.experiments.data import PAPER_DATASETS
@@ -21,10 +18,8 @@ from gpconv.experiments.sweep import expand_runs, expand_variants, load_sweep_co
 CIFAR_SUBSET = SHARED / "data" / "cifar10-subset"
 
 
-def gpconv(*argv):
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gpconv.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          env=environment, timeout=300)
+def gpconv(*argv, process=False):
+    return gpconv_cli(*argv, process=process)
 
 
 def assert_one_line_error(result, message):
@@ -210,7 +205,8 @@ def test_report_table_columns_come_from_metrics_json(tiny_sweep, tmp_path):
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
-    assert_one_line_error(gpconv("report", str(tmp_path), "--output", str(tmp_path / "r")), "holds no finished run")
+    assert_one_line_error(gpconv("report", str(tmp_path), "--output", str(tmp_path / "r"), process=True),
+                          "holds no finished run")  # as a shell sees it; the others in this process
     assert_one_line_error(gpconv("sweep", "--arch", "efficientnet_b0", "--variants", "baseline,v9-3ch", "--dataset",
                                  "synthetic", "--output", str(tmp_path / "s")), "unknown variant")
     assert_one_line_error(gpconv("sweep", "--config", str(tmp_path / "none.yaml"), "--output", str(tmp_path / "s")),
