@@ -217,6 +217,10 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     fit = json.loads((output / "fit.json").read_text())
     assert config["train"]["teacher"] == str(dense_checkpoint) and config["train"]["schedule"] == "cosine"
     assert config["train"]["shrink"]["channels_per_group"] == 16 and config["train"]["seed"] == 0
+    # the fine-tuning defaults (docs/results.md): AdamW, whose state last.pt keeps, and no augmentation
+    assert config["train"]["optimizer"] == "adamw" and config["train"]["augment"] is False
+    last = torch.load(output / "last.pt", weights_only=True)
+    assert all("exp_avg" in state for state in last["optimizer"]["state"].values())
     assert config["model"]["conversion"]["format"] == "gpconv-conversion/1"
     errors = [(layer["initial_error"], layer["relative_error"]) for layer in fit["layers"]]
     assert errors and sum(after for _, after in errors) < 0.5 * sum(before for before, _ in errors), errors
@@ -247,7 +251,9 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
     monkeypatch.setattr(shrink_module, "train", lambda config, model_config, **k: started.update(k, config=config))
     tuned = tmp_path / "tuned"
     shrink_module.shrink(ShrinkConfig(str(dense_checkpoint), str(tuned), budget=0.5, epochs=1, fit_steps=0,
-                                      calibration_images=64, start_from=str(output)), log=lambda line: None)
+                                      calibration_images=64, start_from=str(output), optimizer="rmsprop",
+                                      augment=True), log=lambda line: None)
+    assert (started["config"].optimizer, started["config"].augment) == ("rmsprop", True)  # the first protocol
     fitted = torch.load(output / "best.pt", weights_only=True)["model"]
     assert started["initial_state"].keys() == fitted.keys()
     assert all(torch.equal(started["initial_state"][key], fitted[key]) for key in fitted)

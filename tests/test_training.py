@@ -81,6 +81,27 @@ def test_optimizer_has_keras_rmsprop_defaults():
                                                                                                  False)
 
 
+def test_adamw_starts_at_the_learning_rate_and_other_names_are_refused():
+    """gpconv shrink's optimizer: AdamW's first step moves each weight by lr, RMSprop's (no bias correction) by
+    about 3 lr, both in the sign of the gradient; an unknown optimizer is refused by the config and the factory."""
+    from gpconv.experiments.config import TrainConfig
+
+    steps = {}
+    for name in ("adamw", "rmsprop"):
+        weight = torch.nn.Parameter(torch.zeros(3))
+        optimizer = make_optimizer([weight], 1e-3, name)
+        weight.grad = torch.tensor([0.5, -2.0, 1e-3])
+        optimizer.step()
+        steps[name] = weight.detach().abs()
+    assert isinstance(make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3, "adamw"), torch.optim.AdamW)
+    assert steps["adamw"] == pytest.approx(torch.full((3,), 1e-3), rel=1e-3)
+    assert steps["rmsprop"] == pytest.approx(torch.full((3,), 1e-3 / 0.1 ** 0.5), rel=1e-3)
+    with pytest.raises(ValueError, match="rmsprop or adamw"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], 1e-3, "sgd")
+    with pytest.raises(ValueError, match="optimizer must be one of rmsprop, adamw"):
+        TrainConfig(dataset="synthetic", output="unused", optimizer="sgd")
+
+
 def test_classification_report_precision_recall_f1():
     confusion = torch.tensor([[3, 1], [0, 2]])  # rows: true class, columns: predicted
     report = classification_report(confusion, ["a", "b"])
