@@ -10,7 +10,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 SCRIPTS = ["benchmark.py", "block_times.py", "training_profile.py", "training_health.py", "omp_wait_policy.py",
-           "convert_models.py", "runtimes.py", "study_latency.py", "ort_profile.py"]
+           "convert_models.py", "runtimes.py", "study_latency.py", "ort_profile.py", "exporter_compare.py"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
