@@ -1,5 +1,6 @@
 """ONNX export (gpconv.export, `gpconv export`): verified against torch, int8, bad input."""
 
+import copy
 import sys
 from dataclasses import asdict
 
@@ -85,6 +86,21 @@ def test_both_exporters_write_the_same_function_and_the_fast_one_falls_back(tmp_
 
     def broken(*args):
         raise RuntimeError("ONNX export of convolution for kernel of unknown shape\nmore")
+
+    # a TorchScript file that fails the check: the default exports again with the other exporter
+    real = export.exporter._torchscript_bytes
+
+    def wrong(form, example, opset):
+        shifted = copy.deepcopy(form)
+        with torch.no_grad():
+            shifted.model[-1].bias.add_(1e-2)  # the classifier of _converted_model: a difference the check sees
+        return real(shifted, example, opset)
+
+    monkeypatch.setattr(export.exporter, "_torchscript_bytes", wrong)
+    result = export.export_onnx(model, tmp_path / "checked.onnx", images[:2], verify_input=images)
+    assert result.exporter == "dynamo" and result.max_difference <= 1e-4
+    with pytest.raises(export.DeployError, match="differs from torch"):
+        export.export_onnx(model, tmp_path / "unchecked.onnx", images[:2], verify_input=images, dynamo=False)
 
     monkeypatch.setattr(export.exporter, "_torchscript_bytes", broken)
     result = export.export_onnx(model, tmp_path / "fallback.onnx", images[:2], verify_input=images)

@@ -129,6 +129,11 @@ def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[
     return proto
 
 
+def _exporter(proto) -> str:
+    """The PyTorch exporter that wrote ``proto`` (its ``EXPORTER_KEY`` metadata)."""
+    return {prop.key: prop.value for prop in proto.metadata_props}[EXPORTER_KEY]
+
+
 def _torchscript_bytes(form: nn.Module, example: torch.Tensor, opset: Optional[int]) -> bytes:
     """``form`` through the TorchScript-based exporter, batch dimension dynamic, constants folded."""
     buffer = io.BytesIO()
@@ -203,7 +208,7 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     :func:`~gpconv.export.onnx_session` and :func:`~gpconv.export.openvino_compile` warn when they load it
     on a CPU of another model or features.
     ``dynamo``: which PyTorch exporter writes the file: ``None`` (default) the TorchScript-based one
-    (seconds) and, where it fails, the ``torch.export``-based one (tens of seconds for a whole network;
+    (seconds) and, where it fails or its file fails the check below, the ``torch.export``-based one (tens of seconds for a whole network;
     PyTorch's default, and the only one once the other is removed); ``True`` or ``False``: only that one.
     The file is verified the same way whichever wrote it; ``result.exporter`` and the metadata key
     ``"gpconv.exporter"`` name it.
@@ -253,15 +258,21 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
         raise DeployError(f"the exported output must be a float32 tensor with the batch first, got {shown}")
     exported = onnx_form(reference, form)
     tuning = None if tune is None else tune_for_runtime(exported, example_input, tune, tune_threads)
-    proto = _export_proto(_Logits(exported, pick), example_input, opset,
-                          None if tuning is None else {TUNE_KEY: json.dumps(tuning)}, dynamo)
+    props = None if tuning is None else {TUNE_KEY: json.dumps(tuning)}
+    proto = _export_proto(_Logits(exported, pick), example_input, opset, props, dynamo)
+    try:
+        worst, scale = _verify(proto.SerializeToString(), selected, images, tolerance)
+    except DeployError:
+        if dynamo is not None or _exporter(proto) == "dynamo":
+            raise
+        # the TorchScript-based exporter wrote a graph that fails the check: the other exporter's, checked alike
+        proto = _export_proto(_Logits(exported, pick), example_input, opset, props, True)
+        worst, scale = _verify(proto.SerializeToString(), selected, images, tolerance)
     serialized = proto.SerializeToString()
-    worst, scale = _verify(serialized, selected, images, tolerance)
     _write_bytes(path, serialized)
     note = None
     if scale <= NEAR_ZERO_FACTOR * tolerance:
         note = (f"the torch outputs are at most {scale:.2g}, near zero: any graph passes a check against them; "
                 "verify a trained model (or one with batch norms set on real images) on real images")
         warnings.warn(note, stacklevel=2)
-    exporter = {prop.key: prop.value for prop in proto.metadata_props}[EXPORTER_KEY]
-    return ExportResult(path, worst, scale, len(images), note, tuning, exporter)
+    return ExportResult(path, worst, scale, len(images), note, tuning, _exporter(proto))
