@@ -112,7 +112,7 @@ def _export_proto(form: nn.Module, example_input: torch.Tensor, opset: Optional[
 
     ``dynamo=None``: PyTorch's TorchScript-based exporter (a few seconds for a whole network), and where it
     fails the ``torch.export``-based one (tens of seconds; the only one once PyTorch removes the other);
-    ``True`` / ``False``: only that one. Either file is verified by :func:`_verify` before it is written."""
+    ``True`` / ``False``: only that one. :func:`export_onnx` verifies either file before writing it."""
     require_deploy("onnxscript")
     onnx = require_deploy("onnx")
     example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()  # batch 2: stays dynamic
@@ -208,8 +208,9 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, verify_i
     :func:`~gpconv.export.onnx_session` and :func:`~gpconv.export.openvino_compile` warn when they load it
     on a CPU of another model or features.
     ``dynamo``: which PyTorch exporter writes the file: ``None`` (default) the TorchScript-based one
-    (seconds) and, where it fails or its file fails the check below, the ``torch.export``-based one (tens of seconds for a whole network;
-    PyTorch's default, and the only one once the other is removed); ``True`` or ``False``: only that one.
+    (seconds), and where it fails or its file fails the check below, the ``torch.export``-based one (tens
+    of seconds for a whole network; PyTorch's default, and the only one once the other is removed);
+    ``True`` or ``False``: only that one.
     The file is verified the same way whichever wrote it; ``result.exporter`` and the metadata key
     ``"gpconv.exporter"`` name it.
     ``verify_input`` (default: ``example_input``; at least :data:`MIN_VERIFY_IMAGES` images) are the
