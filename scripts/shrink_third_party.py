@@ -36,6 +36,7 @@ RUNS = ROOT / "docs/results/shrink_cifar10_subset_runs"
 TEACHER = RUNS / "third-party-teacher"
 NAME = "transformers ResNet (bottleneck, hidden sizes 64-128-256-512, depths 1-1-1-1)"
 # (init, channels per group, fine-tuning epochs); the issue's grid for one model
+SHRINK_DEFAULTS = ShrinkConfig("", "")  # gpconv shrink's fine-tuning settings, used for the distillation
 SHRINKS = [("fit", 16, 0), ("fit", 16, 2), ("fit", 16, 6), ("random", 16, 0), ("random", 16, 2), ("random", 16, 6),
            ("fit", 32, 0)]
 
@@ -69,9 +70,8 @@ def train_epochs(model: nn.Module, splits, epochs: int, lr: float, seed: int, te
     augmentation); with it gpconv shrink's defaults (ShrinkConfig: AdamW, no augmentation, Hinton
     distillation at T 4, weight 0.9). Returns the seconds taken."""
     started = time.perf_counter()
-    shrinking = ShrinkConfig("", "")
-    optimizer = make_optimizer(model.parameters(), lr, "rmsprop" if teacher is None else shrinking.optimizer)
-    augment = KerasAugment() if teacher is None or shrinking.augment else None
+    optimizer = make_optimizer(model.parameters(), lr, "rmsprop" if teacher is None else SHRINK_DEFAULTS.optimizer)
+    augment = KerasAugment() if teacher is None or SHRINK_DEFAULTS.augment else None
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
         for group in optimizer.param_groups:
@@ -90,7 +90,8 @@ def train_epochs(model: nn.Module, splits, epochs: int, lr: float, seed: int, te
             else:
                 with torch.no_grad():
                     soft = teacher(images)
-                loss = distillation_loss(logits, soft, labels, shrinking.temperature, shrinking.distillation_weight)
+                loss = distillation_loss(logits, soft, labels, SHRINK_DEFAULTS.temperature,
+                                         SHRINK_DEFAULTS.distillation_weight)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -146,7 +147,7 @@ def shrink_one(teacher: nn.Module, splits, init: str, channels_per_group: int, e
     else:
         model, fits = gpconv.convert(teacher, channels_per_group, exclude=["model.classifier"]), []
     fit_seconds = round(time.perf_counter() - started, 2)
-    seconds = train_epochs(model, splits, epochs, ShrinkConfig("", "").lr, seed, teacher=teacher) if epochs else 0.0
+    seconds = train_epochs(model, splits, epochs, SHRINK_DEFAULTS.lr, seed, teacher=teacher) if epochs else 0.0
     mean_error = sum(f.relative_error for f in fits) / len(fits) if fits else None
     write_json(folder, "fit.json", {"init": init, "fit_seconds": fit_seconds, "mean_fit_error": mean_error})
     write_json(folder, "metrics.json", {

@@ -43,19 +43,19 @@ class LayerStatistics:
         """``(gram E[s s^T], cross E[s x^T], target E[x x^T])``: covariances when ``centered`` (a batch norm
         follows and re-learns offsets), else second moments, with the constant input when ``with_bias``."""
         target = self.moment
+
+        def reduced(moment: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+            """``moment`` centred with the means in ``left``'s and ``right``'s last column, or cut to form."""
+            if centered:
+                return moment[:-1, :-1] - torch.outer(left[:-1, -1], right[:-1, -1])
+            return moment if with_bias else moment[:-1, :-1]
+
         if self.student_moment is None and self.cross_moment is None:  # the block sees the dense layer's inputs
-            moment = target[:-1, :-1] - torch.outer(target[:-1, -1], target[:-1, -1]) if centered else (
-                target if with_bias else target[:-1, :-1])
+            moment = reduced(target, target, target)
             return moment, moment, moment  # one object: _error then needs one product, not three
         gram = target if self.student_moment is None else self.student_moment
         cross = target if self.cross_moment is None else self.cross_moment
-        if centered:
-            mean_t, mean_s = target[:-1, -1], gram[:-1, -1]
-            return (gram[:-1, :-1] - torch.outer(mean_s, mean_s), cross[:-1, :-1] - torch.outer(mean_s, mean_t),
-                    target[:-1, :-1] - torch.outer(mean_t, mean_t))
-        if with_bias:
-            return gram, cross, target
-        return gram[:-1, :-1], cross[:-1, :-1], target[:-1, :-1]
+        return reduced(gram, gram, gram), reduced(cross, gram, target), reduced(target, target, target)
 
 
 def _batches(calibration: Iterable):

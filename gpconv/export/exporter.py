@@ -20,7 +20,7 @@ from .deploy import DeployError, _quiet_loggers, require_deploy
 from .files import EXPORTER_KEY, GPCONV_MARK, TUNE_KEY, _write_bytes, check_output
 from .forms import onnx_form
 from .runtimes import onnx_session
-from .tuning import parse_tune, tune_for_runtime
+from .tuning import parse_tune, torchscript_onnx, tune_for_runtime
 
 __all__ = ["MIN_VERIFY_IMAGES", "ExportResult", "export_onnx"]
 
@@ -136,13 +136,7 @@ def _exporter(proto) -> str:
 
 def _torchscript_bytes(form: nn.Module, example: torch.Tensor, opset: Optional[int]) -> bytes:
     """``form`` through the TorchScript-based exporter, batch dimension dynamic, constants folded."""
-    buffer = io.BytesIO()
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(form, (example,), buffer, dynamo=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                          do_constant_folding=True)
-    return buffer.getvalue()
+    return torchscript_onnx(form, example, "images", "logits", dynamic_batch=True, opset=opset)
 
 
 def _dynamo_proto(form: nn.Module, example: torch.Tensor, opset: Optional[int]):

@@ -22,7 +22,7 @@ from .forms import _block_forms, _restore_forms, _set_every_block
 from .runtimes import (OPENVINO_PRECISIONS, check_openvino_precision, onnx_session, openvino_compile,
                        openvino_default_precision)
 
-__all__ = ["TUNE_RUNTIMES", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary"]
+__all__ = ["TUNE_RUNTIMES", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary", "torchscript_onnx"]
 
 # The runtimes ``export_onnx(..., tune=...)`` (``gpconv export --tune``) times the grouped blocks' forms in.
 TUNE_RUNTIMES = ("onnxruntime", "openvino")
@@ -50,13 +50,18 @@ def _form_key(module: nn.Module, x: torch.Tensor) -> tuple:
     return type(module).__name__, forms, shapes, tuple(x.shape)
 
 
-def _block_onnx(module: nn.Module, x: torch.Tensor) -> bytes:
-    """``module`` alone as a small ONNX model at ``x``'s shape (the TorchScript exporter: a few
-    milliseconds for one block, where the torch.export-based one takes seconds)."""
+def torchscript_onnx(module: nn.Module, x: torch.Tensor, input_name: str = "x", output_name: Optional[str] = None,
+                     dynamic_batch: bool = False, opset: Optional[int] = None) -> bytes:
+    """``module`` as ONNX bytes through PyTorch's TorchScript-based exporter (milliseconds for one block,
+    seconds for a network, where the torch.export-based one takes seconds to tens of seconds), exporter
+    chatter silenced, constants folded; with ``dynamic_batch`` the first dimension stays free."""
+    outputs = None if output_name is None else [output_name]
+    axes = {name: {0: "batch"} for name in [input_name, *(outputs or [])]} if dynamic_batch else None
     buffer = io.BytesIO()
     with warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"])
+        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=[input_name], output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
     return buffer.getvalue()
 
 
@@ -72,7 +77,7 @@ def runtime_timer(runtime: str, precision: Optional[str] = None, threads: Option
     seconds, kept = {}, {}
 
     def runner(module: nn.Module, x: torch.Tensor):
-        data, array = _block_onnx(module, x), x.detach().float().contiguous().numpy()
+        data, array = torchscript_onnx(module, x), x.detach().float().contiguous().numpy()
         if runtime == "onnxruntime":
             session = onnx_session(data, threads, spinning=False)
             return lambda: session.run(None, {"x": array})
