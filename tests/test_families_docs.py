@@ -2,7 +2,7 @@
 figures of committed CSVs: the study's (docs/results/families_cifar10_subset.csv,
 docs/results/thinning_cifar10_subset.csv) once they exist, the pilots' epochs
 (families_pilots.csv), the EfficientNet study's CSV and the width-latency measurement
-(thinning_width_latency.csv). While the runs are pending the section and README say so."""
+(thinning_width_latency_*.csv, one per CPU measured). While the runs are pending the section and README say so."""
 
 import csv
 import re
@@ -16,7 +16,7 @@ RESULTS = ROOT / "docs" / "results"
 CSVS = (RESULTS / "families_cifar10_subset.csv", RESULTS / "thinning_cifar10_subset.csv")
 # committed already: what the section may quote before the runs
 PILOTS, EFFICIENTNET_STUDY = RESULTS / "families_pilots.csv", RESULTS / "cpu_cifar10_subset.csv"
-WIDTH_LATENCY = RESULTS / "thinning_width_latency.csv"
+WIDTH_LATENCY = (RESULTS / "thinning_width_latency_epyc.csv", RESULTS / "thinning_width_latency_xeon.csv")
 START, END = "## Is grouping worth it?", "## The reference cross-check"
 ACCURACY = re.compile(r"(?<![\d.])0\.\d{3}(?!\d)")
 MILLISECONDS = re.compile(r"(?<![\d.])(\d+\.\d+) ms\b")
@@ -60,7 +60,7 @@ def figures(paths):
 
 def allowed_figures():
     """(accuracies, milliseconds) the section may quote: those of every committed CSV it draws on."""
-    accuracies, latencies = figures([path for path in CSVS + (EFFICIENTNET_STUDY, WIDTH_LATENCY) if path.is_file()])
+    accuracies, latencies = figures([path for path in CSVS + (EFFICIENTNET_STUDY,) + WIDTH_LATENCY if path.is_file()])
     for row in csv.DictReader(PILOTS.open()):
         accuracies |= {f"{float(row[column]):.3f}" for column in ("train_accuracy", "val_accuracy")}
     return accuracies, latencies
