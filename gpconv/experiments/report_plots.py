@@ -36,7 +36,12 @@ def tradeoff_plot(summaries: Sequence[VariantSummary], attribute: str, label: st
                       fontweight="bold" if i in front else "normal")
     finite = [cost for cost in costs if cost and cost > 0]
     if finite and max(finite) > 10 * min(finite):  # a log axis only where the costs span a decade
+        from matplotlib.ticker import EngFormatter, LogLocator, NullFormatter
+
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1-2-5 labels: all 2-9 ones collide
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         label += " (log scale)"
     axis.set_xlabel(label)
     axis.set_ylabel("test accuracy")
