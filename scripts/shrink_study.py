@@ -8,6 +8,11 @@ skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.
     .venv/bin/python scripts/shrink_study.py --collect-only
 
 ``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
+
+How the fine-tuning's learning rate was chosen: fitted k16 with 6 epochs on the three teachers from lr 1e-3,
+3e-3 (the default) and 5e-3 (``gpconv shrink ... --lr LR --start-from`` the 0-epoch run), the runs in
+``shrink_cifar10_subset_runs_lr1e-3/``, ``shrink_cifar10_subset_runs/`` and ``shrink_cifar10_subset_runs_lr5e-3/``;
+``--collect-only`` also writes their best validation and test accuracy to ``shrink_lr_selection.csv``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ TEACHERS = {0: "docs/results/cpu_cifar10_subset_runs/baseline-seed0/best.pt",
 RUNS_DIR = "docs/results/shrink_cifar10_subset_runs"
 CSV_PATH = ROOT / "docs/results/shrink_cifar10_subset.csv"
 PLOT_PATH = ROOT / "docs/results/shrink_cifar10_subset.png"
+# the learning-rate choice (module docstring): {lr: its runs' folder}
+LR_SELECTION = {1e-3: "docs/results/shrink_cifar10_subset_runs_lr1e-3", 3e-3: RUNS_DIR,
+                5e-3: "docs/results/shrink_cifar10_subset_runs_lr5e-3"}
+LR_SELECTION_CSV = ROOT / "docs/results/shrink_lr_selection.csv"
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
@@ -112,14 +121,30 @@ def third_party_rows() -> list:
     return rows
 
 
-def write_csv(rows) -> None:
+def lr_selection_rows() -> list:
+    """Fitted k16, 6 epochs, each teacher and learning rate: the best validation accuracy (the epoch the
+    test uses) and the test accuracy."""
+    rows = []
+    for lr, folder in LR_SELECTION.items():
+        for seed in TEACHERS:
+            run = ROOT / folder / f"fit-k16-e6-teacher{seed}"
+            metrics = _read(run / "metrics.json")
+            if metrics:
+                with open(run / "history.csv", newline="") as handle:
+                    best_val = max(float(row["val_accuracy"]) for row in csv.DictReader(handle))
+                rows.append({"lr": lr, "teacher": seed, "best_val_accuracy": best_val,
+                             "test_accuracy": metrics["test_accuracy"], "run": str(run.relative_to(ROOT))})
+    return rows
+
+
+def write_csv(rows, path: Path = CSV_PATH, columns=COLUMNS) -> None:
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    temporary = CSV_PATH.with_suffix(".csv.tmp")
+    temporary = path.with_suffix(".csv.tmp")
     temporary.write_text(out.getvalue())
-    temporary.replace(CSV_PATH)
+    temporary.replace(path)
 
 
 def plot(rows) -> None:
@@ -167,6 +192,7 @@ def main() -> None:
     rows = collect()
     write_csv(rows)
     plot(rows)
+    write_csv(lr_selection_rows(), LR_SELECTION_CSV, ("lr", "teacher", "best_val_accuracy", "test_accuracy", "run"))
     print(f"{len(rows)} runs in {CSV_PATH.relative_to(ROOT)}")
 
 

@@ -74,12 +74,25 @@ def test_shrinking_section_quotes_only_the_shrink_csv():
         rows = list(csv.DictReader((ROOT / "docs" / "results" / name).open()))
         assert rows, f"{name} is empty"
         figures |= _shrink_figures(rows)
+    figures |= _lr_selection_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_selection.csv").open())))
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("## Shrinking a trained model"):]
     section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
     quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", section))
     assert quoted, "the section quotes no accuracy"
     assert quoted <= figures, sorted(quoted - figures)
+
+
+def _lr_selection_figures(rows) -> set:
+    """The learning-rate choice's figures: each run's best validation and test accuracy, and their means per lr."""
+    assert rows and {row["lr"] for row in rows} >= {"0.001", "0.003", "0.005"}, "shrink_lr_selection.csv is incomplete"
+    figures = set()
+    for column in ("best_val_accuracy", "test_accuracy"):
+        by_lr = {}
+        for row in rows:
+            by_lr.setdefault(row["lr"], []).append(float(row[column]))
+        figures |= {f"{value:.3f}" for values in by_lr.values() for value in values + [statistics.mean(values)]}
+    return figures
 
 
 def _shrink_figures(rows) -> set:
