@@ -91,6 +91,7 @@ def test_both_exporters_write_the_same_function_and_the_fast_one_falls_back(tmp_
     real = export.exporter._torchscript_bytes
 
     def wrong(form, example, opset):
+        real(form, example, opset)  # the real exporter runs on the module itself first: whatever it leaves behind
         shifted = copy.deepcopy(form)
         with torch.no_grad():
             shifted.model[-1].bias.add_(1e-2)  # the classifier of _converted_model: a difference the check sees
@@ -109,6 +110,26 @@ def test_both_exporters_write_the_same_function_and_the_fast_one_falls_back(tmp_
                                                  "for kernel of unknown shape$"):
         export.export_onnx(model, tmp_path / "forced.onnx", images[:2], verify_input=images, dynamo=False)
     assert not (tmp_path / "forced.onnx").exists()
+
+
+@needs_deploy
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_exporting_leaves_every_module_in_its_training_mode(dynamo):
+    """PyTorch's exporters restore the top module's mode on every submodule: an eval-mode model inside a
+    wrapper in training mode came out with its batch norms training, and the next export of it (the
+    fallback after a TorchScript file failed the check) computed batch statistics."""
+    from gpconv.export.exporter import _dynamo_proto
+    from gpconv.export.tuning import torchscript_onnx
+
+    images = _real_images(4)
+    wrapper = nn.Sequential(_converted_model(images))  # a fresh Sequential: training mode, its model in eval
+    wrapper[0][1].train()  # and one batch norm inside in training mode: mixed modes come back as they were
+    before = [module.training for module in wrapper.modules()]
+    if dynamo:
+        _dynamo_proto(wrapper, images[:2], None)
+    else:
+        torchscript_onnx(wrapper, images[:2], "images")
+    assert [module.training for module in wrapper.modules()] == before
 
 
 @needs_deploy

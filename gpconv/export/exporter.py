@@ -20,7 +20,7 @@ from .deploy import DeployError, _quiet_loggers, require_deploy
 from .files import EXPORTER_KEY, GPCONV_MARK, TUNE_KEY, _write_bytes, check_output
 from .forms import onnx_form
 from .runtimes import onnx_session
-from .tuning import parse_tune, torchscript_onnx, tune_for_runtime
+from .tuning import modes_kept, parse_tune, torchscript_onnx, tune_for_runtime
 
 __all__ = ["MIN_VERIFY_IMAGES", "ExportResult", "export_onnx"]
 
@@ -50,6 +50,7 @@ class _Logits(nn.Module):
     def __init__(self, model: nn.Module, pick: tuple):
         super().__init__()
         self.model, self.pick = model, pick
+        self.training = model.training  # not a fresh module's: the exporters restore the top mode on every submodule
 
     def forward(self, images):
         output = self.model(images)
@@ -142,7 +143,7 @@ def _torchscript_bytes(form: nn.Module, example: torch.Tensor, opset: Optional[i
 def _dynamo_proto(form: nn.Module, example: torch.Tensor, opset: Optional[int]):
     """``form`` through the ``torch.export``-based exporter, batch dimension dynamic, graph optimised."""
     batch = torch.export.Dim("batch", min=1)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), _quiet_loggers(), modes_kept(form):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(form, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), opset_version=opset, optimize=True,

@@ -22,7 +22,8 @@ from .forms import _block_forms, _restore_forms, _set_every_block
 from .runtimes import (OPENVINO_PRECISIONS, check_openvino_precision, onnx_session, openvino_compile,
                        openvino_default_precision)
 
-__all__ = ["TUNE_RUNTIMES", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary", "torchscript_onnx"]
+__all__ = ["TUNE_RUNTIMES", "parse_tune", "runtime_timer", "tune_for_runtime", "tuning_summary", "torchscript_onnx",
+           "modes_kept"]
 
 # The runtimes ``export_onnx(..., tune=...)`` (``gpconv export --tune``) times the grouped blocks' forms in.
 TUNE_RUNTIMES = ("onnxruntime", "openvino")
@@ -50,15 +51,31 @@ def _form_key(module: nn.Module, x: torch.Tensor) -> tuple:
     return type(module).__name__, forms, shapes, tuple(x.shape)
 
 
+@contextlib.contextmanager
+def modes_kept(module: nn.Module):
+    """Every submodule of ``module`` leaves in the training mode it came in. PyTorch's exporters switch
+    the model to eval mode and afterwards call ``train(mode)`` with the *top* module's mode, which sets
+    that one mode on every submodule: an eval-mode model inside a wrapper left in training mode (a fresh
+    ``nn.Module`` is) would come out with its batch norms in training mode, and the next export of it
+    would compute batch statistics."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    try:
+        yield module
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+
+
 def torchscript_onnx(module: nn.Module, x: torch.Tensor, input_name: str = "x", output_name: Optional[str] = None,
                      dynamic_batch: bool = False, opset: Optional[int] = None) -> bytes:
     """``module`` as ONNX bytes through PyTorch's TorchScript-based exporter (milliseconds for one block,
     seconds for a network, where the torch.export-based one takes seconds to tens of seconds), exporter
-    chatter silenced, constants folded; with ``dynamic_batch`` the first dimension stays free."""
+    chatter silenced, constants folded; with ``dynamic_batch`` the first dimension stays free. Every
+    submodule keeps its training mode (:func:`modes_kept`)."""
     outputs = None if output_name is None else [output_name]
     axes = {name: {0: "batch"} for name in [input_name, *(outputs or [])]} if dynamic_batch else None
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(io.StringIO()), modes_kept(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=[input_name], output_names=outputs,
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
