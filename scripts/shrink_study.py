@@ -9,10 +9,10 @@ skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.
 
 ``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
 
-How the fine-tuning's learning rate was chosen: fitted k16 with 6 epochs on the three teachers from lr 1e-3,
-3e-3 (the default) and 5e-3 (``gpconv shrink ... --lr LR --start-from`` the 0-epoch run), the runs in
-``shrink_cifar10_subset_runs_lr1e-3/``, ``shrink_cifar10_subset_runs/`` and ``shrink_cifar10_subset_runs_lr5e-3/``;
-``--collect-only`` also writes their best validation and test accuracy to ``shrink_lr_selection.csv``.
+The learning-rate check: the 6-epoch fine-tunings again from lr 3e-3 (fitted k16, random blocks, budget) and
+5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from`` the 0-epoch run where there is one), in
+``shrink_cifar10_subset_runs_lr3e-3/`` and ``shrink_cifar10_subset_runs_lr5e-3/``; ``--collect-only`` also writes
+each run's best validation and test accuracy, beside the study's own lr 1e-3 runs, to ``shrink_lr_check.csv``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ TEACHERS = {0: "docs/results/cpu_cifar10_subset_runs/baseline-seed0/best.pt",
 RUNS_DIR = "docs/results/shrink_cifar10_subset_runs"
 CSV_PATH = ROOT / "docs/results/shrink_cifar10_subset.csv"
 PLOT_PATH = ROOT / "docs/results/shrink_cifar10_subset.png"
-# the learning-rate choice (module docstring): {lr: its runs' folder}
-LR_SELECTION = {1e-3: "docs/results/shrink_cifar10_subset_runs_lr1e-3", 3e-3: RUNS_DIR,
-                5e-3: "docs/results/shrink_cifar10_subset_runs_lr5e-3"}
-LR_SELECTION_CSV = ROOT / "docs/results/shrink_lr_selection.csv"
+# the learning-rate check (module docstring): {lr: its runs' folder}
+LR_CHECK = {1e-3: RUNS_DIR, 3e-3: "docs/results/shrink_cifar10_subset_runs_lr3e-3",
+            5e-3: "docs/results/shrink_cifar10_subset_runs_lr5e-3"}
+LR_CHECK_CSV = ROOT / "docs/results/shrink_lr_check.csv"
+LR_CHECK_COLUMNS = ("lr", "method", "teacher", "best_val_accuracy", "test_accuracy", "run")
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
@@ -121,19 +122,20 @@ def third_party_rows() -> list:
     return rows
 
 
-def lr_selection_rows() -> list:
-    """Fitted k16, 6 epochs, each teacher and learning rate: the best validation accuracy (the epoch the
-    test uses) and the test accuracy."""
+def lr_check_rows() -> list:
+    """Each 6-epoch fine-tuning of k16 (fitted, random blocks, budget) in each folder of :data:`LR_CHECK`: its
+    best validation accuracy (the epoch the test uses) and its test accuracy."""
     rows = []
-    for lr, folder in LR_SELECTION.items():
-        for seed in TEACHERS:
-            run = ROOT / folder / f"fit-k16-e6-teacher{seed}"
-            metrics = _read(run / "metrics.json")
-            if metrics:
-                with open(run / "history.csv", newline="") as handle:
-                    best_val = max(float(row["val_accuracy"]) for row in csv.DictReader(handle))
-                rows.append({"lr": lr, "teacher": seed, "best_val_accuracy": best_val,
-                             "test_accuracy": metrics["test_accuracy"], "run": str(run.relative_to(ROOT))})
+    for lr, folder in LR_CHECK.items():
+        for method in ("fit", "random", "budget"):
+            for seed in TEACHERS:
+                run = ROOT / folder / f"{method}-k16-e6-teacher{seed}"
+                metrics = _read(run / "metrics.json")
+                if metrics:
+                    with open(run / "history.csv", newline="") as handle:
+                        best_val = max(float(row["val_accuracy"]) for row in csv.DictReader(handle))
+                    rows.append({"lr": lr, "method": method, "teacher": seed, "best_val_accuracy": best_val,
+                                 "test_accuracy": metrics["test_accuracy"], "run": str(run.relative_to(ROOT))})
     return rows
 
 
@@ -192,7 +194,7 @@ def main() -> None:
     rows = collect()
     write_csv(rows)
     plot(rows)
-    write_csv(lr_selection_rows(), LR_SELECTION_CSV, ("lr", "teacher", "best_val_accuracy", "test_accuracy", "run"))
+    write_csv(lr_check_rows(), LR_CHECK_CSV, LR_CHECK_COLUMNS)
     print(f"{len(rows)} runs in {CSV_PATH.relative_to(ROOT)}")
 
 

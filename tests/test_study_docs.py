@@ -67,14 +67,14 @@ def test_shrinking_section_quotes_only_the_shrink_csv():
     """docs/results.md's "Shrinking a trained model": every accuracy it quotes is a run's test accuracy, its
     teacher's, the mean of the gpconv teachers, or a mean (accuracy or fit error) over the runs of one kind of teacher
     (gpconv's or the third-party model), method, channels per group and epochs in the shrink study's CSV, or in
-    the CSVs of its earlier fine-tuning protocols (RMSprop with augmentation; AdamW from lr 1e-3), which the
-    section compares with."""
+    the CSV of its first fine-tuning protocol (RMSprop with augmentation), which the section compares with, or
+    the learning-rate check's (shrink_lr_check.csv)."""
     figures = set()
-    for name in ("shrink_cifar10_subset.csv", "shrink_cifar10_subset_rmsprop.csv", "shrink_cifar10_subset_lr1e-3.csv"):
+    for name in ("shrink_cifar10_subset.csv", "shrink_cifar10_subset_rmsprop.csv"):
         rows = list(csv.DictReader((ROOT / "docs" / "results" / name).open()))
         assert rows, f"{name} is empty"
         figures |= _shrink_figures(rows)
-    figures |= _lr_selection_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_selection.csv").open())))
+    figures |= _lr_check_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_check.csv").open())))
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("## Shrinking a trained model"):]
     section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
@@ -83,15 +83,17 @@ def test_shrinking_section_quotes_only_the_shrink_csv():
     assert quoted <= figures, sorted(quoted - figures)
 
 
-def _lr_selection_figures(rows) -> set:
-    """The learning-rate choice's figures: each run's best validation and test accuracy, and their means per lr."""
-    assert rows and {row["lr"] for row in rows} >= {"0.001", "0.003", "0.005"}, "shrink_lr_selection.csv is incomplete"
+def _lr_check_figures(rows) -> set:
+    """The learning-rate check's figures: each run's best validation and test accuracy, and their means per
+    (lr, method)."""
+    assert {(row["lr"], row["method"]) for row in rows} >= {("0.001", "fit"), ("0.003", "fit"), ("0.003", "random"),
+                                                            ("0.003", "budget"), ("0.005", "fit")}, "lr check incomplete"
     figures = set()
     for column in ("best_val_accuracy", "test_accuracy"):
-        by_lr = {}
+        groups = {}
         for row in rows:
-            by_lr.setdefault(row["lr"], []).append(float(row[column]))
-        figures |= {f"{value:.3f}" for values in by_lr.values() for value in values + [statistics.mean(values)]}
+            groups.setdefault((row["lr"], row["method"]), []).append(float(row[column]))
+        figures |= {f"{value:.3f}" for values in groups.values() for value in values + [statistics.mean(values)]}
     return figures
 
 

@@ -219,7 +219,7 @@ class ShrinkConfig:
     l_layer: bool = True
     init: str = "fit"
     epochs: int = 6
-    lr: float = 3e-3
+    lr: float = 1e-3
     optimizer: str = "adamw"
     augment: bool = False
     temperature: float = 4.0
