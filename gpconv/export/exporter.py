@@ -50,7 +50,6 @@ class _Logits(nn.Module):
     def __init__(self, model: nn.Module, pick: tuple):
         super().__init__()
         self.model, self.pick = model, pick
-        self.training = model.training  # not a fresh module's: the exporters restore the top mode on every submodule
 
     def forward(self, images):
         output = self.model(images)
