@@ -78,6 +78,24 @@ def test_train_refuses_a_folder_with_a_run_even_without_last_pt(run, tmp_path, c
     refused(["train", *TINY, "--output", other, "--resume", "--overwrite"], capsys, tmp_path, "exclude each other")
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(command, tmp_path, capsys):
+    """Only config.json is written before the first last.pt: --resume (and sweep, which always resumes)
+    starts such a run again instead of refusing it with a remedy sweep does not have."""
+    folder = tmp_path / "s" / "baseline"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    if command == "train":
+        assert main(["train", *TINY, "--output", str(folder), "--resume"]) == 0
+    else:
+        sweep_flags = [a for a in TINY if a not in ("--synthetic-size", "60,20", "--no-augment")]
+        assert main(["sweep", *sweep_flags, "--variants", "baseline", "--output", str(folder.parent)]) == 0
+    assert json.loads((folder / "metrics.json").read_text())["epochs"] == 1
+    assert json.loads((folder / "config.json").read_text())["train"]["epochs"] == 1
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
 def test_overwrite_replaces_only_run_files(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()

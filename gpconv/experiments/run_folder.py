@@ -26,20 +26,24 @@ __all__ = ["RUN_FILES", "HISTORY_FIELDS", "prepare_run_folder", "write_run_confi
            "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
+_BEFORE_FIRST_EPOCH = ("config.json",)  # what a run writes before its first last.pt
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
 def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True) -> bool:
     """Apply the output rule (docs/training.md) to a run folder before anything is written: a folder
-    that holds a run is refused unless ``resume`` (it must have ``last.pt``) or ``overwrite`` (its run
-    files are deleted); other files are never touched. On the main process, create the folder, check
+    that holds a run is refused unless ``resume`` (it must have ``last.pt``, or hold only what a run
+    writes before its first epoch ends, and then it starts again) or ``overwrite`` (its run files are
+    deleted); other files are never touched. On the main process, create the folder, check
     it is writable and remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     found = existing_outputs(output, RUN_FILES)
+    if resume and found and set(found) <= set(_BEFORE_FIRST_EPOCH):
+        found = []  # killed before its first epoch ended: nothing learned to keep, so it starts again
     if found and resume and "last.pt" not in found:
         raise OutputError(f"{output} holds a run without last.pt ({', '.join(found)}), so it cannot be resumed; "
-                          "pass --overwrite to replace it or choose another --output")
+                          "replace it (train --overwrite) or choose another --output")
     if found and not (resume or overwrite):
         raise OutputError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output")
