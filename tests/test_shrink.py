@@ -347,3 +347,17 @@ def test_the_batched_row_solve_equals_solving_row_by_row(inputs, outputs, entrie
             cols = columns[where]
             want[where] = torch.linalg.solve((gram + _ridge(gram, 0.01))[cols][:, cols], rhs[cols, row])
     assert torch.allclose(_fit_rows(gram, rows, columns, rhs, 0.01), want, atol=1e-10)
+
+
+def test_gpconv_shrink_killed_before_its_first_epoch_ended_resumes_by_starting_again(teacher, tmp_path):
+    """A shrink stopped during its first epoch leaves fit.json and config.json but no last.pt: --resume
+    fits and fine-tunes again instead of refusing (the same rule as train --resume and sweep)."""
+    dense_checkpoint, _ = teacher
+    output = tmp_path / "stopped"
+    output.mkdir()
+    (output / "fit.json").write_text("{}")
+    (output / "config.json").write_text("{}")
+    quick_shrink(dense_checkpoint, output, "--channels-per-group", "16", "--epochs", "1", "--fit-steps", "2",
+                 "--resume")
+    assert json.loads((output / "metrics.json").read_text())["epochs"] == 1
+    assert json.loads((output / "fit.json").read_text())["layers"]

@@ -102,7 +102,6 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
     """Run :class:`ShrinkConfig` into ``config.output`` (module docstring); returns the test metrics."""
     config.check()
     teacher, model_config, checkpoint = _teacher(config)
-    start = _start_from(config) if config.start_from is not None and not resume else None
     output = Path(config.output)
     resuming = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=False)
     if not (resume or overwrite) and existing_outputs(output, (FIT_FILE,)):
@@ -111,6 +110,10 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
         saved = load_checkpoint(output / "last.pt", require=("model_config",))
         return train(_train_config(config, checkpoint), ModelConfig.from_dict(saved["model_config"]), resume=True,
                      log=log)
+    # resume without last.pt: the folder holds only what a run writes before its first epoch ends
+    # (prepare_run_folder refused anything else), so the run starts again over it
+    overwrite = overwrite or resume
+    start = _start_from(config) if config.start_from is not None else None
     splits = _splits(config, checkpoint, model_config)
     if start is not None:
         converted, shrunk_config, fit_report = start
