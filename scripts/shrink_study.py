@@ -9,15 +9,10 @@ skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.
 
 ``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
 
-The study predates feature distillation: its runs pass ``--feature-weight 0``. ``--check NAME`` runs a check of
-the 6-epoch k16 fine-tunings (``--start-from`` the study's 0-epoch run where there is one) instead:
-
-* ``lr3e-3`` (fitted k16, random blocks, budget) and ``lr5e-3`` (fitted k16): the learning-rate check, in
-  ``shrink_cifar10_subset_runs_lr3e-3/`` and ``_lr5e-3/``; each run's best validation and test accuracy, beside
-  the study's own lr 1e-3 runs, go to ``shrink_lr_check.csv``;
-* ``features`` (fitted k16, random blocks, budget; ``gpconv shrink``'s default feature weight 1): feature
-  distillation, in ``shrink_cifar10_subset_runs_features/``; beside the study's runs (weight 0), to
-  ``shrink_feature_check.csv``.
+The learning-rate check: the 6-epoch fine-tunings again from lr 3e-3 (fitted k16, random blocks, budget) and
+5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from`` the 0-epoch run where there is one), in
+``shrink_cifar10_subset_runs_lr3e-3/`` and ``shrink_cifar10_subset_runs_lr5e-3/``; ``--collect-only`` also writes
+each run's best validation and test accuracy, beside the study's own lr 1e-3 runs, to ``shrink_lr_check.csv``.
 """
 
 from __future__ import annotations
@@ -47,15 +42,6 @@ LR_CHECK = {1e-3: RUNS_DIR, 3e-3: "docs/results/shrink_cifar10_subset_runs_lr3e-
             5e-3: "docs/results/shrink_cifar10_subset_runs_lr5e-3"}
 LR_CHECK_CSV = ROOT / "docs/results/shrink_lr_check.csv"
 LR_CHECK_COLUMNS = ("lr", "method", "teacher", "best_val_accuracy", "test_accuracy", "run")
-# fine-tuning checks that --check runs: {name: (folder, extra gpconv shrink arguments, methods)}
-CHECKS = {"lr3e-3": (LR_CHECK[3e-3], ["--lr", "3e-3", "--feature-weight", "0"], ("fit", "random", "budget")),
-          "lr5e-3": (LR_CHECK[5e-3], ["--lr", "5e-3", "--feature-weight", "0"], ("fit",)),
-          "features": ("docs/results/shrink_cifar10_subset_runs_features", ["--feature-weight", "1"],
-                       ("fit", "random", "budget"))}
-# the feature-distillation check beside the study's own runs (feature weight 0): {feature weight: folder}
-FEATURE_CHECK = {0.0: RUNS_DIR, 1.0: CHECKS["features"][0]}
-FEATURE_CHECK_CSV = ROOT / "docs/results/shrink_feature_check.csv"
-FEATURE_CHECK_COLUMNS = ("feature_weight", "method", "teacher", "best_val_accuracy", "test_accuracy", "run")
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
@@ -63,37 +49,24 @@ COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group",
 
 
 def runs():
-    """``(name, folder, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first; a
-    fitted model's 0-epoch run before the fine-tunings that start from it). The study predates feature
-    distillation, so its runs pass ``--feature-weight 0``."""
+    """``(name, arguments of gpconv shrink)`` in the order they run (the acceptance's runs first; a fitted
+    model's 0-epoch run before the fine-tunings that start from it)."""
     plan = [("fit", "k16", 0), ("fit", "k16", 6), ("random", "k16", 6), ("budget", "k16", 0), ("budget", "k16", 6),
             ("fit", "k32", 0), ("fit", "k16", 2), ("random", "k16", 2), ("budget", "k16", 2), ("random", "k16", 0),
             ("fit", "k32", 2), ("fit", "k32", 6)]
     for method, size, epochs in plan:
-        for seed in TEACHERS:
-            yield _run(method, size, epochs, seed, RUNS_DIR, ["--feature-weight", "0"])
+        for seed, checkpoint in TEACHERS.items():
+            name = f"{method}-{size}-e{epochs}-teacher{seed}"
+            arguments = ["--checkpoint", checkpoint, "--epochs", str(epochs), "--output", f"{RUNS_DIR}/{name}"]
+            if method == "budget":
+                arguments += ["--budget", f"{K16_BUDGET:.6f}"]
+            else:
+                arguments += ["--channels-per-group", size[1:], "--init", method]
+            yield name, arguments
 
 
-def check_runs(check: str):
-    """The runs of one fine-tuning check (:data:`CHECKS`): the 6-epoch k16 fine-tunings of its methods."""
-    folder, extra, methods = CHECKS[check]
-    for method in methods:
-        for seed in TEACHERS:
-            yield _run(method, "k16", 6, seed, folder, extra)
-
-
-def _run(method: str, size: str, epochs: int, seed: int, folder: str, extra) -> tuple:
-    name = f"{method}-{size}-e{epochs}-teacher{seed}"
-    arguments = ["--checkpoint", TEACHERS[seed], "--epochs", str(epochs), "--output", f"{folder}/{name}", *extra]
-    if method == "budget":
-        arguments += ["--budget", f"{K16_BUDGET:.6f}"]
-    else:
-        arguments += ["--channels-per-group", size[1:], "--init", method]
-    return name, folder, arguments
-
-
-def run_one(name: str, folder_name: str, arguments) -> str:
-    folder = ROOT / folder_name / name
+def run_one(name: str, arguments) -> str:
+    folder = ROOT / RUNS_DIR / name
     if (folder / "metrics.json").exists():
         return f"{name}: done already"
     teacher = ROOT / arguments[arguments.index("--checkpoint") + 1]
@@ -118,8 +91,8 @@ def _read(path: Path) -> dict:
 
 def collect() -> list:
     rows = []
-    for name, folder_name, _ in runs():
-        folder = ROOT / folder_name / name
+    for name, arguments in runs():
+        folder = ROOT / RUNS_DIR / name
         metrics, fit, config = (_read(folder / f) for f in ("metrics.json", "fit.json", "config.json"))
         if not metrics:
             continue
@@ -149,11 +122,11 @@ def third_party_rows() -> list:
     return rows
 
 
-def check_rows(folders: dict, key: str) -> list:
-    """Each 6-epoch fine-tuning of k16 (fitted, random blocks, budget) in each of ``folders`` ({value of the
-    ``key`` column: folder}): its best validation accuracy (the epoch the test uses) and its test accuracy."""
+def lr_check_rows() -> list:
+    """Each 6-epoch fine-tuning of k16 (fitted, random blocks, budget) in each folder of :data:`LR_CHECK`: its
+    best validation accuracy (the epoch the test uses) and its test accuracy."""
     rows = []
-    for value, folder in folders.items():
+    for lr, folder in LR_CHECK.items():
         for method in ("fit", "random", "budget"):
             for seed in TEACHERS:
                 run = ROOT / folder / f"{method}-k16-e6-teacher{seed}"
@@ -161,7 +134,7 @@ def check_rows(folders: dict, key: str) -> list:
                 if metrics:
                     with open(run / "history.csv", newline="") as handle:
                         best_val = max(float(row["val_accuracy"]) for row in csv.DictReader(handle))
-                    rows.append({key: value, "method": method, "teacher": seed, "best_val_accuracy": best_val,
+                    rows.append({"lr": lr, "method": method, "teacher": seed, "best_val_accuracy": best_val,
                                  "test_accuracy": metrics["test_accuracy"], "run": str(run.relative_to(ROOT))})
     return rows
 
@@ -209,12 +182,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (each with OMP_NUM_THREADS, default 1)")
     parser.add_argument("--only", default="*", help="fnmatch pattern of run names")
-    parser.add_argument("--check", choices=sorted(CHECKS), help="run a fine-tuning check's runs instead of the study's")
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
     if not args.collect_only:
-        planned = check_runs(args.check) if args.check else runs()
-        chosen = [run for run in planned if fnmatch.fnmatch(run[0], args.only)]
+        chosen = [(n, a) for n, a in runs() if fnmatch.fnmatch(n, args.only)]
         with ThreadPoolExecutor(args.jobs) as pool:
             for line in pool.map(lambda item: run_one(*item), chosen):
                 print(line, flush=True)
@@ -223,8 +194,7 @@ def main() -> None:
     rows = collect()
     write_csv(rows)
     plot(rows)
-    write_csv(check_rows(LR_CHECK, "lr"), LR_CHECK_CSV, LR_CHECK_COLUMNS)
-    write_csv(check_rows(FEATURE_CHECK, "feature_weight"), FEATURE_CHECK_CSV, FEATURE_CHECK_COLUMNS)
+    write_csv(lr_check_rows(), LR_CHECK_CSV, LR_CHECK_COLUMNS)
     print(f"{len(rows)} runs in {CSV_PATH.relative_to(ROOT)}")
 
 

@@ -219,7 +219,6 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     assert config["train"]["shrink"]["channels_per_group"] == 16 and config["train"]["seed"] == 0
     # the fine-tuning defaults (docs/results.md): AdamW, whose state last.pt keeps, and no augmentation
     assert config["train"]["optimizer"] == "adamw" and config["train"]["augment"] is False
-    assert config["train"]["feature_weight"] == 1.0  # feature distillation on by default (docs/results.md)
     last = torch.load(output / "last.pt", weights_only=True)
     assert all("exp_avg" in state for state in last["optimizer"]["state"].values())
     assert config["model"]["conversion"]["format"] == "gpconv-conversion/1"
@@ -267,8 +266,7 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
     assert not (tmp_path / "other").exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset", "start-not-shrink",
-                                  "feature-weight"])
+@pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset", "start-not-shrink"])
 def test_gpconv_shrink_bad_input_is_one_line_and_writes_nothing(teacher, tmp_path, case):
     dense_checkpoint, grouped_checkpoint = teacher
     checkpoint, size = str(dense_checkpoint), ["--channels-per-group", "16"]
@@ -289,8 +287,6 @@ def test_gpconv_shrink_bad_input_is_one_line_and_writes_nothing(teacher, tmp_pat
         torch.save(saved, checkpoint)
     elif case == "start-not-shrink":  # a k-model trained from scratch is no earlier shrink to start from
         size += ["--start-from", str(grouped_checkpoint.parent)]
-    elif case == "feature-weight":
-        size += ["--feature-weight", "-1"]
     before = sorted(p.name for p in tmp_path.iterdir())
     # the first case as a real process too: one line on stderr and no traceback, warnings included
     result = gpconv_cli("shrink", "--checkpoint", checkpoint, *size, "--epochs", "1", "--output", str(tmp_path / "out"),
@@ -365,55 +361,3 @@ def test_gpconv_shrink_killed_before_its_first_epoch_ended_resumes_by_starting_a
                  "--resume")
     assert json.loads((output / "metrics.json").read_text())["epochs"] == 1
     assert json.loads((output / "fit.json").read_text())["layers"]
-
-
-class Staged(nn.Module):
-    """Two stages in a ``features`` Sequential and a head, as gpconv's models are laid out."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU()),
-                                      nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16)))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
-
-
-def test_feature_matching_compares_the_stages_and_its_gradient_pulls_the_student_to_the_teacher():
-    from gpconv.experiments.training import FeatureMatching, stage_names
-
-    torch.manual_seed(0)
-    teacher, student = Staged().eval(), Staged().train()
-    assert stage_names(student) == ["features.0", "features.1"]
-    assert stage_names(gpconv.create_model("efficientnet_b0"))[-1] == "features.20"
-    x = torch.randn(16, 3, 6, 6)
-    copy = Staged().train()
-    copy.load_state_dict(teacher.state_dict())
-    matching = FeatureMatching(copy.eval(), teacher, stage_names(copy))
-    copy.train()  # eval-mode forwards of the student are not kept; the teacher's always are
-    for m in copy.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()  # the same statistics as the teacher: the same outputs
-    copy(x), teacher(x)
-    assert matching.loss().item() == pytest.approx(0.0, abs=1e-12)
-    matching.remove()
-    matching = FeatureMatching(student, teacher, stage_names(student))
-    optimizer = torch.optim.Adam(student.features.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        student(x)
-        with torch.no_grad():
-            teacher(x)
-        loss = matching.loss()
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert losses[-1] < 0.2 * losses[0], losses[::10]
-    student.eval()
-    student(x)
-    with pytest.raises(RuntimeError, match="forward pass"):  # an eval pass of the student is not kept
-        matching.loss()
-    with pytest.raises(ValueError, match="no module named 'features.9'"):
-        FeatureMatching(student, teacher, ["features.9"])

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import fields
 
 from ..core.plan import PLAN_VERSIONS
-from ..experiments.config import non_negative_float, non_negative_int, positive_float, positive_int
+from ..experiments.config import non_negative_int, positive_float, positive_int
 
 __all__ = ["add_shrink_command", "run_shrink"]
 
@@ -46,8 +46,6 @@ def add_shrink_command(commands) -> None:
     shrink.add_argument("--temperature", type=positive_float, default=default["temperature"])
     shrink.add_argument("--distillation-weight", type=float, default=default["distillation_weight"],
                         help="weight of the teacher's soft targets; the labels get the rest")
-    shrink.add_argument("--feature-weight", type=non_negative_float, default=default["feature_weight"],
-                        help="weight of the stages' output error against the teacher's (feature distillation; 0: off)")
     shrink.add_argument("--calibration-images", type=positive_int, default=default["calibration_images"],
                         help="training images the fit sees")
     shrink.add_argument("--fit-steps", type=non_negative_int, default=default["fit_steps"],

@@ -16,7 +16,7 @@ from ..core.convert import apply_conversion
 from ..models import CLASSIFIER_INITS, check_input_size, check_width, create_model, family_options, init_classifier
 
 __all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "OPTIMIZERS", "field_default", "positive_int",
-           "non_negative_int", "positive_float", "non_negative_float",
+           "non_negative_int", "positive_float",
            "int_at_least", "check_fields"]
 
 
@@ -53,11 +53,6 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """A finite number > 0 (argparse type)."""
     return _number(text, float, 0, "a number > 0", strict=True)
-
-
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (argparse type)."""
-    return _number(text, float, 0, "a number >= 0")
 
 
 @dataclass
@@ -147,9 +142,6 @@ class TrainConfig:
     teacher: Optional[str] = None
     temperature: float = 4.0
     distillation_weight: float = 0.9
-    # feature distillation (FitNets' hints, Romero et al. 2015, without regressors: the teacher has the same
-    # stages): weight of the stages' relative squared output error (training.FeatureMatching); 0: off
-    feature_weight: float = 0.0
     shrink: Optional[dict] = None  # gpconv shrink's settings (gpconv.experiments.shrink.ShrinkConfig.settings)
 
     def __post_init__(self):
@@ -159,8 +151,6 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 <= self.distillation_weight <= 1) or not self.temperature > 0:
             raise ValueError("distillation_weight must be in [0, 1] and temperature > 0")
-        if not self.feature_weight >= 0:
-            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
         if self.monitor not in ("val_accuracy", "val_loss"):
             raise ValueError(f"monitor must be val_accuracy or val_loss, got {self.monitor!r}")
         for name in ("epochs", "batch_size", "eval_batch_size", "lr_cycle"):
@@ -234,7 +224,6 @@ class ShrinkConfig:
     augment: bool = False
     temperature: float = 4.0
     distillation_weight: float = 0.9
-    feature_weight: float = 1.0
     calibration_images: int = 1024
     fit_steps: int = 100
     seed: int = 0

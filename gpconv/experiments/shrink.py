@@ -94,8 +94,7 @@ def _train_config(config: ShrinkConfig, checkpoint: dict) -> TrainConfig:
     return replace(base, output=config.output, epochs=max(config.epochs, 1), lr=config.lr, schedule="cosine",
                    optimizer=config.optimizer, augment=config.augment,
                    seed=config.seed, teacher=str(config.checkpoint), temperature=config.temperature,
-                   distillation_weight=config.distillation_weight, feature_weight=config.feature_weight,
-                   shrink=config.settings)
+                   distillation_weight=config.distillation_weight, shrink=config.settings)
 
 
 def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = False,

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from ..core.block import GroupedPointwiseConv2d
 from ..core.counting import count_computations, count_macs, count_parameters
 from ..io import atomic_write_text
 from .checkpoint import (atomic_torch_save, capture_rng_state, load_checkpoint, load_model_from_checkpoint,
@@ -50,7 +49,6 @@ from .metrics import classification_report, evaluate_model, recalibrate_batch_no
 from .run_folder import prepare_run_folder, write_history, write_run_config
 
 __all__ = ["TrainingDiverged", "Callback", "TrainingRun", "cyclical_lr", "cosine_lr", "epoch_lr", "distillation_loss",
-           "FeatureMatching", "stage_names",
            "make_optimizer", "train", "prepare_run", "validate_start",
            "train_one_epoch", "validate_epoch", "save_epoch", "evaluate_best"]
 
@@ -90,61 +88,6 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels
     soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(teacher_logits / temperature, 1),
                     reduction="batchmean", log_target=True)
     return weight * temperature ** 2 * soft + (1 - weight) * F.cross_entropy(logits, labels)
-
-
-def stage_names(model: nn.Module) -> List[str]:
-    """The modules whose outputs feature distillation compares: the children of each top-level
-    ``nn.Sequential`` child of ``model`` that holds a convolution (gpconv's models: the blocks of
-    ``features``; Inception V3: of ``stem`` and ``mixed``; a classifier is left to the soft targets), in
-    the order they are registered. Other models: name the modules yourself."""
-    def convolutional(module: nn.Module) -> bool:
-        return any(isinstance(m, (nn.modules.conv._ConvNd, GroupedPointwiseConv2d)) for m in module.modules())
-    return [f"{name}.{child}" for name, module in model.named_children()
-            if isinstance(module, nn.Sequential) and convolutional(module) for child, _ in module.named_children()]
-
-
-class FeatureMatching:
-    """Feature distillation: FitNets' hints (Romero et al. 2015) without regressors, since a shrunk
-    model keeps its teacher's stages and their shapes. Forward hooks keep the output of each module named
-    in ``names`` in ``student`` (while it trains) and in ``teacher``; :meth:`loss` is the mean over the
-    modules of ``||s - t||^2 / ||t||^2`` on the last batch both models ran. Relative, so that stages of any
-    scale weigh alike; after the stages' batch norms, so that it compares what the next stage reads.
-    ``ValueError`` (one line) when a name is missing from either model. :meth:`remove` drops the hooks."""
-
-    def __init__(self, student: nn.Module, teacher: nn.Module, names: Sequence[str]):
-        if not names:
-            raise ValueError("feature distillation needs at least one module name to compare")
-        self.outputs = {"student": {}, "teacher": {}}
-        self.handles = []
-        for role, model in (("student", student), ("teacher", teacher)):
-            modules = dict(model.named_modules())
-            missing = [name for name in names if name not in modules]
-            if missing:
-                raise ValueError(f"feature distillation: the {role} has no module named {missing[0]!r}")
-            for name in names:
-                self.handles.append(modules[name].register_forward_hook(self._keep(role, name)))
-
-    def _keep(self, role: str, name: str):
-        def hook(module, args, output):
-            if role == "teacher" or module.training:
-                self.outputs[role][name] = output
-        return hook
-
-    def loss(self) -> torch.Tensor:
-        """The mean relative squared error over the modules (a scalar with the student's gradient); the
-        kept outputs are released. ``RuntimeError`` when a model has not run since the last call."""
-        student, teacher = self.outputs["student"], self.outputs["teacher"]
-        if not teacher or student.keys() != teacher.keys():
-            raise RuntimeError("FeatureMatching.loss needs one training forward pass of both models first")
-        terms = [(student[name].float() - target.float()).square().mean() / target.float().square().mean().clamp_min(1e-12)
-                 for name, target in teacher.items()]
-        student.clear()
-        teacher.clear()
-        return torch.stack(terms).mean()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def cyclical_lr(epoch: int, base: float = 1e-3, cycle: int = 25) -> float:
@@ -190,7 +133,6 @@ class TrainingRun:
     sampler: Optional[DistributedSampler] = None
     augment: Optional[KerasAugment] = None
     teacher: Optional[nn.Module] = None  # config.teacher's model, in eval mode
-    features: Optional[FeatureMatching] = None  # with a teacher and config.feature_weight > 0
 
     @property
     def output(self) -> Path:
@@ -296,8 +238,6 @@ def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool 
     if config.teacher is not None:
         run.teacher = load_model_from_checkpoint(config.teacher, map_location=context.device)[0]
         run.teacher.to(memory_format=torch.channels_last)
-        if config.feature_weight > 0:
-            run.features = FeatureMatching(model, run.teacher, stage_names(model))
     return run
 
 
@@ -358,8 +298,6 @@ def _train_step(run: TrainingRun, epoch: int, step: int, indices: torch.Tensor):
                 teacher_logits = run.teacher(images).float()
             loss = distillation_loss(logits.float(), teacher_logits, labels, run.config.temperature,
                                      run.config.distillation_weight)
-            if run.features is not None:
-                loss = loss + run.config.feature_weight * run.features.loss()
     for callback in run.callbacks:
         loss = callback.on_loss(epoch + 1, step + 1, loss)
     if not run.context.all_true(bool(torch.isfinite(loss))):
