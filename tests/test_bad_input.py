@@ -486,3 +486,29 @@ def test_every_saved_config_field_has_a_checked_type():
     for kind in (ModelConfig, TrainConfig):
         unknown = [item.name for item in fields(kind) if _type_check(str(item.type))[1] == "anything"]
         assert not unknown, f"{kind.__name__} fields without a type check: {unknown}"
+
+
+def test_concurrent_sweeps_of_one_folder_keep_each_others_runs(tmp_path, monkeypatch):
+    """A sweep merges its runs into the sweep.json it finds when it writes, not the one it read when it
+    started: runs another sweep of the folder added meanwhile stay, in their order."""
+    import gpconv.experiments.data as data
+
+    output = tmp_path / "s"
+    sweep = ["sweep", *[a for a in TINY if a not in ("--synthetic-size", "60,20", "--no-augment")],
+             "--output", str(output)]
+    assert main([*sweep, "--variants", "baseline"]) == 0
+    real_load = data.load_dataset
+
+    def load_while_another_sweep_writes(*args, **kwargs):  # between this sweep's start and its write
+        plan = json.loads((output / "sweep.json").read_text())
+        plan["runs"].append({**plan["runs"][0], "name": "added-meanwhile"})
+        (output / "sweep.json").write_text(json.dumps(plan))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(data, "load_dataset", load_while_another_sweep_writes)
+    assert main([*sweep, "--variants", "v2", "--channels-per-group", "16"]) == 0
+    names = [run["name"] for run in json.loads((output / "sweep.json").read_text())["runs"]]
+    assert names == ["baseline", "added-meanwhile", "v2-16ch"]
+    monkeypatch.setattr(data, "load_dataset", real_load)
+    assert main([*sweep, "--variants", "baseline"]) == 0  # finished: skipped, and keeps its place
+    assert [run["name"] for run in json.loads((output / "sweep.json").read_text())["runs"]] == names

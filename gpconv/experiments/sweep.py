@@ -104,17 +104,18 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         raise OutputError(f"{output} is the folder of one training run, not of a sweep: choose another --output")
     if threads:
         torch.set_num_threads(threads)
-    plan = _merged_plan(output, specs)  # refuses a foreign sweep.json
+    _merged_plan(output, specs)  # refuses a foreign sweep.json before anything is written
     for spec in specs:  # every saved run must have this sweep's settings: checked before anything is written
         if spec.options["dataset"] != "synthetic" and spec.options["data_dir"] is None:
             raise ValueError(f"run {spec.name}: dataset {spec.options['dataset']} needs data_dir (or --data-dir)")
         _check_saved_run(output / spec.name, spec, device)
-    pending = [plan]
+    pending = [True]
 
     def write_plan_once():  # after the checks and the first dataset: a sweep refused before writes nothing
         if pending:
             check_writable(output)
-            _write_plan(output, pending.pop())
+            pending.pop()
+            _write_plan(output, specs)
 
     cached_splits: Dict[tuple, object] = {}
     summaries = []
@@ -191,19 +192,24 @@ def _check_saved_run(folder: Path, spec: RunSpec, device: str) -> None:
 
 
 def _merged_plan(output: Path, specs: Sequence[RunSpec]) -> List[dict]:
-    """The runs ``sweep.json`` will list: those of an earlier ``sweep.json`` that ``specs`` do not name
-    (a sweep run with ``--only`` keeps the others), then ``specs``'. Refused when ``sweep.json`` is not
-    gpconv's."""
+    """The runs ``sweep.json`` will list: an earlier ``sweep.json``'s in their order, each run that ``specs``
+    name replaced in place (a sweep run with ``--only`` keeps the others), then ``specs``' new runs.
+    Refused when ``sweep.json`` is not gpconv's."""
     path = output / "sweep.json"
     try:
         earlier = read_sweep_plan(path) if path.exists() else []
     except RunFileError as error:
         raise OutputError(f"{error}: it is not a gpconv sweep plan; choose another --output") from None
-    names = {s.name for s in specs}
-    return [r for r in earlier if r["name"] not in names] + [
-        {"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs]
+    ours = {s.name: {"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs}
+    kept = [ours.pop(r["name"], r) for r in earlier]
+    return kept + list(ours.values())
 
 
-def _write_plan(output: Path, runs: List[dict]) -> None:
-    """Write ``sweep.json`` (the runs of :func:`_merged_plan`)."""
-    atomic_write_text(output / "sweep.json", json.dumps({"runs": runs}, indent=2))
+def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
+    """Merge ``specs`` into ``sweep.json`` (:func:`_merged_plan`) and write it, holding a lock file beside it
+    (``.sweep.json.lock``): sweeps of one folder run at once (``--only``, one run each) read, merge and write
+    in turn, so none loses the runs another added since it started."""
+    from filelock import FileLock  # a dependency of torch
+
+    with FileLock(str(output / ".sweep.json.lock")):
+        atomic_write_text(output / "sweep.json", json.dumps({"runs": _merged_plan(output, specs)}, indent=2))
