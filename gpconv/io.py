@@ -20,11 +20,12 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs",
-           "remove_stale_temporaries", "check_writable", "render_table", "first_line"]
+           "remove_stale_temporaries", "check_writable", "folder_lock", "FolderBusy", "render_table", "first_line"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
 
@@ -128,6 +129,33 @@ def check_writable(folder) -> Path:
     except OSError as error:
         raise OutputError(f"cannot write to {folder}: {_reason(error, folder)}") from None
     return folder
+
+
+class FolderBusy(OutputError):
+    """Another process holds a folder's lock file (:func:`folder_lock` with ``busy``)."""
+
+
+@contextmanager
+def folder_lock(folder, name: str, *, busy: Optional[str] = None) -> Iterator[None]:
+    """Hold the lock file ``folder/name`` (an OS lock through ``filelock``, released when the block ends
+    or the process dies). Without ``busy``, wait for another process to release it (the file stays: a
+    waiter may hold it open). With ``busy``, raise :class:`FolderBusy` with that one-line message at once
+    instead, and remove the file when done: nobody waits on it, and a refused or finished run leaves its
+    folder as it found it. ``folder`` must exist."""
+    from filelock import FileLock, Timeout  # a dependency of torch
+
+    path = Path(folder) / name
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=-1 if busy is None else 0)
+    except Timeout:
+        raise FolderBusy(busy) from None
+    try:
+        yield
+    finally:
+        if busy is not None:
+            path.unlink(missing_ok=True)  # still held: whoever opens the name now gets a fresh file, after us
+        lock.release()
 
 
 def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, option: str = "--output") -> Path:

@@ -512,3 +512,32 @@ def test_concurrent_sweeps_of_one_folder_keep_each_others_runs(tmp_path, monkeyp
     monkeypatch.setattr(data, "load_dataset", real_load)
     assert main([*sweep, "--variants", "baseline"]) == 0  # finished: skipped, and keeps its place
     assert [run["name"] for run in json.loads((output / "sweep.json").read_text())["runs"]] == names
+
+
+def test_a_run_folder_another_process_is_training_is_refused_and_a_sweep_skips_it(tmp_path, capsys):
+    """While one process trains a run folder (it holds the folder's lock file), train --resume there is one
+    line and leaves the other process's files (its temporaries included) alone; a sweep skips that run
+    and trains the others."""
+    import fcntl
+
+    from gpconv.experiments.run_folder import RUN_LOCK
+
+    output = tmp_path / "s"
+    folder = output / "baseline"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    temporary = folder / ".last.pt.abcd1234.tmp"  # the other process's checkpoint, being written
+    temporary.write_bytes(b"half")
+    with open(folder / RUN_LOCK, "a") as held:  # the other process: an OS lock on the file, as filelock takes
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = snapshot(folder)
+        refused(["train", *TINY, "--output", folder, "--resume"], capsys, tmp_path, "being trained by another")
+        assert snapshot(folder) == before
+        sweep = [a for a in TINY if a not in ("--synthetic-size", "60,20", "--no-augment")]
+        assert main(["sweep", *sweep, "--variants", "baseline,v2", "--channels-per-group", "16",
+                     "--output", str(output)]) == 0
+        out = capsys.readouterr().out
+        assert "baseline: skipped" in out and "being trained by another" in out, out
+        assert (output / "v2-16ch" / "metrics.json").exists() and not (folder / "metrics.json").exists()
+        assert temporary.read_bytes() == b"half"
+    assert main(["train", *TINY, "--output", str(folder), "--resume"]) == 0  # released: it runs

@@ -13,16 +13,17 @@ from __future__ import annotations
 import csv
 import io
 import json
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
+from ..io import OutputError, atomic_write_text, check_writable, claim_outputs, existing_outputs, folder_lock
 from .config import ModelConfig, TrainConfig, check_fields
 from .data import DatasetSplits
 from .plots import plot_training_curves
 
-__all__ = ["RUN_FILES", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
+__all__ = ["RUN_FILES", "RUN_LOCK", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
            "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
@@ -30,12 +31,18 @@ _BEFORE_FIRST_EPOCH = ("config.json",)  # what a run writes before its first las
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
-def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True) -> bool:
+RUN_LOCK = ".gpconv.lock"  # held by the process training a run folder (prepare_run_folder's ``lock``)
+
+
+def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True,
+                       lock: Optional[ExitStack] = None) -> bool:
     """Apply the output rule (docs/training.md) to a run folder before anything is written: a folder
     that holds a run is refused unless ``resume`` (it must have ``last.pt``, or hold only what a run
     writes before its first epoch ends, and then it starts again) or ``overwrite`` (its run files are
     deleted); other files are never touched. On the main process, create the folder, check
-    it is writable and remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
+    it is writable and, with ``lock``, take the folder's lock file :data:`RUN_LOCK` into that stack
+    (:class:`~gpconv.io.FolderBusy`, one line, when another process is training there: its temporaries
+    are not removed), then remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     found = existing_outputs(output, RUN_FILES)
@@ -48,6 +55,10 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
         raise OutputError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output")
     if main:
+        if lock is not None:
+            check_writable(output)
+            lock.enter_context(folder_lock(output, RUN_LOCK, busy=f"{output} is being trained by another gpconv "
+                                           "process; wait for it to finish or choose another --output"))
         claim_outputs(output, RUN_FILES, overwrite=True)
         if overwrite:
             for name in found:

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..io import OutputError, atomic_write_text, check_writable, existing_outputs
+from ..io import FolderBusy, OutputError, atomic_write_text, check_writable, existing_outputs, folder_lock
 from .run_folder import RUN_FILES, RunFileError, read_json_object, read_run_config, read_tta
 from .sweep_spec import (OPTION_RULES, SWEEP_KEYS, TRAIN_KEYS, RunSpec, check_options, expand_runs, expand_variants,
                          load_sweep_config)
@@ -149,6 +149,10 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
                 log(f"{head}: diverged, skipped ({error})")
                 summaries.append({"name": spec.name, "status": "diverged"})
                 continue
+            except FolderBusy as error:  # another sweep (--only) is training it: leave it to that one
+                log(f"{head}: skipped, {error}")
+                summaries.append({"name": spec.name, "status": "busy"})
+                continue
         tta = write_tta(folder, splits, model_config, config.eval_batch_size, device)
         log(f"{head}: test accuracy {tta['test_accuracy']:.4f}, with H-flip TTA {tta['test_accuracy_hflip_tta']:.4f} "
             f"({time.perf_counter() - run_started:.0f} s; sweep {time.perf_counter() - started:.0f} s)")
@@ -209,7 +213,5 @@ def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
     """Merge ``specs`` into ``sweep.json`` (:func:`_merged_plan`) and write it, holding a lock file beside it
     (``.sweep.json.lock``): sweeps of one folder run at once (``--only``, one run each) read, merge and write
     in turn, so none loses the runs another added since it started."""
-    from filelock import FileLock  # a dependency of torch
-
-    with FileLock(str(output / ".sweep.json.lock")):
+    with folder_lock(output, ".sweep.json.lock"):
         atomic_write_text(output / "sweep.json", json.dumps({"runs": _merged_plan(output, specs)}, indent=2))

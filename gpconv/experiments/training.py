@@ -28,6 +28,7 @@ import math
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -133,6 +134,7 @@ class TrainingRun:
     sampler: Optional[DistributedSampler] = None
     augment: Optional[KerasAugment] = None
     teacher: Optional[nn.Module] = None  # config.teacher's model, in eval mode
+    lock: ExitStack = field(default_factory=ExitStack)  # holds the run folder's lock file (prepare_run)
 
     @property
     def output(self) -> Path:
@@ -163,17 +165,18 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     """
     run = prepare_run(config, model_config, resume=resume, overwrite=overwrite, log=log, splits=splits,
                       callbacks=callbacks, initial_state=initial_state)
-    if initial_state is not None and run.start_epoch == 0:
-        validate_start(run)
-    for epoch in range(run.start_epoch, config.epochs):
-        started = time.perf_counter()
-        lr, train_loss, train_accuracy = train_one_epoch(run, epoch)
-        row, improved = validate_epoch(run, epoch, lr, train_loss, train_accuracy, started)
-        save_epoch(run, epoch, improved)
-        run.context.barrier()
-        for callback in callbacks:
-            callback.on_epoch_end(epoch + 1, row)
-    return evaluate_best(run)
+    with run.lock:
+        if initial_state is not None and run.start_epoch == 0:
+            validate_start(run)
+        for epoch in range(run.start_epoch, config.epochs):
+            started = time.perf_counter()
+            lr, train_loss, train_accuracy = train_one_epoch(run, epoch)
+            row, improved = validate_epoch(run, epoch, lr, train_loss, train_accuracy, started)
+            save_epoch(run, epoch, improved)
+            run.context.barrier()
+            for callback in callbacks:
+                callback.on_epoch_end(epoch + 1, row)
+        return evaluate_best(run)
 
 
 def _seed_everything(seed: int, rank: int) -> torch.Generator:
@@ -198,14 +201,27 @@ def _build_model(model_config: ModelConfig, device: torch.device) -> Tuple[nn.Mo
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, overwrite: bool = False,
                 log: Callable[[str], None] = print, splits: Optional[DatasetSplits] = None,
                 callbacks: Sequence[Callback] = (), initial_state: Optional[dict] = None) -> TrainingRun:
-    """Everything before the first epoch: process group and device, the run folder (output rule),
-    seeding, data, model, optimizer, the resumed state (``resume`` and ``last.pt`` present),
-    ``config.json``, the DDP wrapper and the sampler."""
+    """Everything before the first epoch: process group and device, the run folder (output rule) and its
+    lock (``run.lock``, held until closed: :func:`train` closes it when the run ends), seeding, data, model,
+    optimizer, the resumed state (``resume`` and ``last.pt`` present), ``config.json``, the DDP wrapper and
+    the sampler. :class:`~gpconv.io.FolderBusy` when another process is training in ``config.output``."""
+    lock = ExitStack()
+    try:
+        run = _prepare_run(config, model_config, resume, overwrite, log, splits, callbacks, initial_state, lock)
+    except BaseException:
+        lock.close()
+        raise
+    run.lock = lock
+    return run
+
+
+def _prepare_run(config, model_config, resume, overwrite, log, splits, callbacks, initial_state,
+                 lock: ExitStack) -> TrainingRun:
     context = setup_distributed(config.device)
     if not context.is_main:
         log = lambda line: None  # noqa: E731  (rank 0 speaks for everyone)
     resume_from_last = prepare_run_folder(Path(config.output), resume=resume, overwrite=overwrite,
-                                          main=context.is_main)
+                                          main=context.is_main, lock=lock)
     augment_generator = _seed_everything(config.seed, context.rank)
     if splits is None:
         splits = load_dataset(config.dataset, config.data_dir, image_size=model_config.image_size,
