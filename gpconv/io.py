@@ -141,21 +141,30 @@ def folder_lock(folder, name: str, *, busy: Optional[str] = None) -> Iterator[No
     or the process dies). Without ``busy``, wait for another process to release it (the file stays: a
     waiter may hold it open). With ``busy``, raise :class:`FolderBusy` with that one-line message at once
     instead, and remove the file when done: nobody waits on it, and a refused or finished run leaves its
-    folder as it found it. ``folder`` must exist."""
+    folder as it found it; taking it again inside the block is a no-op. ``folder`` must exist."""
     from filelock import FileLock, Timeout  # a dependency of torch
 
     path = Path(folder) / name
+    key = str(path.resolve())
+    if busy is not None and key in _HELD:  # this process holds it already (shrink, then its train): reentrant
+        yield
+        return
     lock = FileLock(str(path))
     try:
         lock.acquire(timeout=-1 if busy is None else 0)
     except Timeout:
         raise FolderBusy(busy) from None
+    _HELD.add(key)
     try:
         yield
     finally:
+        _HELD.discard(key)
         if busy is not None:
             path.unlink(missing_ok=True)  # still held: whoever opens the name now gets a fresh file, after us
         lock.release()
+
+
+_HELD: set = set()  # resolved paths of the busy-mode locks this process holds
 
 
 def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, option: str = "--output") -> Path:

@@ -361,3 +361,26 @@ def test_gpconv_shrink_killed_before_its_first_epoch_ended_resumes_by_starting_a
                  "--resume")
     assert json.loads((output / "metrics.json").read_text())["epochs"] == 1
     assert json.loads((output / "fit.json").read_text())["layers"]
+
+
+def test_gpconv_shrink_into_a_folder_another_process_is_training_writes_nothing(teacher, tmp_path):
+    """shrink holds the run folder's lock from its first write (fit.json) through the fine-tuning; while
+    another process holds it, shrink is one line and the folder keeps its files."""
+    import fcntl
+
+    from gpconv.experiments.run_folder import RUN_LOCK
+
+    dense_checkpoint, _ = teacher
+    output = tmp_path / "busy"
+    output.mkdir()
+    (output / "config.json").write_text("{}")
+    with open(output / RUN_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = {p.name: p.read_bytes() for p in output.iterdir()}
+        for epochs in ("0", "1"):
+            result = gpconv_cli("shrink", "--checkpoint", str(dense_checkpoint), "--channels-per-group", "16",
+                                "--epochs", epochs, "--fit-steps", "2", "--calibration-images", "64", "--overwrite",
+                                "--output", str(output))
+            assert result.returncode == 2 and "being trained by another" in result.stderr, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1
+            assert {p.name: p.read_bytes() for p in output.iterdir()} == before

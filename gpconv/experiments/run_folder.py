@@ -23,7 +23,7 @@ from .config import ModelConfig, TrainConfig, check_fields
 from .data import DatasetSplits
 from .plots import plot_training_curves
 
-__all__ = ["RUN_FILES", "RUN_LOCK", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
+__all__ = ["RUN_FILES", "RUN_LOCK", "run_folder_lock", "HISTORY_FIELDS", "prepare_run_folder", "write_run_config", "write_history", "RunFileError",
            "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
@@ -32,6 +32,14 @@ HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "va
 
 
 RUN_LOCK = ".gpconv.lock"  # held by the process training a run folder (prepare_run_folder's ``lock``)
+
+
+def run_folder_lock(output: Path):
+    """Create ``output`` and hold its lock file :data:`RUN_LOCK` (a context manager, reentrant in one
+    process): :class:`~gpconv.io.FolderBusy` (one line) when another process is training there."""
+    check_writable(output)
+    return folder_lock(output, RUN_LOCK, busy=f"{output} is being trained by another gpconv process; wait for it "
+                                              "to finish or choose another --output")
 
 
 def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True,
@@ -56,9 +64,7 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
                           "--overwrite to replace it, or choose another --output")
     if main:
         if lock is not None:
-            check_writable(output)
-            lock.enter_context(folder_lock(output, RUN_LOCK, busy=f"{output} is being trained by another gpconv "
-                                           "process; wait for it to finish or choose another --output"))
+            lock.enter_context(run_folder_lock(output))
         claim_outputs(output, RUN_FILES, overwrite=True)
         if overwrite:
             for name in found:

@@ -36,7 +36,7 @@ from .checkpoint import (CheckpointError, atomic_torch_save, checkpoint_test_spl
 from .config import SHRINK_INITS, ModelConfig, ShrinkConfig, TrainConfig
 from .data import DatasetSplits, to_float
 from .metrics import evaluate_model
-from .run_folder import prepare_run_folder, write_run_config
+from .run_folder import prepare_run_folder, run_folder_lock, write_run_config
 from .training import _progress, train
 
 __all__ = ["ShrinkConfig", "shrink", "SHRINK_INITS", "calibration_batches"]
@@ -120,12 +120,13 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
     else:
         converted, shrunk_config, fit_report = _convert_and_fit(teacher, model_config, config, splits, log)
     train_config = _train_config(config, checkpoint)
-    if config.epochs == 0:
-        return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
-    claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
-    atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
-    return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
-                 initial_state=converted.state_dict())
+    with run_folder_lock(output):  # from the first write on, through train
+        if config.epochs == 0:
+            return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
+        claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
+        atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
+        return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
+                     initial_state=converted.state_dict())
 
 
 def _convert_and_fit(teacher, model_config: ModelConfig, config: ShrinkConfig, splits: DatasetSplits, log):
