@@ -13,6 +13,9 @@ latency-matched width was chosen):
         --models efficientnet_b0:v2-16ch,efficientnet_b0:baseline:0.5,efficientnet_b0:baseline:0.75 \\
         --output /tmp/latency.csv
 
+The variants of one architecture (a study's baseline and its k-models and widths) are timed side by side,
+alternating; architectures are timed one after another, so that only one family's models are held in
+memory at once (the families study's six models in four runtimes at once took more than 20 GiB).
 Two settings are measured, side by side in one run: the study's input size (each run's
 ``image_size`` and ``skip_strides``) at batch 64, and 224x224 at batch 1 with no stride skipped (the
 deployment setting of the papers' models). In each setting every model runs in every runtime of
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import io
 import os
 import sys
@@ -178,11 +182,16 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     machine = describe_machine(torch.device("cpu"))
     print(machine, flush=True)
+    families = {}
+    for variant, config in variants.items():
+        families.setdefault(config.arch, {})[variant] = config
+    timings = {setting: {} for setting in SETTINGS}
     with tempfile.TemporaryDirectory(prefix="gpconv-study-latency-") as folder:
-        timings = {}
-        for setting in SETTINGS:
-            (Path(folder) / setting).mkdir()
-            timings[setting] = measure(variants, setting, args, Path(folder) / setting)
+        for arch, family in families.items():  # one family's models held at once
+            for setting in SETTINGS:
+                (Path(folder) / arch / setting).mkdir(parents=True)
+                timings[setting].update(measure(family, setting, args, Path(folder) / arch / setting))
+                gc.collect()
     rows = latency_rows(variants, timings, args.runtimes, machine)
     atomic_write_text(output, to_csv(rows, args.runtimes))
     first = rows[0]
