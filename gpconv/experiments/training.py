@@ -134,7 +134,6 @@ class TrainingRun:
     sampler: Optional[DistributedSampler] = None
     augment: Optional[KerasAugment] = None
     teacher: Optional[nn.Module] = None  # config.teacher's model, in eval mode
-    lock: ExitStack = field(default_factory=ExitStack)  # holds the run folder's lock file (prepare_run)
 
     @property
     def output(self) -> Path:
@@ -163,9 +162,9 @@ def train(config: TrainConfig, model_config: ModelConfig, *, resume: bool = Fals
     ``initial_state``: a state_dict the model starts from (fine-tuning; ignored when resuming).
     Raises :class:`TrainingDiverged` on a NaN/inf loss.
     """
-    run = prepare_run(config, model_config, resume=resume, overwrite=overwrite, log=log, splits=splits,
-                      callbacks=callbacks, initial_state=initial_state)
-    with run.lock:
+    with ExitStack() as lock:  # the run folder's lock file, held until the run ends
+        run = prepare_run(config, model_config, resume=resume, overwrite=overwrite, log=log, splits=splits,
+                          callbacks=callbacks, initial_state=initial_state, lock=lock)
         if initial_state is not None and run.start_epoch == 0:
             validate_start(run)
         for epoch in range(run.start_epoch, config.epochs):
@@ -200,28 +199,15 @@ def _build_model(model_config: ModelConfig, device: torch.device) -> Tuple[nn.Mo
 
 def prepare_run(config: TrainConfig, model_config: ModelConfig, *, resume: bool = False, overwrite: bool = False,
                 log: Callable[[str], None] = print, splits: Optional[DatasetSplits] = None,
-                callbacks: Sequence[Callback] = (), initial_state: Optional[dict] = None) -> TrainingRun:
-    """Everything before the first epoch: process group and device, the run folder (output rule) and its
-    lock (``run.lock``, held until closed: :func:`train` closes it when the run ends), seeding, data, model,
-    optimizer, the resumed state (``resume`` and ``last.pt`` present), ``config.json``, the DDP wrapper and
-    the sampler. :class:`~gpconv.io.FolderBusy` when another process is training in ``config.output``."""
-    lock = ExitStack()
-    try:
-        run = _prepare_run(config, model_config, resume, overwrite, log, splits, callbacks, initial_state, lock)
-    except BaseException:
-        lock.close()
-        raise
-    run.lock = lock
-    return run
-
-
-def _prepare_run(config, model_config, resume, overwrite, log, splits, callbacks, initial_state,
-                 lock: ExitStack) -> TrainingRun:
+                callbacks: Sequence[Callback] = (), initial_state: Optional[dict] = None,
+                lock: Optional[ExitStack] = None) -> TrainingRun:
+    """Everything before the first epoch: process group, device, run folder (output rule; ``lock``: its
+    lock file, FolderBusy if another process trains there), seeding, data, model, optimizer, resumed
+    state (``resume`` and ``last.pt`` present), ``config.json``, the DDP wrapper and the sampler."""
     context = setup_distributed(config.device)
     if not context.is_main:
         log = lambda line: None  # noqa: E731  (rank 0 speaks for everyone)
-    resume_from_last = prepare_run_folder(Path(config.output), resume=resume, overwrite=overwrite,
-                                          main=context.is_main, lock=lock)
+    resume_from_last = prepare_run_folder(Path(config.output), resume=resume, overwrite=overwrite, main=context.is_main, lock=lock)
     augment_generator = _seed_everything(config.seed, context.rank)
     if splits is None:
         splits = load_dataset(config.dataset, config.data_dir, image_size=model_config.image_size,
