@@ -20,12 +20,13 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs",
-           "remove_stale_temporaries", "check_writable", "folder_lock", "FolderBusy", "render_table", "first_line"]
+           "remove_stale_temporaries", "check_writable", "folder_lock", "folder_locked", "FolderBusy", "render_table", "first_line"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
 
@@ -138,22 +139,26 @@ class FolderBusy(OutputError):
 @contextmanager
 def folder_lock(folder, name: str, *, busy: Optional[str] = None) -> Iterator[None]:
     """Hold the lock file ``folder/name`` (an OS lock through ``filelock``, released when the block ends
-    or the process dies). Without ``busy``, wait for another process to release it (the file stays: a
+    or the process dies; created writable by everyone, umask aside, so that other users sharing the
+    folder can lock it too). Without ``busy``, wait for another process to release it (the file stays: a
     waiter may hold it open). With ``busy``, raise :class:`FolderBusy` with that one-line message at once
     instead, and remove the file when done: nobody waits on it, and a refused or finished run leaves its
-    folder as it found it; taking it again inside the block is a no-op. ``folder`` must exist."""
+    folder as it found it; the same thread taking it again inside the block is a no-op. ``folder`` must
+    exist; a lock file that cannot be opened is an :class:`OutputError` (one line)."""
     from filelock import FileLock, Timeout  # a dependency of torch
 
     path = Path(folder) / name
-    key = str(path.resolve())
-    if busy is not None and key in _HELD:  # this process holds it already (shrink, then its train): reentrant
+    key = (str(path.resolve()), threading.get_ident())
+    if busy is not None and key in _HELD:  # this thread holds it already (shrink, then its train): reentrant
         yield
         return
-    lock = FileLock(str(path))
+    lock = FileLock(str(path), mode=0o666)
     try:
         lock.acquire(timeout=-1 if busy is None else 0)
     except Timeout:
         raise FolderBusy(busy) from None
+    except OSError as error:
+        raise OutputError(f"cannot take the lock file {path}: {_reason(error, path.parent)}") from None
     _HELD.add(key)
     try:
         yield
@@ -164,7 +169,23 @@ def folder_lock(folder, name: str, *, busy: Optional[str] = None) -> Iterator[No
         lock.release()
 
 
-_HELD: set = set()  # resolved paths of the busy-mode locks this process holds
+def folder_locked(folder, name: str) -> bool:
+    """Whether another process (or thread) holds the lock file ``folder/name`` now (:func:`folder_lock`)."""
+    from filelock import FileLock, Timeout
+
+    path = Path(folder) / name
+    if not path.is_file():
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, OSError):
+        return True
+    lock.release()
+    return False
+
+
+_HELD: set = set()  # (resolved path, thread) of the busy-mode locks held in this process
 
 
 def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, option: str = "--output") -> Path:

@@ -73,18 +73,21 @@ def test_train_refuses_a_folder_with_a_run_even_without_last_pt(run, tmp_path, c
     other.mkdir()
     for name in ("config.json", "history.csv", "best.pt", "metrics.json", "notes.txt"):
         (other / name).write_bytes((run / name).read_bytes() if (run / name).exists() else b"mine")
-    refused(["train", *TINY, "--output", other], capsys, tmp_path, "already holds a run")
+    refused(["train", *TINY, "--output", other], capsys, tmp_path, "holds a finished run without last.pt")
     refused(["train", *TINY, "--output", other, "--resume"], capsys, tmp_path, "without last.pt")
     refused(["train", *TINY, "--output", other, "--resume", "--overwrite"], capsys, tmp_path, "exclude each other")
 
 
+@pytest.mark.parametrize("left", [("config.json",), ("config.json", "best.pt")])
 @pytest.mark.parametrize("command", ["train", "sweep"])
-def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(command, tmp_path, capsys):
-    """Only config.json is written before the first last.pt: --resume (and sweep, which always resumes)
-    starts such a run again instead of refusing it with a remedy sweep does not have."""
+def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(command, left, tmp_path, capsys):
+    """Before the first last.pt a run folder holds config.json, and best.pt once epoch 1's (or a shrink's
+    epoch-0) weights are saved: --resume (and sweep, which always resumes) starts such a run again
+    instead of refusing it with a remedy sweep does not have."""
     folder = tmp_path / "s" / "baseline"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
+    for name in left:
+        (folder / name).write_text("{}")
     (folder / "notes.txt").write_text("mine")
     if command == "train":
         assert main(["train", *TINY, "--output", str(folder), "--resume"]) == 0
@@ -93,7 +96,20 @@ def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(com
         assert main(["sweep", *sweep_flags, "--variants", "baseline", "--output", str(folder.parent)]) == 0
     assert json.loads((folder / "metrics.json").read_text())["epochs"] == 1
     assert json.loads((folder / "config.json").read_text())["train"]["epochs"] == 1
-    assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "best.pt").stat().st_size > 100
+
+
+def test_a_finished_run_without_last_pt_names_the_remedy_that_works(tmp_path, capsys):
+    """A finished run without last.pt (shrink --epochs 0 writes one) cannot be resumed: the refusal says
+    --overwrite, not --resume; a file given as --output is named as such."""
+    folder = tmp_path / "finished"
+    folder.mkdir()
+    for name in ("config.json", "metrics.json", "best.pt"):
+        (folder / name).write_text("{}")
+    err = refused(["train", *TINY, "--output", folder], capsys, tmp_path, "holds a finished run without last.pt")
+    assert "--overwrite" in err and "--resume" not in err
+    (tmp_path / "afile").write_text("mine")
+    refused(["train", *TINY, "--output", tmp_path / "afile"], capsys, tmp_path, "is a file, not a folder")
 
 
 def test_overwrite_replaces_only_run_files(tmp_path, capsys):
@@ -528,6 +544,8 @@ def test_a_run_folder_another_process_is_training_is_refused_and_a_sweep_skips_i
     (folder / "config.json").write_text("{}")
     temporary = folder / ".last.pt.abcd1234.tmp"  # the other process's checkpoint, being written
     temporary.write_bytes(b"half")
+    other_entry = {"name": "baseline", "arch": "efficientnet_b0", "variant": "baseline", "options": {"epochs": 7}}
+    (output / "sweep.json").write_text(json.dumps({"runs": [other_entry]}))  # the other sweep's plan
     with open(folder / RUN_LOCK, "a") as held:  # the other process: an OS lock on the file, as filelock takes
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = snapshot(folder)
@@ -538,6 +556,39 @@ def test_a_run_folder_another_process_is_training_is_refused_and_a_sweep_skips_i
                      "--output", str(output)]) == 0
         out = capsys.readouterr().out
         assert "baseline: skipped" in out and "being trained by another" in out, out
+        plan = {run["name"]: run for run in json.loads((output / "sweep.json").read_text())["runs"]}
+        assert plan["baseline"]["options"]["epochs"] == 7  # the busy run's entry keeps the other sweep's settings
+        assert (output / ".sweep.json.lock").stat().st_mode & 0o777 == 0o666  # other users can lock it too
         assert (output / "v2-16ch" / "metrics.json").exists() and not (folder / "metrics.json").exists()
         assert temporary.read_bytes() == b"half"
     assert main(["train", *TINY, "--output", str(folder), "--resume"]) == 0  # released: it runs
+
+
+def test_two_threads_of_one_process_cannot_hold_one_run_folder(tmp_path):
+    """The run folder lock is reentrant for the thread that holds it (shrink, then its train) only."""
+    import threading
+
+    from gpconv.experiments.run_folder import run_folder_lock
+    from gpconv.io import FolderBusy
+
+    errors, held, done = [], threading.Event(), threading.Event()
+
+    def first():
+        with run_folder_lock(tmp_path / "run"):
+            with run_folder_lock(tmp_path / "run"):  # the same thread again: a no-op
+                held.set()
+                done.wait(10)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert held.wait(10)
+    try:
+        with run_folder_lock(tmp_path / "run"):
+            pass
+    except FolderBusy as error:
+        errors.append(str(error))
+    finally:
+        done.set()
+        thread.join()
+    assert errors and "being trained by another" in errors[0]
+    assert not (tmp_path / "run" / ".gpconv.lock").exists()  # released and removed

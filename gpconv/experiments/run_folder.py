@@ -27,7 +27,9 @@ __all__ = ["RUN_FILES", "RUN_LOCK", "run_folder_lock", "HISTORY_FIELDS", "prepar
            "read_json_object", "read_run_config", "read_history", "read_metrics", "read_tta"]
 
 RUN_FILES = ("config.json", "history.csv", "metrics.json", "training_curves.png", "best.pt", "last.pt")
-_BEFORE_FIRST_EPOCH = ("config.json",)  # what a run writes before its first last.pt
+# what a run folder can hold before its first last.pt: config.json from the start, and best.pt of epoch 0
+# (shrink's fitted start, validated before the first epoch) or of epoch 1 (written just before last.pt)
+_BEFORE_FIRST_EPOCH = ("config.json", "best.pt")
 HISTORY_FIELDS = ("epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds")
 
 
@@ -38,8 +40,8 @@ def run_folder_lock(output: Path):
     """Create ``output`` and hold its lock file :data:`RUN_LOCK` (a context manager, reentrant in one
     process): :class:`~gpconv.io.FolderBusy` (one line) when another process is training there."""
     check_writable(output)
-    return folder_lock(output, RUN_LOCK, busy=f"{output} is being trained by another gpconv process; wait for it "
-                                              "to finish or choose another --output")
+    return folder_lock(output, RUN_LOCK, busy=f"{output} is being trained by another gpconv process (it holds "
+                                              f"{RUN_LOCK}); wait for it to finish")
 
 
 def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: bool = True,
@@ -53,12 +55,15 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
     are not removed), then remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file, not a folder")
     found = existing_outputs(output, RUN_FILES)
     if resume and found and set(found) <= set(_BEFORE_FIRST_EPOCH):
         found = []  # killed before its first epoch ended: nothing learned to keep, so it starts again
-    if found and resume and "last.pt" not in found:
-        raise OutputError(f"{output} holds a run without last.pt ({', '.join(found)}), so it cannot be resumed; "
-                          "replace it (train --overwrite) or choose another --output")
+    finished = "metrics.json" in found and "last.pt" not in found  # e.g. shrink --epochs 0: nothing to resume
+    if found and (resume or (finished and not overwrite)) and "last.pt" not in found:
+        raise OutputError(f"{output} holds a {'finished ' if finished else ''}run without last.pt ({', '.join(found)}), "
+                          "so it cannot be resumed; pass --overwrite to replace it or choose another --output")
     if found and not (resume or overwrite):
         raise OutputError(f"{output} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                           "--overwrite to replace it, or choose another --output")

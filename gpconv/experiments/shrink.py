@@ -103,30 +103,38 @@ def shrink(config: ShrinkConfig, *, resume: bool = False, overwrite: bool = Fals
     config.check()
     teacher, model_config, checkpoint = _teacher(config)
     output = Path(config.output)
-    resuming = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=False)
-    if not (resume or overwrite) and existing_outputs(output, (FIT_FILE,)):
-        raise OutputError(f"{output} already holds {FIT_FILE}; pass --overwrite to replace it or choose another --output")
-    if resuming:  # the conversion and fit are in last.pt already
+    if _check_output(output, resume, overwrite):  # the conversion and fit are in last.pt already
         saved = load_checkpoint(output / "last.pt", require=("model_config",))
         return train(_train_config(config, checkpoint), ModelConfig.from_dict(saved["model_config"]), resume=True,
                      log=log)
-    # resume without last.pt: the folder holds only what a run writes before its first epoch ends
-    # (prepare_run_folder refused anything else), so the run starts again over it
-    overwrite = overwrite or resume
     start = _start_from(config) if config.start_from is not None else None
     splits = _splits(config, checkpoint, model_config)
-    if start is not None:
-        converted, shrunk_config, fit_report = start
-    else:
-        converted, shrunk_config, fit_report = _convert_and_fit(teacher, model_config, config, splits, log)
-    train_config = _train_config(config, checkpoint)
-    with run_folder_lock(output):  # from the first write on, through train
+    with run_folder_lock(output):  # before the fit, through train: no other process writes here meanwhile
+        if _check_output(output, resume, overwrite):
+            raise OutputError(f"another gpconv process trained in {output} meanwhile; run the command again")
+        # resume without last.pt: the folder holds only what a run writes before its first epoch ends
+        # (prepare_run_folder refused anything else), so the run starts again over it
+        overwrite = overwrite or resume
+        if start is not None:
+            converted, shrunk_config, fit_report = start
+        else:
+            converted, shrunk_config, fit_report = _convert_and_fit(teacher, model_config, config, splits, log)
+        train_config = _train_config(config, checkpoint)
         if config.epochs == 0:
             return _evaluate_unchanged(converted, shrunk_config, train_config, splits, overwrite, fit_report, log)
         claim_outputs(output, (FIT_FILE,), overwrite=True)  # checked above
         atomic_write_text(output / FIT_FILE, json.dumps(fit_report, indent=2))
         return train(train_config, shrunk_config, overwrite=overwrite, log=log, splits=splits,
                      initial_state=converted.state_dict())
+
+
+def _check_output(output: Path, resume: bool, overwrite: bool) -> bool:
+    """The output rule for a shrink's folder (``prepare_run_folder``'s, and ``fit.json``'s); whether to
+    resume from its ``last.pt``. Writes nothing."""
+    resuming = prepare_run_folder(output, resume=resume, overwrite=overwrite, main=False)
+    if not (resume or overwrite) and existing_outputs(output, (FIT_FILE,)):
+        raise OutputError(f"{output} already holds {FIT_FILE}; pass --overwrite to replace it or choose another --output")
+    return resuming
 
 
 def _convert_and_fit(teacher, model_config: ModelConfig, config: ShrinkConfig, splits: DatasetSplits, log):

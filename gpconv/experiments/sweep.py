@@ -48,8 +48,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..io import FolderBusy, OutputError, atomic_write_text, check_writable, existing_outputs, folder_lock
-from .run_folder import RUN_FILES, RunFileError, read_json_object, read_run_config, read_tta
+from ..io import FolderBusy, OutputError, atomic_write_text, check_writable, existing_outputs, folder_lock, folder_locked
+from .run_folder import RUN_FILES, RUN_LOCK, RunFileError, read_json_object, read_run_config, read_tta
 from .sweep_spec import (OPTION_RULES, SWEEP_KEYS, TRAIN_KEYS, RunSpec, check_options, expand_runs, expand_variants,
                          load_sweep_config)
 
@@ -195,18 +195,20 @@ def _check_saved_run(folder: Path, spec: RunSpec, device: str) -> None:
                          "settings or choose another --output")
 
 
-def _merged_plan(output: Path, specs: Sequence[RunSpec]) -> List[dict]:
+def _merged_plan(output: Path, specs: Sequence[RunSpec], busy: Sequence[str] = ()) -> List[dict]:
     """The runs ``sweep.json`` will list: an earlier ``sweep.json``'s in their order, each run that ``specs``
-    name replaced in place (a sweep run with ``--only`` keeps the others), then ``specs``' new runs.
-    Refused when ``sweep.json`` is not gpconv's."""
+    name replaced in place (a sweep run with ``--only`` keeps the others) unless it is ``busy`` (being
+    trained by another process, with the settings it listed), then ``specs``' new runs. Refused when
+    ``sweep.json`` is not gpconv's."""
     path = output / "sweep.json"
     try:
         earlier = read_sweep_plan(path) if path.exists() else []
     except RunFileError as error:
         raise OutputError(f"{error}: it is not a gpconv sweep plan; choose another --output") from None
     ours = {s.name: {"name": s.name, "arch": s.arch, "variant": s.variant, "options": s.options} for s in specs}
-    kept = [ours.pop(r["name"], r) for r in earlier]
-    return kept + list(ours.values())
+    listed = {r["name"] for r in earlier}
+    kept = [r if r["name"] in busy else ours.pop(r["name"], r) for r in earlier]
+    return kept + [run for name, run in ours.items() if name not in listed]
 
 
 def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
@@ -214,4 +216,5 @@ def _write_plan(output: Path, specs: Sequence[RunSpec]) -> None:
     (``.sweep.json.lock``): sweeps of one folder run at once (``--only``, one run each) read, merge and write
     in turn, so none loses the runs another added since it started."""
     with folder_lock(output, ".sweep.json.lock"):
-        atomic_write_text(output / "sweep.json", json.dumps({"runs": _merged_plan(output, specs)}, indent=2))
+        busy = [s.name for s in specs if folder_locked(output / s.name, RUN_LOCK)]
+        atomic_write_text(output / "sweep.json", json.dumps({"runs": _merged_plan(output, specs, busy)}, indent=2))
