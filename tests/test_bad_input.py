@@ -80,14 +80,15 @@ def test_train_refuses_a_folder_with_a_run_even_without_last_pt(run, tmp_path, c
 
 @pytest.mark.parametrize("left", [("config.json",), ("config.json", "best.pt")])
 @pytest.mark.parametrize("command", ["train", "sweep"])
-def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(command, left, tmp_path, capsys):
+def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(command, left, run, tmp_path, capsys):
     """Before the first last.pt a run folder holds config.json, and best.pt once epoch 1's (or a shrink's
     epoch-0) weights are saved: --resume (and sweep, which always resumes) starts such a run again
     instead of refusing it with a remedy sweep does not have."""
     folder = tmp_path / "s" / "baseline"
     folder.mkdir(parents=True)
-    for name in left:
-        (folder / name).write_text("{}")
+    (folder / "config.json").write_text("{}")
+    if "best.pt" in left:
+        (folder / "best.pt").write_bytes((run / "best.pt").read_bytes())  # epoch 1's
     (folder / "notes.txt").write_text("mine")
     if command == "train":
         assert main(["train", *TINY, "--output", str(folder), "--resume"]) == 0
@@ -97,6 +98,17 @@ def test_a_run_killed_before_its_first_epoch_ended_resumes_by_starting_again(com
     assert json.loads((folder / "metrics.json").read_text())["epochs"] == 1
     assert json.loads((folder / "config.json").read_text())["train"]["epochs"] == 1
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "best.pt").stat().st_size > 100
+
+
+def test_a_best_pt_of_a_later_epoch_kept_on_its_own_is_not_restarted_over(run, tmp_path, capsys):
+    """config.json + best.pt of epoch 5 (a user kept only those) is no run killed in its first epoch:
+    --resume refuses rather than replacing that best.pt."""
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    saved = torch.load(run / "best.pt", weights_only=True)
+    torch.save({**saved, "epoch": 5}, folder / "best.pt")
+    refused(["train", *TINY, "--output", folder, "--resume"], capsys, tmp_path, "without last.pt")
 
 
 def test_a_finished_run_without_last_pt_names_the_remedy_that_works(tmp_path, capsys):
@@ -110,6 +122,9 @@ def test_a_finished_run_without_last_pt_names_the_remedy_that_works(tmp_path, ca
     assert "--overwrite" in err and "--resume" not in err
     (tmp_path / "afile").write_text("mine")
     refused(["train", *TINY, "--output", tmp_path / "afile"], capsys, tmp_path, "is a file, not a folder")
+    sweep = [a for a in TINY if a not in ("--synthetic-size", "60,20", "--no-augment")]
+    refused(["sweep", *sweep, "--variants", "baseline", "--output", tmp_path / "afile"], capsys, tmp_path,
+            "is a file, not a folder")
 
 
 def test_overwrite_replaces_only_run_files(tmp_path, capsys):

@@ -357,7 +357,8 @@ def test_gpconv_shrink_killed_before_its_first_epoch_ended_resumes_by_starting_a
     output.mkdir()
     (output / "fit.json").write_text("{}")
     (output / "config.json").write_text("{}")
-    (output / "best.pt").write_text("{}")  # the fitted start, saved as epoch 0 before the first epoch
+    saved = torch.load(dense_checkpoint, weights_only=True)
+    torch.save({**saved, "epoch": 0}, output / "best.pt")  # the fitted start, saved as epoch 0 before epoch 1
     quick_shrink(dense_checkpoint, output, "--channels-per-group", "16", "--epochs", "1", "--fit-steps", "2",
                  "--resume")
     assert json.loads((output / "metrics.json").read_text())["epochs"] == 1

@@ -58,7 +58,7 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
     if output.exists() and not output.is_dir():
         raise OutputError(f"--output {output} is a file, not a folder")
     found = existing_outputs(output, RUN_FILES)
-    if resume and found and set(found) <= set(_BEFORE_FIRST_EPOCH):
+    if resume and found and set(found) <= set(_BEFORE_FIRST_EPOCH) and _best_of_epoch_0_or_1(output):
         found = []  # killed before its first epoch ended: nothing learned to keep, so it starts again
     finished = "metrics.json" in found and "last.pt" not in found  # e.g. shrink --epochs 0: nothing to resume
     if found and (resume or (finished and not overwrite)) and "last.pt" not in found:
@@ -75,6 +75,19 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
             for name in found:
                 (output / name).unlink()
     return resume and "last.pt" in found
+
+
+def _best_of_epoch_0_or_1(output: Path) -> bool:
+    """Whether ``output/best.pt``, if any, holds the weights of epoch 0 or 1 (what a run saves before its
+    first ``last.pt``), not a later epoch's kept on its own, which a restart would replace."""
+    if not (output / "best.pt").is_file():
+        return True
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(output / "best.pt", require=("epoch",))["epoch"] in (0, 1)
+    except CheckpointError:
+        return False
 
 
 def write_run_config(output: Path, model_config: ModelConfig, config: TrainConfig, world_size: int,

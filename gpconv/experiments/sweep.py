@@ -100,6 +100,8 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         raise ValueError("the sweep has no runs")
     check_device(device)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"--output {output} is a file, not a folder")
     if existing_outputs(output, RUN_FILES):
         raise OutputError(f"{output} is the folder of one training run, not of a sweep: choose another --output")
     if threads:
