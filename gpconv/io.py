@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 __all__ = ["OutputError", "atomic_write", "atomic_write_text", "existing_outputs", "claim_outputs",
-           "remove_stale_temporaries", "check_writable", "folder_lock", "folder_locked", "FolderBusy", "render_table", "first_line"]
+           "remove_stale_temporaries", "check_writable", "check_not_a_file", "folder_lock", "folder_locked", "FolderBusy", "render_table", "first_line"]
 
 _RANDOM = "[a-z0-9_]{8}"  # what tempfile.mkstemp puts between the prefix and the suffix
 
@@ -132,6 +132,12 @@ def check_writable(folder) -> Path:
     return folder
 
 
+def check_not_a_file(folder, option: str = "--output") -> None:
+    """OutputError (one line) when ``folder`` exists and is not a folder."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise OutputError(f"{option} {folder} is a file, not a folder")
+
+
 class FolderBusy(OutputError):
     """Another process holds a folder's lock file (:func:`folder_lock` with ``busy``)."""
 
@@ -193,8 +199,7 @@ def claim_outputs(folder, names: Iterable[str], *, overwrite: bool = False, opti
     one of them exists and ``overwrite`` is false; create the folder, check it is writable and remove
     stale temporaries of ``names``."""
     folder, names = Path(folder), list(names)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{option} {folder} is a file, not a folder")
+    check_not_a_file(folder, option)
     found = existing_outputs(folder, names)
     if found and not overwrite:
         raise OutputError(f"{folder} already holds {', '.join(found)}: gpconv does not replace files it did not "

@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..io import OutputError, atomic_write_text, check_writable, claim_outputs, existing_outputs, folder_lock
+from ..io import (OutputError, atomic_write_text, check_not_a_file, check_writable, claim_outputs, existing_outputs,
+                  folder_lock)
 from .config import ModelConfig, TrainConfig, check_fields
 from .data import DatasetSplits
 from .plots import plot_training_curves
@@ -55,13 +56,12 @@ def prepare_run_folder(output: Path, *, resume: bool, overwrite: bool, main: boo
     are not removed), then remove temporaries of killed writes. Returns whether to resume from ``last.pt``."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"--output {output} is a file, not a folder")
+    check_not_a_file(output)
     found = existing_outputs(output, RUN_FILES)
     if resume and found and set(found) <= set(_BEFORE_FIRST_EPOCH) and _best_of_epoch_0_or_1(output):
         found = []  # killed before its first epoch ended: nothing learned to keep, so it starts again
     finished = "metrics.json" in found and "last.pt" not in found  # e.g. shrink --epochs 0: nothing to resume
-    if found and (resume or (finished and not overwrite)) and "last.pt" not in found:
+    if found and "last.pt" not in found and (resume or (finished and not overwrite)):
         raise OutputError(f"{output} holds a {'finished ' if finished else ''}run without last.pt ({', '.join(found)}), "
                           "so it cannot be resumed; pass --overwrite to replace it or choose another --output")
     if found and not (resume or overwrite):

@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..io import FolderBusy, OutputError, atomic_write_text, check_writable, existing_outputs, folder_lock, folder_locked
+from ..io import (FolderBusy, OutputError, atomic_write_text, check_not_a_file, check_writable, existing_outputs,
+                  folder_lock, folder_locked)
 from .run_folder import RUN_FILES, RUN_LOCK, RunFileError, read_json_object, read_run_config, read_tta
 from .sweep_spec import (OPTION_RULES, SWEEP_KEYS, TRAIN_KEYS, RunSpec, check_options, expand_runs, expand_variants,
                          load_sweep_config)
@@ -100,8 +101,7 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         raise ValueError("the sweep has no runs")
     check_device(device)
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise OutputError(f"--output {output} is a file, not a folder")
+    check_not_a_file(output)
     if existing_outputs(output, RUN_FILES):
         raise OutputError(f"{output} is the folder of one training run, not of a sweep: choose another --output")
     if threads:
@@ -111,13 +111,14 @@ def run_sweep(specs: Sequence[RunSpec], output, *, threads: Optional[int] = None
         if spec.options["dataset"] != "synthetic" and spec.options["data_dir"] is None:
             raise ValueError(f"run {spec.name}: dataset {spec.options['dataset']} needs data_dir (or --data-dir)")
         _check_saved_run(output / spec.name, spec, device)
-    pending = [True]
+    plan_written = False
 
     def write_plan_once():  # after the checks and the first dataset: a sweep refused before writes nothing
-        if pending:
+        nonlocal plan_written
+        if not plan_written:
             check_writable(output)
-            pending.pop()
             _write_plan(output, specs)
+            plan_written = True
 
     cached_splits: Dict[tuple, object] = {}
     summaries = []
