@@ -45,7 +45,7 @@ LR_CHECK_COLUMNS = ("lr", "method", "teacher", "best_val_accuracy", "test_accura
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
-           "computations", "epochs", "test_accuracy", "mean_fit_error", "fit_seconds", "train_seconds")
+           "computations", "epochs", "test_accuracy", "mean_fit_error", "block_steps", "fit_seconds", "train_seconds")
 
 
 def runs():
@@ -53,15 +53,20 @@ def runs():
     model's 0-epoch run before the fine-tunings that start from it)."""
     plan = [("fit", "k16", 0), ("fit", "k16", 6), ("random", "k16", 6), ("budget", "k16", 0), ("budget", "k16", 6),
             ("fit", "k32", 0), ("fit", "k16", 2), ("random", "k16", 2), ("budget", "k16", 2), ("random", "k16", 0),
-            ("fit", "k32", 2), ("fit", "k32", 6)]
+            ("fit", "k32", 2), ("fit", "k32", 6),
+            # block reconstruction after the fit (gpconv shrink's default since; the runs above pass --block-steps 0)
+            ("blocks", "k16", 0), ("blocks", "k16", 6), ("budget-blocks", "k16", 0), ("budget-blocks", "k16", 6),
+            ("blocks", "k32", 0), ("blocks", "k16", 2), ("budget-blocks", "k16", 2)]
     for method, size, epochs in plan:
         for seed, checkpoint in TEACHERS.items():
             name = f"{method}-{size}-e{epochs}-teacher{seed}"
             arguments = ["--checkpoint", checkpoint, "--epochs", str(epochs), "--output", f"{RUNS_DIR}/{name}"]
-            if method == "budget":
+            if method.startswith("budget"):
                 arguments += ["--budget", f"{K16_BUDGET:.6f}"]
             else:
-                arguments += ["--channels-per-group", size[1:], "--init", method]
+                arguments += ["--channels-per-group", size[1:], "--init", "random" if method == "random" else "fit"]
+            if "blocks" not in method:
+                arguments += ["--block-steps", "0"]
             yield name, arguments
 
 
@@ -99,14 +104,16 @@ def collect() -> list:
         settings = config["train"]["shrink"]
         teacher = config["train"]["teacher"]
         teacher_metrics = _read(ROOT / Path(teacher).parent / "metrics.json")
-        method = "budget" if settings["budget"] is not None else settings["init"]
+        block_steps = settings.get("block_steps", 0)  # runs from before block reconstruction did none
+        method = ("budget" if settings["budget"] is not None else settings["init"]) + ("+blocks" if block_steps else "")
         rows.append({"run": name, "teacher": teacher, "teacher_accuracy": teacher_metrics.get("test_accuracy"),
                      "method": method, "channels_per_group": settings["channels_per_group"] or "",
                      "budget": "" if settings["budget"] is None else settings["budget"], "seed": config["train"]["seed"],
                      "trainable_params": metrics["trainable_params"], "computations": metrics.get("computations", ""),
                      "epochs": settings["epochs"], "test_accuracy": metrics["test_accuracy"],
                      "mean_fit_error": "" if fit.get("mean_fit_error") is None else round(fit["mean_fit_error"], 4),
-                     "fit_seconds": fit.get("fit_seconds", ""), "train_seconds": metrics.get("train_seconds", 0.0)})
+                     "block_steps": block_steps, "fit_seconds": fit.get("fit_seconds", ""),
+                     "train_seconds": metrics.get("train_seconds", 0.0)})
     return rows + third_party_rows()
 
 

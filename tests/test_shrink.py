@@ -224,6 +224,8 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     assert config["model"]["conversion"]["format"] == "gpconv-conversion/1"
     errors = [(layer["initial_error"], layer["relative_error"]) for layer in fit["layers"]]
     assert errors and sum(after for _, after in errors) < 0.5 * sum(before for before, _ in errors), errors
+    assert config["train"]["shrink"]["block_steps"] == 100  # block reconstruction is on by default
+    assert fit["blocks"] and all(b["relative_error"] <= b["initial_error"] for b in fit["blocks"])
     assert metrics["trainable_params"] == fit["trainable_params"] < fit["teacher_params"]
     assert "start (epoch 0): val_loss" in result.stdout and metrics["best_epoch"] in (0, 1)  # the start competes
     assert_evaluate_agrees(output, tmp_path)
@@ -244,6 +246,7 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
     assert_evaluate_agrees(output, tmp_path)
     # fine-tuning that fitted model later: no conversion or fit again, its weights are the start
     import gpconv.experiments.shrink as shrink_module
+    from gpconv.experiments.checkpoint import CheckpointError
     from gpconv.experiments.config import ShrinkConfig
 
     started = {}
@@ -264,6 +267,19 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
                        "--start-from", str(output), "--output", str(tmp_path / "other"))
     assert other.returncode != 0 and "other settings (budget, " in other.stderr and other.stderr.count("\n") == 1
     assert not (tmp_path / "other").exists()
+    # a run from before block reconstruction (no block_steps recorded) did none: it is a start for --block-steps 0
+    saved = torch.load(output / "best.pt", weights_only=True)
+    del saved["train_config"]["shrink"]["block_steps"]
+    torch.save(saved, output / "best.pt")
+    for block_steps, accepted in ((0, True), (100, False)):
+        options = dict(budget=0.5, epochs=1, fit_steps=0, calibration_images=64, start_from=str(output))
+        config = ShrinkConfig(str(dense_checkpoint), str(tmp_path / f"legacy{block_steps}"), block_steps=block_steps,
+                              **options)
+        if accepted:
+            shrink_module.shrink(config, log=lambda line: None)
+        else:
+            with pytest.raises(CheckpointError, match=r"other settings \(block_steps\)"):
+                shrink_module.shrink(config, log=lambda line: None)
 
 
 @pytest.mark.parametrize("case", ["missing", "budget0", "budget2", "grouped", "both", "no-dataset", "start-not-shrink"])

@@ -12,8 +12,8 @@
 * :mod:`~gpconv.core.convert` — replace the 1x1 convolutions of any model;
 * :mod:`~gpconv.core.counting` — parameters, multiply-adds and the papers' computations;
 * :mod:`~gpconv.core.statistics`, :mod:`~gpconv.core.block_fit`, :mod:`~gpconv.core.budget`,
-  :mod:`~gpconv.core.fit` — the weight transfer: calibration statistics, one block's fit (Eq. 26), the
-  channels per group under a budget, :func:`fit_to_dense`.
+  :mod:`~gpconv.core.reconstruction`, :mod:`~gpconv.core.fit` — the weight transfer: calibration statistics,
+  one block's fit (Eq. 26), the channels per group under a budget, block reconstruction, :func:`fit_to_dense`.
 
 Each module imports only the ones above it in this list (and ``gpconv/layers.py`` after the executions):
 docs/architecture.md, "Import order in the core".

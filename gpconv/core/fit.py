@@ -27,14 +27,17 @@ from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear
 from .block_fit import RIDGE, fit_block
 from .budget import CHANNEL_CHOICES, BudgetChoice, choose_channels_per_group
 from .convert import convert
+from .reconstruction import BlockFit, reconstruct_blocks
 from .rewriting import is_plain_linear, is_plain_pointwise
 from .statistics import LayerStatistics, _sequential_statistics, collect_layer_statistics, recompute_batch_norm
 
 # LayerStatistics, collect_layer_statistics, recompute_batch_norm (gpconv/core/statistics.py), fit_block
 # (gpconv/core/block_fit.py), choose_channels_per_group, BudgetChoice, CHANNEL_CHOICES
-# (gpconv/core/budget.py): re-exported, their names here are public.
+# (gpconv/core/budget.py), reconstruct_blocks, BlockFit (gpconv/core/reconstruction.py): re-exported, their names
+# here are public.
 __all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense", "convert_and_fit",
-           "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES"]
+           "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES",
+           "reconstruct_blocks", "BlockFit"]
 
 
 @dataclass(frozen=True)
@@ -108,11 +111,13 @@ def fit_to_dense(dense: nn.Module, converted: nn.Module, calibration: Iterable, 
 
 
 def convert_and_fit(dense: nn.Module, calibration: Iterable, channels_per_group: Optional[int] = None, *,
-                    budget: Optional[float] = None, steps: int = 100, **convert_options):
+                    budget: Optional[float] = None, steps: int = 100, block_steps: int = 100, **convert_options):
     """Shrink any trained model (a transformers, timm or torchvision model; ``calibration`` a ``DataLoader``
     or a list of input batches): ``gpconv.convert`` with one ``channels_per_group`` or, with ``budget``, a
-    per-layer choice (:func:`choose_channels_per_group`), then :func:`fit_to_dense`. Returns
-    ``(converted model, [LayerFit, ...])``; ``dense`` is unchanged. Fine-tune the result with the dense
+    per-layer choice (:func:`choose_channels_per_group`), then :func:`fit_to_dense`, then, unless
+    ``block_steps`` is 0, :func:`reconstruct_blocks` with that many steps per block (its default blocks;
+    call it yourself to name them or to see each block's error). Returns ``(converted model,
+    [LayerFit, ...])``, the per-layer fits; ``dense`` is unchanged. Fine-tune the result with the dense
     model as teacher (``gpconv.experiments.training.distillation_loss``). ``convert_options``: ``version``,
     ``l_layer``, ``exclude``, ``linear`` as in ``convert``. ``ValueError`` unless exactly one of
     ``channels_per_group`` and ``budget`` is given."""
@@ -126,4 +131,7 @@ def convert_and_fit(dense: nn.Module, calibration: Iterable, channels_per_group:
         converted = convert(dense, choice.mapping, **options)
     else:
         converted = convert(dense, channels_per_group, **convert_options)
-    return converted, fit_to_dense(dense, converted, calibration, steps=steps)
+    fits = fit_to_dense(dense, converted, calibration, steps=steps)
+    if block_steps:
+        reconstruct_blocks(dense, converted, calibration, steps=block_steps)
+    return converted, fits

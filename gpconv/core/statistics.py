@@ -143,15 +143,21 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has its input."""
 
 
-def _input_of(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """The first input ``module`` receives when ``model`` runs on ``batch`` (the rest is not run)."""
+def _intercept(model: nn.Module, module: nn.Module, batch: torch.Tensor, *, output: bool = False):
+    """What ``module`` is first called with -- ``(args, kwargs)`` -- or, with ``output``, what it first returns,
+    when ``model`` runs on ``batch`` (the rest of the model is not run)."""
     seen = []
 
-    def hook(_, args):
-        seen.append(args[0])
+    def before(_, args, kwargs):
+        seen.append((args, kwargs))
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    def after(_, args, result):
+        seen.append(result)
+        raise _Stop
+
+    handle = (module.register_forward_hook(after) if output
+              else module.register_forward_pre_hook(before, with_kwargs=True))
     try:
         model(batch)
     except _Stop:
@@ -161,6 +167,11 @@ def _input_of(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch
     if not seen:
         raise ValueError("a converted layer saw no input on the calibration data")
     return seen[0]
+
+
+def _input_of(model: nn.Module, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The first input ``module`` receives when ``model`` runs on ``batch`` (the rest is not run)."""
+    return _intercept(model, module, batch)[0][0]
 
 
 @contextlib.contextmanager

@@ -201,13 +201,16 @@ def check_fields(kind, values, where: str) -> None:
 
 
 SHRINK_INITS = ("fit", "random")  # gpconv shrink --init: blocks fitted to the dense layers, or plain convert
+# shrink settings recorded before the setting existed, with the value those runs had (block reconstruction came later)
+EARLIER_SHRINK_SETTINGS = {"block_steps": 0}
 
 
 @dataclass
 class ShrinkConfig:
     """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
     parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
-    (plain ``convert``: the control). ``start_from``: the folder of an earlier shrink of the same teacher with
+    (plain ``convert``: the control). ``block_steps``: Adam steps of block reconstruction after the fit
+    (:func:`gpconv.core.reconstruction.reconstruct_blocks`; ``init="fit"`` only). ``start_from``: the folder of an earlier shrink of the same teacher with
     the same settings but its epochs (e.g. a 0-epoch run), whose fitted model is the start: no conversion
     or fit again. Defaults measured in docs/results.md ("Shrinking a trained model")."""
 
@@ -226,6 +229,7 @@ class ShrinkConfig:
     distillation_weight: float = 0.9
     calibration_images: int = 1024
     fit_steps: int = 100
+    block_steps: int = 100
     seed: int = 0
     start_from: Optional[str] = None
 
@@ -237,12 +241,15 @@ class ShrinkConfig:
             raise ValueError(f"--budget must be a fraction of the parameters in (0, 1], got {self.budget}")
         if self.init not in SHRINK_INITS:
             raise ValueError(f"init must be one of {', '.join(SHRINK_INITS)}, got {self.init!r}")
-        if self.epochs < 0 or self.calibration_images < 1 or self.fit_steps < 0:
-            raise ValueError("epochs and fit steps must be >= 0, calibration images >= 1")
+        if self.epochs < 0 or self.calibration_images < 1 or self.fit_steps < 0 or self.block_steps < 0:
+            raise ValueError("epochs, fit steps and block steps must be >= 0, calibration images >= 1")
 
     @property
     def settings(self) -> dict:
         """What ``config.json`` records under ``train.shrink``."""
         keys = ("channels_per_group", "budget", "version", "l_layer", "init", "epochs", "calibration_images",
-                "fit_steps", "start_from")
-        return {key: getattr(self, key) for key in keys}
+                "fit_steps", "block_steps", "start_from")
+        settings = {key: getattr(self, key) for key in keys}
+        if self.init != "fit":  # random blocks are not reconstructed either: the control is plain convert
+            settings["block_steps"] = 0
+        return settings

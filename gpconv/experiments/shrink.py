@@ -5,7 +5,10 @@ A gpconv run folder of a dense model (``best.pt``) becomes a new run folder of i
 1. ``gpconv.convert`` with one channels per group, or a per-layer choice under a parameter budget
    (:func:`gpconv.core.fit.choose_channels_per_group`);
 2. every grouped block fitted to the dense layer it replaced on calibration images from the run's
-   own training split (:func:`gpconv.core.fit.fit_to_dense`; ``init="random"`` skips it: the control);
+   own training split (:func:`gpconv.core.fit.fit_to_dense`), then each block of layers (an MBConv)
+   trained towards the dense model's block output on the inputs the shrunk model gives it
+   (:func:`gpconv.core.reconstruction.reconstruct_blocks`, ``block_steps``); ``init="random"`` skips
+   both: the control;
 3. fine-tuning with the dense model as teacher (:func:`gpconv.experiments.training.distillation_loss`)
    on the cosine schedule, through :func:`gpconv.experiments.training.train`: the same run folder,
    resume, output rule and progress as ``gpconv train``; ``epochs=0`` evaluates the fitted model.
@@ -30,10 +33,11 @@ import torch
 from ..core.convert import conversion_record, convert
 from ..core.counting import count_computations, count_parameters
 from ..core.fit import choose_channels_per_group, fit_to_dense
+from ..core.reconstruction import reconstruct_blocks
 from ..io import OutputError, atomic_write_text, claim_outputs, existing_outputs
 from .checkpoint import (CheckpointError, atomic_torch_save, checkpoint_test_split, load_checkpoint,
                          load_model_from_checkpoint, model_checkpoint)
-from .config import SHRINK_INITS, ModelConfig, ShrinkConfig, TrainConfig
+from .config import EARLIER_SHRINK_SETTINGS, SHRINK_INITS, ModelConfig, ShrinkConfig, TrainConfig
 from .data import DatasetSplits, to_float
 from .metrics import evaluate_model
 from .run_folder import prepare_run_folder, run_folder_lock, write_run_config
@@ -143,22 +147,30 @@ def _convert_and_fit(teacher, model_config: ModelConfig, config: ShrinkConfig, s
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     converted, choice = _convert(teacher, config, calibration, log)
-    fits = []
+    fits, blocks = [], []
     if config.init == "fit":
         log(f"fitting the grouped blocks to the dense layers on {sum(len(b) for b in calibration)} training images")
         fits = fit_to_dense(teacher, converted, calibration, steps=config.fit_steps, progress=_bar("fit"))
+        if config.block_steps:
+            log(f"reconstructing the blocks of layers, {config.block_steps} steps each")
+            blocks = reconstruct_blocks(teacher, converted, calibration, steps=config.block_steps, seed=config.seed,
+                                        progress=_bar("blocks"))
     fit_seconds = round(time.perf_counter() - started, 2)
     fit_report = {"init": config.init, "fit_seconds": fit_seconds, "teacher": str(config.checkpoint),
                   "trainable_params": count_parameters(converted),
                   "teacher_params": count_parameters(teacher),
                   "mean_fit_error": sum(f.relative_error for f in fits) / len(fits) if fits else None,
                   "layers": [asdict(f) for f in fits],
+                  "blocks": [asdict(b) for b in blocks],
                   "budget": None if choice is None else {"mapping": choice.mapping, "parameters": choice.parameters,
                                                          "budget_parameters": choice.budget_parameters,
                                                          "total_error": choice.total_error}}
     if fits:
         log(f"fitted {len(fits)} blocks in {fit_seconds:.0f} s: mean relative output error "
             f"{fit_report['mean_fit_error']:.3f}")
+    if blocks:
+        log(f"blocks of layers reconstructed: relative output error of the last {blocks[-1].initial_error:.3f} -> "
+            f"{blocks[-1].relative_error:.3f}")
     return converted, replace(model_config, conversion=conversion_record(converted)), fit_report
 
 
@@ -173,7 +185,8 @@ def _start_from(config: ShrinkConfig):
     if Path(earlier.get("teacher", "")).resolve() != Path(config.checkpoint).resolve():
         raise CheckpointError(f"{folder} shrank {earlier.get('teacher')}, not {config.checkpoint}")
     same = [key for key in config.settings if key not in ("epochs", "start_from")]
-    differ = [key for key in same if earlier["shrink"].get(key) != config.settings[key]]
+    differ = [key for key in same
+              if earlier["shrink"].get(key, EARLIER_SHRINK_SETTINGS.get(key)) != config.settings[key]]
     if differ or earlier.get("seed") != config.seed:
         raise CheckpointError(f"{folder} was shrunk with other settings ({', '.join(differ) or 'seed'}): "
                               f"start from a run with the same ones")

@@ -1,0 +1,174 @@
+"""Block reconstruction: after the per-layer fit, train each block of the converted model to give the dense
+model's block output on the inputs the *converted* model gives it.
+
+The per-layer fit (:func:`gpconv.core.fit.fit_to_dense`) matches every grouped layer to its dense layer on
+the dense model's inputs, each on its own. Composed, the small per-layer errors compound: on the CIFAR-10
+study's kEffNet-B0 16ch (docs/results.md, "Shrinking a trained model") the deep MBConv blocks' outputs end
+14-36x further off than any one layer's fit. Here each block (an MBConv, a bottleneck: a unit of a few
+layers, :func:`default_blocks`), in the order the model runs, is trained with all its parameters for a few
+hundred mini-batch steps of Adam on
+
+    ``|| B_converted(s) - B_dense(x) ||^2 / || B_dense(x) ||^2``
+
+where ``x`` is what the block receives in the dense model and ``s`` what it receives in the converted model
+with the blocks before it already reconstructed, so that each block also corrects what came before it. This
+is block-wise reconstruction as in post-training quantisation (BRECQ, Li et al., ICLR 2021), applied to the
+grouped blocks of the kEffNet papers (Entropy 2022, Eq. 26). Batch norms use their running statistics
+(eval mode) throughout, as in inference. Torch only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear
+from .statistics import _batches, _intercept, _mode
+
+__all__ = ["BlockFit", "default_blocks", "reconstruct_blocks"]
+
+_GROUPED = (GroupedPointwiseConv2d, GroupedPointwiseLinear)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class BlockFit:
+    """One block's reconstruction: its relative output error on the calibration data before and after."""
+
+    name: str
+    initial_error: float
+    relative_error: float
+
+
+def _unique_grouped(module: nn.Module) -> List[nn.Module]:
+    """The grouped layers of ``module``, a linear block counted once (not also its inner convolution block)."""
+    inner = {id(m.block) for m in module.modules() if isinstance(m, GroupedPointwiseLinear)}
+    return [m for m in module.modules() if isinstance(m, _GROUPED) and id(m) not in inner]
+
+
+def default_blocks(model: nn.Module) -> List[str]:
+    """The names of the blocks :func:`reconstruct_blocks` trains by default, in module order.
+
+    Walking down from the model's children, a container (exactly ``nn.Sequential``, ``nn.ModuleList``,
+    ``nn.ModuleDict``) is looked into, and so is a module that holds more than half of the model's grouped
+    layers (a trunk such as a transformers ``ResNetModel`` or its encoder, not a block); any other module
+    holding a grouped layer is a block (an MBConv, a bottleneck, a ``Conv2dNormActivation``), and so is a
+    grouped layer met on its own. Modules without grouped layers are left as they are."""
+    total = len(_unique_grouped(model))
+    names: List[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            held = len(_unique_grouped(child))
+            if held == 0:
+                continue
+            if not isinstance(child, _GROUPED) and (type(child) in _CONTAINERS or 2 * held > total):
+                walk(f"{prefix}{name}.", child)
+            else:
+                names.append(f"{prefix}{name}")
+
+    walk("", model)
+    return names
+
+
+def _first_tensor(value):
+    """The output tensor of a block (the first one where it returns a tuple, as transformers layers may)."""
+    while isinstance(value, (tuple, list)):
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a block must return a tensor to be reconstructed, got {type(value).__name__}")
+    return value
+
+
+def _join(calls):
+    """One call's arguments from per-batch ``(args, kwargs)``: tensors concatenated along the batch dimension,
+    anything else taken from the first batch."""
+    def merged(values):
+        first = values[0]
+        return torch.cat([v.detach() for v in values]) if isinstance(first, torch.Tensor) else first
+
+    args = tuple(merged([call[0][i] for call in calls]) for i in range(len(calls[0][0])))
+    kwargs = {key: merged([call[1][key] for call in calls]) for key in calls[0][1]}
+    return args, kwargs
+
+
+def _take(call, index: torch.Tensor):
+    args, kwargs = call
+    pick = (lambda v: v[index]) if index is not None else (lambda v: v)
+    return (tuple(pick(a) if isinstance(a, torch.Tensor) else a for a in args),
+            {k: pick(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+
+@torch.no_grad()
+def _relative_error(block: nn.Module, call, target: torch.Tensor, batch_size: int) -> float:
+    error = norm = 0.0
+    for start in range(0, len(target), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(target)), device=target.device)
+        args, kwargs = _take(call, index)
+        out = _first_tensor(block(*args, **kwargs))
+        error += (out - target[index]).double().pow(2).sum().item()
+        norm += target[index].double().pow(2).sum().item()
+    return error / max(norm, 1e-30)
+
+
+def _train(block: nn.Module, call, target: torch.Tensor, steps: int, lr: float, batch_size: int,
+           generator: torch.Generator) -> None:
+    parameters = [p for p in block.parameters() if p.requires_grad]
+    if not parameters:
+        return
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    for _ in range(steps):
+        index = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
+        index = index.to(target.device)
+        args, kwargs = _take(call, index)
+        goal = target[index]
+        loss = (_first_tensor(block(*args, **kwargs)) - goal).pow(2).mean() / goal.pow(2).mean().clamp_min(1e-30)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iterable, *,
+                       blocks: Optional[Sequence[str]] = None, steps: int = 100, lr: float = 1e-3,
+                       batch_size: int = 128, seed: int = 0, device: Optional[torch.device] = None,
+                       progress=None) -> List[BlockFit]:
+    """Train each block of ``converted`` (from ``gpconv.convert(dense, ...)``, usually already fitted by
+    ``fit_to_dense``) to give ``dense``'s output of the same block, on the inputs it receives in ``converted``
+    (module docstring). In place; ``dense`` is unchanged; both run in eval mode.
+
+    ``calibration``: a re-iterable of input batches (tensors, ``(inputs, labels)`` pairs or dicts with
+    ``pixel_values``, as in ``fit_to_dense``); every block's inputs and targets for all of it are held in
+    memory at once. ``blocks``: module names present in both models, run in the order given (default:
+    :func:`default_blocks`). ``steps`` Adam steps of ``batch_size`` calibration samples drawn with ``seed``
+    at learning rate ``lr`` per block; a block whose error did not fall keeps its weights as they were.
+    Returns one :class:`BlockFit` per block. ``ValueError`` (one line) for a block name missing from either
+    model or a block not run on the calibration data; ``TypeError`` for a block that returns no tensor."""
+    if iter(calibration) is calibration:
+        raise TypeError("calibration must be re-iterable (a list of batches or a DataLoader), not an iterator")
+    names = default_blocks(converted) if blocks is None else list(blocks)
+    dense_modules, converted_modules = dict(dense.named_modules()), dict(converted.named_modules())
+    missing = [name for name in names if name not in dense_modules or name not in converted_modules]
+    if missing:
+        raise ValueError(f"no block named {missing[0]!r} in both the dense and the converted model")
+    generator = torch.Generator().manual_seed(seed)
+    batches = [batch.to(device) if device is not None else batch for batch in _batches(calibration)]
+    results = []
+    with _mode(dense, train=False), _mode(converted, train=False):
+        for name in (progress(names) if progress is not None else names):
+            block = converted_modules[name]
+            with torch.no_grad():
+                call = _join([_intercept(converted, block, batch) for batch in batches])
+                target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True)).detach()
+                                    for batch in batches])
+            before = _relative_error(block, call, target, batch_size)
+            saved = {key: value.clone() for key, value in block.state_dict().items()}
+            _train(block, call, target, steps, lr, batch_size, generator)
+            after = _relative_error(block, call, target, batch_size)
+            if not after < before:
+                block.load_state_dict(saved)
+                after = before
+            results.append(BlockFit(name, before, after))
+    return results

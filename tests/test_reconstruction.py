@@ -1,0 +1,129 @@
+"""Block reconstruction (gpconv/core/reconstruction.py): which blocks, what it lowers, what it keeps."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gpconv
+from gpconv.core.fit import fit_to_dense
+from gpconv.core.reconstruction import _unique_grouped, default_blocks, reconstruct_blocks
+
+
+class Residual(nn.Module):
+    """An inverted-residual unit: 1x1 expand, batch norm, ReLU, 1x1 project, batch norm, plus the input."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.expand = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return x + self.bn2(self.project(torch.relu(self.bn1(self.expand(x)))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(Residual(16, 48), Residual(16, 48), Residual(16, 48))
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def _batches(count, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 8, 8, generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():  # batch norms with statistics of their own, as a trained model's
+        model.train()
+        for batch in _batches(4, 1):
+            model(batch)
+    return model.eval()
+
+
+def test_default_blocks_are_the_units_of_a_sequential_trunk(dense):
+    assert default_blocks(gpconv.convert(dense, 8)) == ["blocks.0", "blocks.1", "blocks.2"]  # the stem: 3x3
+    assert default_blocks(gpconv.convert(dense, 8, linear=True)) == ["blocks.0", "blocks.1", "blocks.2", "head"]
+
+
+def test_default_blocks_look_through_a_third_party_trunk_and_cover_every_grouped_layer():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[32, 64], depths=[2, 2])
+    converted = gpconv.convert(transformers.ResNetForImageClassification(config).eval(), 8, exclude=["classifier"])
+    names = default_blocks(converted)
+    assert names and not any(name in ("resnet", "resnet.encoder", "resnet.encoder.stages") for name in names)
+    covered = [id(m) for name in names for m in _unique_grouped(converted.get_submodule(name))]
+    assert sorted(covered) == sorted(id(m) for m in _unique_grouped(converted))  # each grouped layer once
+
+
+def test_reconstruction_lowers_the_composed_error_on_held_out_images(dense):
+    fitted = gpconv.convert(dense, 8, linear=True)
+    calibration = _batches(8, 2)
+    fit_to_dense(dense, fitted, calibration, steps=10)
+    reconstructed = copy.deepcopy(fitted)
+    results = reconstruct_blocks(dense, reconstructed, calibration, steps=60, lr=3e-3, batch_size=32)
+    assert [r.name for r in results] == ["blocks.0", "blocks.1", "blocks.2", "head"]  # a linear block too
+    assert all(r.relative_error <= r.initial_error for r in results)
+    assert sum(r.relative_error for r in results) < sum(r.initial_error for r in results)
+    held_out = _batches(4, 99)
+    with torch.no_grad():
+        want = torch.cat([dense(b) for b in held_out])
+        per_layer = torch.cat([fitted.eval()(b) for b in held_out])
+        blockwise = torch.cat([reconstructed.eval()(b) for b in held_out])
+    assert (blockwise - want).pow(2).sum() < (per_layer - want).pow(2).sum()
+
+
+def test_a_block_that_is_exact_or_would_get_worse_is_kept_as_it_is(dense):
+    converted = gpconv.convert(dense, 8, linear=True)
+    same = copy.deepcopy(converted)  # the "dense" model is the converted one itself: every block is exact
+    before = {key: value.clone() for key, value in converted.state_dict().items()}
+    results = reconstruct_blocks(same, converted, _batches(2, 3), steps=20, lr=1e-2)
+    assert all(r.initial_error == r.relative_error == 0.0 for r in results)
+    assert all(torch.equal(before[key], value) for key, value in converted.state_dict().items())
+    fit_to_dense(dense, converted, _batches(4, 5), steps=5)
+    before = {key: value.clone() for key, value in converted.state_dict().items()}
+    results = reconstruct_blocks(dense, converted, _batches(2, 3), steps=3, lr=50.0)  # steps far too large
+    assert all(r.relative_error == r.initial_error > 0 for r in results)
+    assert all(torch.equal(before[key], value) for key, value in converted.state_dict().items())
+
+
+def test_named_blocks_are_checked_and_the_dense_model_is_not_changed(dense):
+    converted = gpconv.convert(dense, 8)
+    state = {key: value.clone() for key, value in dense.state_dict().items()}
+    results = reconstruct_blocks(dense, converted, _batches(2, 4), blocks=["blocks.1"], steps=5)
+    assert [r.name for r in results] == ["blocks.1"]
+    assert all(torch.equal(state[key], value) for key, value in dense.state_dict().items())
+    assert not dense.training and not converted.training
+    with pytest.raises(ValueError, match="no block named 'blocks.9'"):
+        reconstruct_blocks(dense, converted, _batches(1, 4), blocks=["blocks.9"])
+    with pytest.raises(TypeError, match="re-iterable"):
+        reconstruct_blocks(dense, converted, iter(_batches(1, 4)))
+
+
+def test_a_transformers_model_is_reconstructed_through_convert_and_fit():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1])
+    dense = transformers.ResNetForImageClassification(config).eval()
+    images = torch.randn(32, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(32).long()), batch_size=16)
+    held_out = torch.randn(8, 3, 32, 32)
+    errors = {}
+    for block_steps in (0, 40):
+        torch.manual_seed(1)
+        converted, _ = gpconv.convert_and_fit(dense, loader, 8, exclude=["classifier"], steps=5,
+                                              block_steps=block_steps)
+        with torch.no_grad():
+            errors[block_steps] = (converted.eval()(held_out).logits - dense(held_out).logits).pow(2).sum().item()
+    assert errors[40] < errors[0]
