@@ -127,3 +127,37 @@ def test_a_transformers_model_is_reconstructed_through_convert_and_fit():
         with torch.no_grad():
             errors[block_steps] = (converted.eval()(held_out).logits - dense(held_out).logits).pow(2).sum().item()
     assert errors[40] < errors[0]
+
+
+class Shifted(nn.Module):
+    """A block called with a keyword and a tensor shared by the whole batch, returning a tuple (as transformers
+    layers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unit = Residual(16, 48)
+
+    def forward(self, x, shift=None):
+        return (self.unit(x) + shift, x.mean())
+
+
+class SharedInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.first, self.second = Shifted(), Shifted()
+        self.register_buffer("shift", torch.linspace(-1, 1, 16).view(1, 16, 1, 1))
+
+    def forward(self, x):
+        x = self.first(torch.relu(self.stem(x)), shift=self.shift)[0]
+        return self.second(x, shift=self.shift)[0].mean((2, 3))
+
+
+def test_shared_arguments_keywords_and_tuple_outputs_pass_through():
+    torch.manual_seed(0)
+    dense = SharedInputs().eval()
+    converted = gpconv.convert(dense, 8)
+    fit_to_dense(dense, converted, _batches(4, 6), steps=5)
+    results = reconstruct_blocks(dense, converted, _batches(4, 6), steps=30, lr=3e-3, batch_size=24)
+    assert [r.name for r in results] == ["first", "second"]
+    assert all(r.relative_error < r.initial_error for r in results)

@@ -83,23 +83,27 @@ def _first_tensor(value):
     return value
 
 
-def _join(calls):
-    """One call's arguments from per-batch ``(args, kwargs)``: tensors concatenated along the batch dimension,
-    anything else taken from the first batch."""
+def _join(calls, sizes: Sequence[int]):
+    """One call's arguments from per-batch ``(args, kwargs)`` (``sizes``: the batches' lengths): tensors with
+    a batch dimension concatenated along it; anything else (a mask or embedding shared by all samples, a flag)
+    taken from the first batch."""
     def merged(values):
-        first = values[0]
-        return torch.cat([v.detach() for v in values]) if isinstance(first, torch.Tensor) else first
+        batched = all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == size for v, size in zip(values, sizes))
+        return torch.cat([v.detach() for v in values]) if batched else values[0]
 
     args = tuple(merged([call[0][i] for call in calls]) for i in range(len(calls[0][0])))
     kwargs = {key: merged([call[1][key] for call in calls]) for key in calls[0][1]}
     return args, kwargs
 
 
-def _take(call, index: torch.Tensor):
+def _take(call, index: torch.Tensor, samples: int):
+    """``call``'s arguments for the samples in ``index``: each tensor of ``samples`` rows indexed, the rest as is."""
     args, kwargs = call
-    pick = (lambda v: v[index]) if index is not None else (lambda v: v)
-    return (tuple(pick(a) if isinstance(a, torch.Tensor) else a for a in args),
-            {k: pick(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+
+    def pick(value):
+        return value[index] if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == samples else value
+
+    return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -107,7 +111,7 @@ def _relative_error(block: nn.Module, call, target: torch.Tensor, batch_size: in
     error = norm = 0.0
     for start in range(0, len(target), batch_size):
         index = torch.arange(start, min(start + batch_size, len(target)), device=target.device)
-        args, kwargs = _take(call, index)
+        args, kwargs = _take(call, index, len(target))
         out = _first_tensor(block(*args, **kwargs))
         error += (out - target[index]).double().pow(2).sum().item()
         norm += target[index].double().pow(2).sum().item()
@@ -123,7 +127,7 @@ def _train(block: nn.Module, call, target: torch.Tensor, steps: int, lr: float, 
     for _ in range(steps):
         index = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
         index = index.to(target.device)
-        args, kwargs = _take(call, index)
+        args, kwargs = _take(call, index, len(target))
         goal = target[index]
         loss = (_first_tensor(block(*args, **kwargs)) - goal).pow(2).mean() / goal.pow(2).mean().clamp_min(1e-30)
         optimizer.zero_grad(set_to_none=True)
@@ -160,7 +164,7 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
         for name in (progress(names) if progress is not None else names):
             block = converted_modules[name]
             with torch.no_grad():
-                call = _join([_intercept(converted, block, batch) for batch in batches])
+                call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches])
                 target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True)).detach()
                                     for batch in batches])
             before = _relative_error(block, call, target, batch_size)
