@@ -45,7 +45,8 @@ LR_CHECK_COLUMNS = ("lr", "method", "teacher", "best_val_accuracy", "test_accura
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
-           "computations", "epochs", "test_accuracy", "mean_fit_error", "block_steps", "fit_seconds", "train_seconds")
+           "computations", "epochs", "test_accuracy", "mean_fit_error", "block_steps", "last_block_error_before", "last_block_error_after", "fit_seconds",
+           "train_seconds")
 
 
 def runs():
@@ -112,9 +113,16 @@ def collect() -> list:
                      "trainable_params": metrics["trainable_params"], "computations": metrics.get("computations", ""),
                      "epochs": settings["epochs"], "test_accuracy": metrics["test_accuracy"],
                      "mean_fit_error": "" if fit.get("mean_fit_error") is None else round(fit["mean_fit_error"], 4),
-                     "block_steps": block_steps, "fit_seconds": fit.get("fit_seconds", ""),
+                     "block_steps": block_steps, **_last_block(fit), "fit_seconds": fit.get("fit_seconds", ""),
                      "train_seconds": metrics.get("train_seconds", 0.0)})
     return rows + third_party_rows()
+
+
+def _last_block(fit: dict) -> dict:
+    """The relative output error of the last reconstructed block (the end of the trunk) before and after."""
+    last = (fit.get("blocks") or [{}])[-1]
+    return {"last_block_error_before": round(last["initial_error"], 4) if last else "",
+            "last_block_error_after": round(last["relative_error"], 4) if last else ""}
 
 
 def third_party_rows() -> list:
@@ -164,9 +172,14 @@ def plot(rows) -> None:
     rows = [row for row in rows if not row["run"].startswith("third-party-")]  # the three gpconv teachers only
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, keep in (("k16 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 16),
+                        ("k16 fitted + blocks reconstructed",
+                         lambda r: r["method"] == "fit+blocks" and r["channels_per_group"] == 16),
                         ("k16 random blocks", lambda r: r["method"] == "random"),
                         ("budget at k16's parameters", lambda r: r["method"] == "budget"),
-                        ("k32 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 32)):
+                        ("budget + blocks reconstructed", lambda r: r["method"] == "budget+blocks"),
+                        ("k32 fitted", lambda r: r["method"] == "fit" and r["channels_per_group"] == 32),
+                        ("k32 fitted + blocks reconstructed",
+                         lambda r: r["method"] == "fit+blocks" and r["channels_per_group"] == 32)):
         by_epochs = {}
         for row in filter(keep, rows):
             by_epochs.setdefault(row["epochs"], []).append(row["test_accuracy"])

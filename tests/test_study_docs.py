@@ -68,19 +68,30 @@ def test_shrinking_section_quotes_only_the_shrink_csv():
     teacher's, the mean of the gpconv teachers, or a mean (accuracy or fit error) over the runs of one kind of teacher
     (gpconv's or the third-party model), method, channels per group and epochs in the shrink study's CSV, or in
     the CSV of its first fine-tuning protocol (RMSprop with augmentation), which the section compares with, or
-    the learning-rate check's (shrink_lr_check.csv)."""
+    the learning-rate check's (shrink_lr_check.csv), or a block's error in the composed model
+    (shrink_composed_error.csv: each value, and its mean per start and block over the teachers)."""
     figures = set()
     for name in ("shrink_cifar10_subset.csv", "shrink_cifar10_subset_rmsprop.csv"):
         rows = list(csv.DictReader((ROOT / "docs" / "results" / name).open()))
         assert rows, f"{name} is empty"
         figures |= _shrink_figures(rows)
     figures |= _lr_check_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_check.csv").open())))
+    figures |= _composed_error_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_composed_error.csv").open())))
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("## Shrinking a trained model"):]
     section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
     quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", section))
     assert quoted, "the section quotes no accuracy"
     assert quoted <= figures, sorted(quoted - figures)
+
+
+def _composed_error_figures(rows) -> set:
+    """Each block's relative output error in the composed model, and its mean over the teachers per (start, block)."""
+    assert {row["start"] for row in rows} == {"fit", "fit+blocks"} and len({row["teacher"] for row in rows}) == 3
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["start"], row["block"]), []).append(float(row["relative_error"]))
+    return {f"{value:.3f}" for values in groups.values() for value in values + [statistics.mean(values)]}
 
 
 def _lr_check_figures(rows) -> set:
@@ -106,8 +117,9 @@ def _shrink_figures(rows) -> set:
         key = (row["teacher"].endswith(".pt"), row["method"], row["channels_per_group"], row["epochs"])
         groups.setdefault(key, []).append(float(row["test_accuracy"]))
         groups.setdefault(key + ("fit error",), []).extend([float(row["mean_fit_error"])] if row["mean_fit_error"] else [])
-        figures |= {f"{float(row[column]):.3f}" for column in ("test_accuracy", "teacher_accuracy", "mean_fit_error")
-                    if row[column]}
+        figures |= {f"{float(row[column]):.3f}" for column in ("test_accuracy", "teacher_accuracy", "mean_fit_error",
+                                                               "last_block_error_before", "last_block_error_after")
+                    if row.get(column)}
         teachers[row["teacher"]] = float(row["teacher_accuracy"])
     gpconv_teachers = [accuracy for teacher, accuracy in teachers.items() if teacher.endswith(".pt")]
     return figures | {f"{statistics.mean(values):.3f}" for values in [*groups.values(), gpconv_teachers] if values}
