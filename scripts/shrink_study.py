@@ -9,8 +9,8 @@ skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.
 
 ``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
 
-The learning-rate check: the 6-epoch fine-tunings again from lr 3e-3 (fitted k16, random blocks, budget) and
-5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from`` the 0-epoch run where there is one), in
+The learning-rate check: the 6-epoch fine-tunings again from lr 3e-3 (fitted k16 without and with block
+reconstruction, random blocks, budget) and 5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from`` the 0-epoch run where there is one), in
 ``shrink_cifar10_subset_runs_lr3e-3/`` and ``shrink_cifar10_subset_runs_lr5e-3/``; ``--collect-only`` also writes
 each run's best validation and test accuracy, beside the study's own lr 1e-3 runs, to ``shrink_lr_check.csv``.
 """
@@ -61,7 +61,8 @@ def runs():
     for method, size, epochs in plan:
         for seed, checkpoint in TEACHERS.items():
             name = f"{method}-{size}-e{epochs}-teacher{seed}"
-            arguments = ["--checkpoint", checkpoint, "--epochs", str(epochs), "--output", f"{RUNS_DIR}/{name}"]
+            arguments = ["--checkpoint", checkpoint, "--epochs", str(epochs), "--output", f"{RUNS_DIR}/{name}",
+                         "--lr", "1e-3"]  # the study's rate for every start (the learning-rate check: others)
             if method.startswith("budget"):
                 arguments += ["--budget", f"{K16_BUDGET:.6f}"]
             else:
@@ -142,9 +143,10 @@ def lr_check_rows() -> list:
     best validation accuracy (the epoch the test uses) and its test accuracy."""
     rows = []
     for lr, folder in LR_CHECK.items():
-        for method in ("fit", "random", "budget"):
+        for prefix, method in (("fit", "fit"), ("random", "random"), ("budget", "budget"), ("blocks", "fit+blocks"),
+                               ("budget-blocks", "budget+blocks")):
             for seed in TEACHERS:
-                run = ROOT / folder / f"{method}-k16-e6-teacher{seed}"
+                run = ROOT / folder / f"{prefix}-k16-e6-teacher{seed}"
                 metrics = _read(run / "metrics.json")
                 if metrics:
                     with open(run / "history.csv", newline="") as handle:

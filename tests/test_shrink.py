@@ -219,6 +219,7 @@ def test_gpconv_shrink_writes_a_run_folder_that_evaluate_loads(teacher, tmp_path
     assert config["train"]["shrink"]["channels_per_group"] == 16 and config["train"]["seed"] == 0
     # the fine-tuning defaults (docs/results.md): AdamW, whose state last.pt keeps, and no augmentation
     assert config["train"]["optimizer"] == "adamw" and config["train"]["augment"] is False
+    assert config["train"]["lr"] == 3e-3  # one channels per group: its measured rate (a budget's: 1e-3, below)
     last = torch.load(output / "last.pt", weights_only=True)
     assert all("exp_avg" in state for state in last["optimizer"]["state"].values())
     assert config["model"]["conversion"]["format"] == "gpconv-conversion/1"
@@ -257,6 +258,7 @@ def test_gpconv_shrink_with_no_fine_tuning_tests_the_fitted_model(teacher, tmp_p
                                       calibration_images=64, start_from=str(output), optimizer="rmsprop",
                                       augment=True), log=lambda line: None)
     assert (started["config"].optimizer, started["config"].augment) == ("rmsprop", True)  # the first protocol
+    assert started["config"].lr == 1e-3  # a budget's measured rate
     fitted = torch.load(output / "best.pt", weights_only=True)["model"]
     assert started["initial_state"].keys() == fitted.keys()
     assert all(torch.equal(started["initial_state"][key], fitted[key]) for key in fitted)

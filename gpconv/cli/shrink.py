@@ -37,7 +37,9 @@ def add_shrink_command(commands) -> None:
                         help="fit: blocks fitted to the dense layers (default); random: plain convert (a control)")
     shrink.add_argument("--epochs", type=non_negative_int, default=default["epochs"],
                         help="fine-tuning epochs with the teacher (0: evaluate the fitted model)")
-    shrink.add_argument("--lr", type=positive_float, default=default["lr"], help="start of the cosine schedule")
+    shrink.add_argument("--lr", type=positive_float, default=None,
+                        help="start of the cosine schedule (default: 3e-3 with --channels-per-group, 1e-3 with "
+                             "--budget: the best on validation after 6 epochs, docs/results.md)")
     shrink.add_argument("--optimizer", default=default["optimizer"], choices=OPTIMIZERS,
                         help="adamw (default: measured better for a short fine-tune) or the papers' rmsprop")
     shrink.add_argument("--augment", action="store_true",

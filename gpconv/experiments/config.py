@@ -15,9 +15,9 @@ from torch import nn
 from ..core.convert import apply_conversion
 from ..models import CLASSIFIER_INITS, check_input_size, check_width, create_model, family_options, init_classifier
 
-__all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "OPTIMIZERS", "field_default", "positive_int",
-           "non_negative_int", "positive_float",
-           "int_at_least", "check_fields"]
+__all__ = ["ModelConfig", "TrainConfig", "ShrinkConfig", "SHRINK_INITS", "SHRINK_LR", "EARLIER_SHRINK_SETTINGS",
+           "OPTIMIZERS", "field_default", "positive_int", "non_negative_int", "positive_float", "int_at_least",
+           "check_fields"]
 
 
 SCHEDULES = ("cyclical", "cosine")
@@ -203,6 +203,9 @@ def check_fields(kind, values, where: str) -> None:
 SHRINK_INITS = ("fit", "random")  # gpconv shrink --init: blocks fitted to the dense layers, or plain convert
 # shrink settings recorded before the setting existed, with the value those runs had (block reconstruction came later)
 EARLIER_SHRINK_SETTINGS = {"block_steps": 0}
+# gpconv shrink's fine-tuning learning rate when none is given: the one with the best validation accuracy after 6
+# epochs for one channels per group (fitted or random blocks) and for a budget (docs/results.md, the learning-rate check)
+SHRINK_LR = {"channels_per_group": 3e-3, "budget": 1e-3}
 
 
 @dataclass
@@ -210,7 +213,9 @@ class ShrinkConfig:
     """A shrink run. ``channels_per_group`` (uniform) or ``budget`` (fraction of the teacher's trainable
     parameters, per-layer choice) -- exactly one. ``init``: ``"fit"`` (weight transfer) or ``"random"``
     (plain ``convert``: the control). ``block_steps``: Adam steps of block reconstruction after the fit
-    (:func:`gpconv.core.reconstruction.reconstruct_blocks`; ``init="fit"`` only). ``start_from``: the folder of an earlier shrink of the same teacher with
+    (:func:`gpconv.core.reconstruction.reconstruct_blocks`; ``init="fit"`` only). ``lr``: the start of the
+    fine-tuning's cosine schedule; None: :data:`SHRINK_LR` for the mode (one channels per group, or a budget).
+    ``start_from``: the folder of an earlier shrink of the same teacher with
     the same settings but its epochs (e.g. a 0-epoch run), whose fitted model is the start: no conversion
     or fit again. Defaults measured in docs/results.md ("Shrinking a trained model")."""
 
@@ -222,7 +227,7 @@ class ShrinkConfig:
     l_layer: bool = True
     init: str = "fit"
     epochs: int = 6
-    lr: float = 1e-3
+    lr: Optional[float] = None
     optimizer: str = "adamw"
     augment: bool = False
     temperature: float = 4.0
@@ -253,3 +258,10 @@ class ShrinkConfig:
         if self.init != "fit":  # random blocks are not reconstructed either: the control is plain convert
             settings["block_steps"] = 0
         return settings
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the measured default for the mode (:data:`SHRINK_LR`)."""
+        if self.lr is not None:
+            return self.lr
+        return SHRINK_LR["budget" if self.budget is not None else "channels_per_group"]

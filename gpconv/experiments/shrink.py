@@ -95,7 +95,7 @@ def _bar(description: str) -> Callable:
 def _train_config(config: ShrinkConfig, checkpoint: dict) -> TrainConfig:
     trained = dict(checkpoint["train_config"])
     base = TrainConfig(**{key: value for key, value in trained.items() if key in TrainConfig.__dataclass_fields__})
-    return replace(base, output=config.output, epochs=max(config.epochs, 1), lr=config.lr, schedule="cosine",
+    return replace(base, output=config.output, epochs=max(config.epochs, 1), lr=config.learning_rate, schedule="cosine",
                    optimizer=config.optimizer, augment=config.augment,
                    seed=config.seed, teacher=str(config.checkpoint), temperature=config.temperature,
                    distillation_weight=config.distillation_weight, shrink=config.settings)
