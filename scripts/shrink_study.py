@@ -57,7 +57,9 @@ def runs():
             ("fit", "k32", 2), ("fit", "k32", 6),
             # block reconstruction after the fit (gpconv shrink's default since; the runs above pass --block-steps 0)
             ("blocks", "k16", 0), ("blocks", "k16", 6), ("budget-blocks", "k16", 0), ("budget-blocks", "k16", 6),
-            ("blocks", "k32", 0), ("blocks", "k16", 2), ("budget-blocks", "k16", 2)]
+            ("blocks", "k32", 0), ("blocks", "k16", 2), ("budget-blocks", "k16", 2),
+            # a longer reconstruction: 300 steps per block on 2,048 images
+            ("blocks300", "k16", 0), ("blocks300", "k16", 6)]
     for method, size, epochs in plan:
         for seed, checkpoint in TEACHERS.items():
             name = f"{method}-{size}-e{epochs}-teacher{seed}"
@@ -69,6 +71,8 @@ def runs():
                 arguments += ["--channels-per-group", size[1:], "--init", "random" if method == "random" else "fit"]
             if "blocks" not in method:
                 arguments += ["--block-steps", "0"]
+            elif method == "blocks300":
+                arguments += ["--block-steps", "300", "--calibration-images", "2048"]
             yield name, arguments
 
 
@@ -108,6 +112,8 @@ def collect() -> list:
         teacher_metrics = _read(ROOT / Path(teacher).parent / "metrics.json")
         block_steps = settings.get("block_steps", 0)  # runs from before block reconstruction did none
         method = ("budget" if settings["budget"] is not None else settings["init"]) + ("+blocks" if block_steps else "")
+        if block_steps and (block_steps, settings["calibration_images"]) != (100, 1024):  # not the default
+            method += f"-{block_steps}steps-{settings['calibration_images']}images"
         rows.append({"run": name, "teacher": teacher, "teacher_accuracy": teacher_metrics.get("test_accuracy"),
                      "method": method, "channels_per_group": settings["channels_per_group"] or "",
                      "budget": "" if settings["budget"] is None else settings["budget"], "seed": config["train"]["seed"],
