@@ -36,6 +36,17 @@ class Net(nn.Module):
         return self.head(self.blocks(torch.relu(self.stem(x))).mean((2, 3)))
 
 
+class WithSpare(nn.Module):
+    """A model holding a 1x1 layer its forward never calls."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.spare = net, nn.Conv2d(32, 32, 1)
+
+    def forward(self, x):
+        return self.net(x)
+
+
 def _batches(count, seed):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(16, 3, 8, 8, generator=generator) for _ in range(count)]
@@ -109,6 +120,11 @@ def test_named_blocks_are_checked_and_the_dense_model_is_not_changed(dense):
         reconstruct_blocks(dense, converted, _batches(1, 4), blocks=["blocks.9"])
     with pytest.raises(TypeError, match="re-iterable"):
         reconstruct_blocks(dense, converted, iter(_batches(1, 4)))
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        reconstruct_blocks(dense, converted, [])
+    with_spare = WithSpare(dense)
+    with pytest.raises(ValueError, match="block 'spare' was not run"):  # a layer the forward never calls
+        reconstruct_blocks(with_spare, gpconv.convert(with_spare, 8), _batches(1, 4), blocks=["spare"])
 
 
 def test_a_transformers_model_is_reconstructed_through_convert_and_fit():

@@ -148,8 +148,9 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
     memory at once. ``blocks``: module names present in both models, run in the order given (default:
     :func:`default_blocks`). ``steps`` Adam steps of ``batch_size`` calibration samples drawn with ``seed``
     at learning rate ``lr`` per block; a block whose error did not fall keeps its weights as they were.
-    Returns one :class:`BlockFit` per block. ``ValueError`` (one line) for a block name missing from either
-    model or a block not run on the calibration data; ``TypeError`` for a block that returns no tensor."""
+    Returns one :class:`BlockFit` per block. ``ValueError`` (one line) for empty calibration data, a block
+    name missing from either model or a block not run on the calibration data; ``TypeError`` for a block
+    that returns no tensor."""
     if iter(calibration) is calibration:
         raise TypeError("calibration must be re-iterable (a list of batches or a DataLoader), not an iterator")
     names = default_blocks(converted) if blocks is None else list(blocks)
@@ -159,14 +160,19 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
         raise ValueError(f"no block named {missing[0]!r} in both the dense and the converted model")
     generator = torch.Generator().manual_seed(seed)
     batches = [batch.to(device) if device is not None else batch for batch in _batches(calibration)]
+    if not batches:
+        raise ValueError("the calibration data is empty")
     results = []
     with _mode(dense, train=False), _mode(converted, train=False):
         for name in (progress(names) if progress is not None else names):
             block = converted_modules[name]
-            with torch.no_grad():
-                call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches])
-                target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True)).detach()
-                                    for batch in batches])
+            try:
+                with torch.no_grad():
+                    call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches])
+                    target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True))
+                                        .detach() for batch in batches])
+            except ValueError:  # _intercept: the module was not called
+                raise ValueError(f"block {name!r} was not run on the calibration data") from None
             before = _relative_error(block, call, target, batch_size)
             saved = {key: value.clone() for key, value in block.state_dict().items()}
             _train(block, call, target, steps, lr, batch_size, generator)
