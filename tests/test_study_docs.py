@@ -63,6 +63,26 @@ def test_training_page_quotes_the_cross_check_table():
     assert all(figure in table for figure in quoted), sorted(f for f in quoted if f not in table)
 
 
+def _all_shrink_figures() -> set:
+    figures = set()
+    for name in ("shrink_cifar10_subset.csv", "shrink_cifar10_subset_rmsprop.csv"):
+        rows = list(csv.DictReader((ROOT / "docs" / "results" / name).open()))
+        assert rows, f"{name} is empty"
+        figures |= _shrink_figures(rows)
+    figures |= _lr_check_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_check.csv").open())))
+    return figures | _composed_error_figures(
+        list(csv.DictReader((ROOT / "docs" / "results" / "shrink_composed_error.csv").open())))
+
+
+def test_readme_quotes_the_shrink_study():
+    """README's "Does a trained model keep what it knew?" paragraph quotes only the shrink study's figures."""
+    text = (ROOT / "README.md").read_text()
+    paragraph = text[text.index("Does a trained model keep what it knew?"):]
+    paragraph = paragraph[:paragraph.index("Details:")]
+    quoted = set(re.findall(r"(?<![\d.])0\.\d{3}(?!\d)", paragraph))
+    assert len(quoted) >= 4 and quoted <= _all_shrink_figures(), sorted(quoted - _all_shrink_figures())
+
+
 def test_shrinking_section_quotes_only_the_shrink_csv():
     """docs/results.md's "Shrinking a trained model": every accuracy it quotes is a run's test accuracy, its
     teacher's, the mean of the gpconv teachers, or a mean (accuracy or fit error) over the runs of one kind of teacher
@@ -70,13 +90,7 @@ def test_shrinking_section_quotes_only_the_shrink_csv():
     the CSV of its first fine-tuning protocol (RMSprop with augmentation), which the section compares with, or
     the learning-rate check's (shrink_lr_check.csv), or a block's error in the composed model
     (shrink_composed_error.csv: each value, and its mean per start and block over the teachers)."""
-    figures = set()
-    for name in ("shrink_cifar10_subset.csv", "shrink_cifar10_subset_rmsprop.csv"):
-        rows = list(csv.DictReader((ROOT / "docs" / "results" / name).open()))
-        assert rows, f"{name} is empty"
-        figures |= _shrink_figures(rows)
-    figures |= _lr_check_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_lr_check.csv").open())))
-    figures |= _composed_error_figures(list(csv.DictReader((ROOT / "docs" / "results" / "shrink_composed_error.csv").open())))
+    figures = _all_shrink_figures()
     text = (ROOT / "docs" / "results.md").read_text()
     section = text[text.index("## Shrinking a trained model"):]
     section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
