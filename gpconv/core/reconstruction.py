@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear
-from .statistics import _batches, _intercept, _mode
+from .statistics import _batches, _intercept, _mode, _NotCalled
 
 __all__ = ["BlockFit", "default_blocks", "reconstruct_blocks"]
 
@@ -124,15 +124,17 @@ def _train(block: nn.Module, call, target: torch.Tensor, steps: int, lr: float, 
     if not parameters:
         return
     optimizer = torch.optim.Adam(parameters, lr=lr)
-    for _ in range(steps):
-        index = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
-        index = index.to(target.device)
-        args, kwargs = _take(call, index, len(target))
-        goal = target[index]
-        loss = (_first_tensor(block(*args, **kwargs)) - goal).pow(2).mean() / goal.pow(2).mean().clamp_min(1e-30)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    with torch.enable_grad():  # also when called under torch.no_grad()
+        for _ in range(steps):
+            index = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
+            index = index.to(target.device)
+            args, kwargs = _take(call, index, len(target))
+            goal = target[index]
+            output = _first_tensor(block(*args, **kwargs))
+            loss = (output - goal).pow(2).mean() / goal.pow(2).mean().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
 
 def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iterable, *,
@@ -171,7 +173,7 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
                     call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches])
                     target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True))
                                         .detach() for batch in batches])
-            except ValueError:  # _intercept: the module was not called
+            except _NotCalled:
                 raise ValueError(f"block {name!r} was not run on the calibration data") from None
             before = _relative_error(block, call, target, batch_size)
             saved = {key: value.clone() for key, value in block.state_dict().items()}

@@ -143,6 +143,10 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has its input."""
 
 
+class _NotCalled(ValueError):
+    """The module of interest was not called when the model ran."""
+
+
 def _intercept(model: nn.Module, module: nn.Module, batch: torch.Tensor, *, output: bool = False):
     """What ``module`` is first called with -- ``(args, kwargs)`` -- or, with ``output``, what it first returns,
     when ``model`` runs on ``batch`` (the rest of the model is not run)."""
@@ -165,7 +169,7 @@ def _intercept(model: nn.Module, module: nn.Module, batch: torch.Tensor, *, outp
     finally:
         handle.remove()
     if not seen:
-        raise ValueError("a converted layer saw no input on the calibration data")
+        raise _NotCalled("a converted layer saw no input on the calibration data")
     return seen[0]
 
 
