@@ -178,3 +178,57 @@ def test_shared_arguments_keywords_and_tuple_outputs_pass_through():
     results = reconstruct_blocks(dense, converted, _batches(4, 6), steps=30, lr=3e-3, batch_size=24)
     assert [r.name for r in results] == ["first", "second"]
     assert all(r.relative_error < r.initial_error for r in results)
+
+
+class Tokens(nn.Module):
+    """Sequences of 7 tokens; each block gets a position embedding as long as a batch (a parameter), or its copy."""
+
+    def __init__(self, copy_positions: bool):
+        super().__init__()
+        self.embed = nn.Linear(5, 32)
+        self.positions = nn.Parameter(torch.randn(7, 32))
+        self.first, self.second = Mlp(), Mlp()
+        self.copy_positions = copy_positions
+
+    def forward(self, x):
+        positions = self.positions * 1.0 if self.copy_positions else self.positions
+        return self.second(self.first(self.embed(x), positions), positions).mean(1)
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x, positions):
+        return x + self.fc2(torch.relu(self.fc1(x + positions)))
+
+
+@pytest.mark.parametrize("copy_positions", [False, True])
+def test_a_shared_tensor_as_long_as_a_batch_is_not_taken_for_samples(copy_positions):
+    torch.manual_seed(0)
+    dense = Tokens(copy_positions).eval()
+    converted = gpconv.convert(dense, 8, linear=True, exclude=["embed"])
+    calibration = [torch.randn(7, 7, 5) for _ in range(3)]  # 7 sequences per batch, 7 positions
+    results = reconstruct_blocks(dense, converted, calibration, steps=20, lr=3e-3, batch_size=4)
+    assert [r.name for r in results] == ["first", "second"]
+    assert all(r.relative_error < r.initial_error for r in results)
+
+
+def test_arguments_it_cannot_run_with_are_one_line_errors(dense):
+    converted = gpconv.convert(dense, 8)
+    batches = _batches(2, 4)
+    cases = [(dict(steps=-1), ValueError, "steps must be >= 0"), (dict(batch_size=0), ValueError, "batch_size >= 1"),
+             (dict(lr=-1.0), ValueError, "lr >= 0"), (dict(blocks="blocks.1"), TypeError, r"write \['blocks.1'\]"),
+             (dict(blocks=["blocks.1", "blocks.1"]), ValueError, "named twice")]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            reconstruct_blocks(dense, converted, batches, **options)
+    with pytest.raises(TypeError, match="not one tensor"):
+        reconstruct_blocks(dense, converted, torch.randn(8, 3, 8, 8))
+    other = Net().eval()
+    other.blocks[1] = nn.Conv2d(16, 24, 1)  # a model the converted one was not made from: 24 channels out
+    with pytest.raises(ValueError, match=r"block 'blocks.1' gives \(32, 16, 8, 8\) .* \(32, 24, 8, 8\) in the dense"):
+        reconstruct_blocks(other, converted, batches, blocks=["blocks.1"])
+    with pytest.raises(ValueError, match="block_steps must be >= 0"):
+        gpconv.convert_and_fit(dense, batches, 8, block_steps=-1)

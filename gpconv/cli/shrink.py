@@ -54,7 +54,7 @@ def add_shrink_command(commands) -> None:
                         help="L-BFGS iterations refining each block after its closed-form start")
     shrink.add_argument("--block-steps", type=non_negative_int, default=default["block_steps"],
                         help="Adam steps training each block (an MBConv) towards the dense model's block output after "
-                             "the per-layer fit (block reconstruction, docs/convert.md); 0: none")
+                             "the per-layer fit (block reconstruction, docs/convert.md; --init fit only); 0: none")
     shrink.add_argument("--seed", type=int, default=default["seed"])
     shrink.add_argument("--start-from", metavar="RUN",
                         help="an earlier shrink's run folder (same teacher and settings, e.g. --epochs 0) whose "

@@ -27,17 +27,17 @@ from .block import GroupedPointwiseConv2d, GroupedPointwiseLinear
 from .block_fit import RIDGE, fit_block
 from .budget import CHANNEL_CHOICES, BudgetChoice, choose_channels_per_group
 from .convert import convert
-from .reconstruction import BlockFit, reconstruct_blocks
+from .reconstruction import BlockFit, default_blocks, reconstruct_blocks
 from .rewriting import is_plain_linear, is_plain_pointwise
 from .statistics import LayerStatistics, _sequential_statistics, collect_layer_statistics, recompute_batch_norm
 
 # LayerStatistics, collect_layer_statistics, recompute_batch_norm (gpconv/core/statistics.py), fit_block
 # (gpconv/core/block_fit.py), choose_channels_per_group, BudgetChoice, CHANNEL_CHOICES
-# (gpconv/core/budget.py), reconstruct_blocks, BlockFit (gpconv/core/reconstruction.py): re-exported, their names
+# (gpconv/core/budget.py), reconstruct_blocks, default_blocks, BlockFit (gpconv/core/reconstruction.py): re-exported, their names
 # here are public.
 __all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense", "convert_and_fit",
            "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES",
-           "reconstruct_blocks", "BlockFit"]
+           "reconstruct_blocks", "default_blocks", "BlockFit"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,8 @@ def convert_and_fit(dense: nn.Module, calibration: Iterable, channels_per_group:
     ``channels_per_group`` and ``budget`` is given."""
     if (channels_per_group is None) == (budget is None):
         raise ValueError("give exactly one of channels_per_group and budget")
+    if block_steps < 0:
+        raise ValueError(f"block_steps must be >= 0, got {block_steps}")
     if budget is not None:
         choosing = {key: value for key, value in convert_options.items() if key in ("version", "l_layer", "exclude",
                                                                                     "linear")}

@@ -83,36 +83,53 @@ def _first_tensor(value):
     return value
 
 
-def _join(calls, sizes: Sequence[int]):
-    """One call's arguments from per-batch ``(args, kwargs)`` (``sizes``: the batches' lengths): tensors with
-    a batch dimension concatenated along it; anything else (a mask or embedding shared by all samples, a flag)
-    taken from the first batch."""
+def _same(values) -> bool:
+    """Whether there are several tensors and all are equal."""
+    first = values[0]
+    return len(values) > 1 and all(v.shape == first.shape and torch.equal(v, first) for v in values)
+
+
+def _join(calls, sizes: Sequence[int], targets: Sequence[torch.Tensor]):
+    """One call's arguments from per-batch ``(args, kwargs)`` (``sizes``: the batches' lengths; ``targets``:
+    the dense block's outputs), each as ``(value, batched)``: a tensor with one row per sample in every batch
+    is concatenated along its first dimension (``batched``); anything else -- a parameter, a tensor the same
+    in every batch while the outputs differ (a mask, a position embedding), a flag -- is taken from the first
+    batch."""
+    outputs_differ = not _same(targets)
+
     def merged(values):
-        batched = all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == size for v, size in zip(values, sizes))
-        return torch.cat([v.detach() for v in values]) if batched else values[0]
+        first = values[0]
+        batched = (not isinstance(first, nn.Parameter) and
+                   all(isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == size for v, size in zip(values, sizes))
+                   and not (outputs_differ and _same(values)))
+        return (torch.cat([v.detach() for v in values]), True) if batched else (first, False)
 
     args = tuple(merged([call[0][i] for call in calls]) for i in range(len(calls[0][0])))
     kwargs = {key: merged([call[1][key] for call in calls]) for key in calls[0][1]}
     return args, kwargs
 
 
-def _take(call, index: torch.Tensor, samples: int):
-    """``call``'s arguments for the samples in ``index``: each tensor of ``samples`` rows indexed, the rest as is."""
+def _take(call, index: Optional[torch.Tensor]):
+    """``call``'s arguments for the samples in ``index``: the batched ones indexed, the rest as they are."""
     args, kwargs = call
 
-    def pick(value):
-        return value[index] if isinstance(value, torch.Tensor) and value.dim() > 0 and len(value) == samples else value
+    def pick(item):
+        value, batched = item
+        return value[index] if batched else value
 
     return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
-def _relative_error(block: nn.Module, call, target: torch.Tensor, batch_size: int) -> float:
+def _relative_error(name: str, block: nn.Module, call, target: torch.Tensor, batch_size: int) -> float:
     error = norm = 0.0
     for start in range(0, len(target), batch_size):
         index = torch.arange(start, min(start + batch_size, len(target)), device=target.device)
-        args, kwargs = _take(call, index, len(target))
+        args, kwargs = _take(call, index)
         out = _first_tensor(block(*args, **kwargs))
+        if out.shape != target[index].shape:
+            raise ValueError(f"block {name!r} gives {tuple(out.shape)} in the converted model but "
+                             f"{tuple(target[index].shape)} in the dense one: is that the model it was converted from?")
         error += (out - target[index]).double().pow(2).sum().item()
         norm += target[index].double().pow(2).sum().item()
     return error / max(norm, 1e-30)
@@ -128,13 +145,25 @@ def _train(block: nn.Module, call, target: torch.Tensor, steps: int, lr: float, 
         for _ in range(steps):
             index = torch.randint(0, len(target), (min(batch_size, len(target)),), generator=generator)
             index = index.to(target.device)
-            args, kwargs = _take(call, index, len(target))
+            args, kwargs = _take(call, index)
             goal = target[index]
             output = _first_tensor(block(*args, **kwargs))
             loss = (output - goal).pow(2).mean() / goal.pow(2).mean().clamp_min(1e-30)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+
+
+def _check_arguments(calibration, blocks, steps: int, lr: float, batch_size: int) -> None:
+    """One-line errors for arguments :func:`reconstruct_blocks` cannot run with."""
+    if iter(calibration) is calibration:
+        raise TypeError("calibration must be re-iterable (a list of batches or a DataLoader), not an iterator")
+    if isinstance(blocks, str):
+        raise TypeError(f"blocks must be a list of module names, not one string ({blocks!r}): write [{blocks!r}]")
+    if blocks is not None and len(set(blocks)) != len(list(blocks)):
+        raise ValueError("a block is named twice in blocks")
+    if steps < 0 or batch_size < 1 or not lr >= 0:
+        raise ValueError(f"steps must be >= 0, batch_size >= 1 and lr >= 0 (got {steps}, {batch_size}, {lr})")
 
 
 def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iterable, *,
@@ -148,13 +177,16 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
     ``calibration``: a re-iterable of input batches (tensors, ``(inputs, labels)`` pairs or dicts with
     ``pixel_values``, as in ``fit_to_dense``); every block's inputs and targets for all of it are held in
     memory at once. ``blocks``: module names present in both models, run in the order given (default:
-    :func:`default_blocks`). ``steps`` Adam steps of ``batch_size`` calibration samples drawn with ``seed``
+    :func:`default_blocks`; in the order the model runs them, or a block is trained on inputs from before the
+    blocks ahead of it were). A block called more than once in a forward pass is trained on its first call.
+    ``steps`` Adam steps of ``batch_size`` calibration samples drawn with ``seed``
     at learning rate ``lr`` per block; a block whose error did not fall keeps its weights as they were.
     Returns one :class:`BlockFit` per block. ``ValueError`` (one line) for empty calibration data, a block
-    name missing from either model or a block not run on the calibration data; ``TypeError`` for a block
-    that returns no tensor."""
-    if iter(calibration) is calibration:
-        raise TypeError("calibration must be re-iterable (a list of batches or a DataLoader), not an iterator")
+    name missing from either model or named twice, a block not run on the calibration data, a block whose
+    output shape differs between the models, or a negative ``steps``, ``lr`` or ``batch_size`` below 1;
+    ``TypeError`` for an iterator as ``calibration``, one string as ``blocks`` or a block that returns no
+    tensor."""
+    _check_arguments(calibration, blocks, steps, lr, batch_size)
     names = default_blocks(converted) if blocks is None else list(blocks)
     dense_modules, converted_modules = dict(dense.named_modules()), dict(converted.named_modules())
     missing = [name for name in names if name not in dense_modules or name not in converted_modules]
@@ -170,15 +202,17 @@ def reconstruct_blocks(dense: nn.Module, converted: nn.Module, calibration: Iter
             block = converted_modules[name]
             try:
                 with torch.no_grad():
-                    call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches])
-                    target = torch.cat([_first_tensor(_intercept(dense, dense_modules[name], batch, output=True))
-                                        .detach() for batch in batches])
+                    targets = [_first_tensor(_intercept(dense, dense_modules[name], batch, output=True)).detach()
+                               for batch in batches]
+                    call = _join([_intercept(converted, block, batch) for batch in batches], [len(b) for b in batches],
+                                 targets)
+                    target = torch.cat(targets)
             except _NotCalled:
                 raise ValueError(f"block {name!r} was not run on the calibration data") from None
-            before = _relative_error(block, call, target, batch_size)
+            before = _relative_error(name, block, call, target, batch_size)
             saved = {key: value.clone() for key, value in block.state_dict().items()}
             _train(block, call, target, steps, lr, batch_size, generator)
-            after = _relative_error(block, call, target, batch_size)
+            after = _relative_error(name, block, call, target, batch_size)
             if not after < before:
                 block.load_state_dict(saved)
                 after = before

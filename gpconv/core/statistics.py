@@ -60,6 +60,9 @@ class LayerStatistics:
 
 def _batches(calibration: Iterable):
     """Input tensors from an iterable of tensors, ``(inputs, labels)`` pairs or dicts with ``pixel_values``."""
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError("calibration must be an iterable of batches (a list of tensors or a DataLoader), not one "
+                        "tensor: wrap it in a list")
     for batch in calibration:
         if isinstance(batch, dict):
             batch = batch.get("pixel_values", next(iter(batch.values())))
