@@ -49,7 +49,8 @@ def main():
             for name, output in block_outputs(model, images).items():
                 target = teacher[name]
                 error = ((output - target).double().pow(2).sum() / target.double().pow(2).sum()).item()
-                rows.append({"teacher": seed, "start": start, "block": f"features.{name}", "relative_error": round(error, 4)})
+                rows.append({"teacher": seed, "start": start, "block": f"features.{name}",
+                             "relative_error": round(error, 4)})
         print(f"teacher {seed} done", flush=True)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=("teacher", "start", "block", "relative_error"), lineterminator="\n")

@@ -10,7 +10,8 @@ skipped, a stopped one resumed) and writes ``docs/results/shrink_cifar10_subset.
 ``--only PATTERN`` runs the runs whose names match (fnmatch), e.g. ``--only 'fit-k16-e6-*'``.
 
 The learning-rate check: the 6-epoch fine-tunings again from lr 3e-3 (fitted k16 without and with block
-reconstruction, random blocks, budget) and 5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from`` the 0-epoch run where there is one), in
+reconstruction, random blocks, budget) and 5e-3 (fitted k16), ``gpconv shrink ... --lr LR`` (``--start-from``
+the 0-epoch run where there is one), in
 ``shrink_cifar10_subset_runs_lr3e-3/`` and ``shrink_cifar10_subset_runs_lr5e-3/``; ``--collect-only`` also writes
 each run's best validation and test accuracy, beside the study's own lr 1e-3 runs, to ``shrink_lr_check.csv``.
 """
@@ -45,8 +46,8 @@ LR_CHECK_COLUMNS = ("lr", "method", "teacher", "best_val_accuracy", "test_accura
 # uniform k16's trainable parameters over the dense model's (kEffNet-B0, 32x32, 10 classes; gpconv shrink prints both)
 K16_BUDGET = 619642 / 4020358
 COLUMNS = ("run", "teacher", "teacher_accuracy", "method", "channels_per_group", "budget", "seed", "trainable_params",
-           "computations", "epochs", "test_accuracy", "mean_fit_error", "block_steps", "last_block_error_before", "last_block_error_after", "fit_seconds",
-           "train_seconds")
+           "computations", "epochs", "test_accuracy", "mean_fit_error", "block_steps", "last_block_error_before",
+           "last_block_error_after", "fit_seconds", "train_seconds")
 
 
 def runs():

@@ -44,6 +44,18 @@ def gpconv_cli(*argv, process=False):
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
+def with_batch_norm_statistics(model, batches):
+    """``model`` after a forward pass in train mode on each batch (its batch norms hold statistics of their own,
+    as a trained model's), in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        model.train()
+        for batch in batches:
+            model(batch)
+    return model.eval()
+
+
 def paper_rows(arch=None):
     """Rows of ../shared/reference/paper_numbers.json (the authors' figures); [] when absent."""
     if not PAPER_NUMBERS.exists():

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gpconv
+from conftest import with_batch_norm_statistics
 from gpconv.core.fit import fit_to_dense
 from gpconv.core.reconstruction import _unique_grouped, default_blocks, reconstruct_blocks
 
@@ -55,12 +56,7 @@ def _batches(count, seed):
 @pytest.fixture(scope="module")
 def dense():
     torch.manual_seed(0)
-    model = Net()
-    with torch.no_grad():  # batch norms with statistics of their own, as a trained model's
-        model.train()
-        for batch in _batches(4, 1):
-            model(batch)
-    return model.eval()
+    return with_batch_norm_statistics(Net(), _batches(4, 1))
 
 
 def test_default_blocks_are_the_units_of_a_sequential_trunk(dense):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import gpconv
-from conftest import ROOT, gpconv_cli
+from conftest import ROOT, gpconv_cli, with_batch_norm_statistics
 from gpconv.core.convert import apply_conversion, conversion_record
 from gpconv.core.fit import (LayerStatistics, choose_channels_per_group, collect_layer_statistics, fit_block,
                              fit_to_dense, recompute_batch_norm)
@@ -39,12 +39,7 @@ def _batches(count, seed):
 @pytest.fixture(scope="module")
 def dense():
     torch.manual_seed(0)
-    model = Dense()
-    with torch.no_grad():
-        model.train()
-        for batch in _batches(4, 1):
-            model(batch)
-    return model.eval()
+    return with_batch_norm_statistics(Dense(), _batches(4, 1))
 
 
 def _inputs(model, name, batches):

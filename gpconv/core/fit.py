@@ -33,8 +33,8 @@ from .statistics import LayerStatistics, _sequential_statistics, collect_layer_s
 
 # LayerStatistics, collect_layer_statistics, recompute_batch_norm (gpconv/core/statistics.py), fit_block
 # (gpconv/core/block_fit.py), choose_channels_per_group, BudgetChoice, CHANNEL_CHOICES
-# (gpconv/core/budget.py), reconstruct_blocks, default_blocks, BlockFit (gpconv/core/reconstruction.py): re-exported, their names
-# here are public.
+# (gpconv/core/budget.py), reconstruct_blocks, default_blocks, BlockFit (gpconv/core/reconstruction.py):
+# re-exported, their names here are public.
 __all__ = ["LayerStatistics", "LayerFit", "collect_layer_statistics", "fit_block", "fit_to_dense", "convert_and_fit",
            "recompute_batch_norm", "choose_channels_per_group", "BudgetChoice", "CHANNEL_CHOICES",
            "reconstruct_blocks", "default_blocks", "BlockFit"]

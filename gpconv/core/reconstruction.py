@@ -4,9 +4,9 @@ model's block output on the inputs the *converted* model gives it.
 The per-layer fit (:func:`gpconv.core.fit.fit_to_dense`) matches every grouped layer to its dense layer on
 the dense model's inputs, each on its own. Composed, the small per-layer errors compound: on the CIFAR-10
 study's EfficientNet-B0 16ch (docs/results.md, "Shrinking a trained model"; mean per-layer relative error
-0.066) the last block's output is 0.41-1.53 off in relative squared error on held-out images. Here each block (an MBConv, a bottleneck: a unit of a few
-layers, :func:`default_blocks`), in the order the model runs, is trained with all its parameters for a few
-hundred mini-batch steps of Adam on
+0.066) the last block's output is 0.41-1.53 off in relative squared error on held-out images. Here each
+block (an MBConv, a bottleneck: a unit of a few layers, :func:`default_blocks`), in the order the model
+runs, is trained with all its parameters for a few hundred mini-batch steps of Adam on
 
     ``|| B_converted(s) - B_dense(x) ||^2 / || B_dense(x) ||^2``
 
@@ -126,12 +126,12 @@ def _relative_error(name: str, block: nn.Module, call, target: torch.Tensor, bat
     for start in range(0, len(target), batch_size):
         index = torch.arange(start, min(start + batch_size, len(target)), device=target.device)
         args, kwargs = _take(call, index)
-        out = _first_tensor(block(*args, **kwargs))
-        if out.shape != target[index].shape:
+        out, goal = _first_tensor(block(*args, **kwargs)), target[index]
+        if out.shape != goal.shape:
             raise ValueError(f"block {name!r} gives {tuple(out.shape)} in the converted model but "
-                             f"{tuple(target[index].shape)} in the dense one: is that the model it was converted from?")
-        error += (out - target[index]).double().pow(2).sum().item()
-        norm += target[index].double().pow(2).sum().item()
+                             f"{tuple(goal.shape)} in the dense one: is that the model it was converted from?")
+        error += (out - goal).double().pow(2).sum().item()
+        norm += goal.double().pow(2).sum().item()
     return error / max(norm, 1e-30)
 
 

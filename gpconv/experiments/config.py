@@ -204,7 +204,8 @@ SHRINK_INITS = ("fit", "random")  # gpconv shrink --init: blocks fitted to the d
 # shrink settings recorded before the setting existed, with the value those runs had (block reconstruction came later)
 EARLIER_SHRINK_SETTINGS = {"block_steps": 0}
 # gpconv shrink's fine-tuning learning rate when none is given: the one with the best validation accuracy after 6
-# epochs for one channels per group (fitted or random blocks) and for a budget (docs/results.md, the learning-rate check)
+# epochs for one channels per group (fitted or random blocks) and for a budget (docs/results.md, the learning-rate
+# check)
 SHRINK_LR = {"channels_per_group": 3e-3, "budget": 1e-3}
 
 
